@@ -1,0 +1,1 @@
+"""Offline preparation: turn image-report datasets into WebDataset tar shards (see ``unimlip-shard --help``)."""

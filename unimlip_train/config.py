@@ -1,0 +1,434 @@
+"""Typed, validated run configuration.
+
+One YAML file, optionally ``extends:`` a base file (resolved relative to the file that names it), then
+``key.sub=value`` overrides from the command line. Every value is checked against the dataclass schema
+below *before* any process group starts, and errors name the offending key and the file it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key and the file."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSource:
+    """One shard source mixed into training: brace pattern, shard list file, directory or index.json."""
+
+    path: str = ""
+    weight: float = 1.0
+    split: str = "train"
+
+
+@dataclass
+class AugmentConfig:
+    """Medical-tailored image augmentation (no colour jitter, mild crops, no flips by default)."""
+
+    min_scale: float = 0.5
+    max_scale: float = 1.0
+    rotate_degrees: float = 10.0
+    shift_fraction: float = 0.05
+    clahe_p: float = 0.3
+    gamma_p: float = 0.3
+    contrast_p: float = 0.3
+    blur_p: float = 0.1
+    noise_p: float = 0.1
+    hflip_p: float = 0.0
+
+
+@dataclass
+class TextConfig:
+    """Report handling before tokenization, and the light text augmentation for the second view."""
+
+    sections: list = field(default_factory=lambda: ["findings", "impression"])
+    max_length: int = 64
+    sentence_shuffle_p: float = 0.5
+    sentence_drop_p: float = 0.2
+    span_mask_p: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    train: Any = ""  # str (pattern / index.json / dir) or list of DataSource mappings
+    val: Any = ""
+    image_size: int = 224
+    in_chans: int = 1
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    samples_per_epoch: int = 0  # 0: from index.json (required when resampled)
+    mlm_probability: float = 0.15
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class ImageTowerConfig:
+    """A timm model by name; ``pretrained`` is a local weights file/folder (never a hub download)."""
+
+    name: str = "vit_tiny_patch16_224"
+    pretrained: str = ""
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class TextTowerConfig:
+    """A Hugging Face encoder: ``name`` is a hub id or local folder; empty means random init from ``config``."""
+
+    name: str = ""
+    config: dict = field(default_factory=dict)
+    pooling: str = "cls"  # cls | mean
+
+
+@dataclass
+class FusionConfig:
+    layers: int = 2
+    heads: int = 4
+
+
+@dataclass
+class ModelConfig:
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    tokenizer: str = ""  # hub id or local folder; empty: the text tower's name
+    embed_dim: int = 256
+    projection: str = "linear"  # linear | mlp
+    ssl_embed_dim: int = 256
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    feature_dropout: float = 0.1
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class TermConfig:
+    weight: float = 1.0
+    temperature: float = 0.1  # for uni-modal NT-Xent terms; ITC terms use the model's learnable one
+
+
+@dataclass
+class LossConfig:
+    """The Uni-Mlip objective matrix: scope (cross / image / text / fused) x level (data / feature)."""
+
+    itc: TermConfig = field(default_factory=TermConfig)
+    itc_feature: TermConfig = field(default_factory=TermConfig)
+    image_ssl: TermConfig = field(default_factory=TermConfig)
+    image_feature: TermConfig = field(default_factory=TermConfig)
+    text_ssl: TermConfig = field(default_factory=TermConfig)
+    text_feature: TermConfig = field(default_factory=TermConfig)
+    mlm: TermConfig = field(default_factory=TermConfig)
+    itm: TermConfig = field(default_factory=TermConfig)
+
+    def enabled(self) -> dict:
+        """Terms with a non-zero weight, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name).weight != 0}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    micro_batch_size: int = 32
+    grad_accum: int = 1
+    optimizer: str = "adamw"  # adamw | fused_adam | cpu_adam
+    lr: float = 5e-4
+    lr_image: float = 0.0  # 0: use lr
+    lr_text: float = 0.0
+    lr_head: float = 0.0
+    lr_temperature: float = 0.0
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.0
+    clip_grad: float = 1.0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    max_nonfinite_in_row: int = 5
+    compile: bool = False
+    eval_every: int = 0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    offload_optimizer: bool = False
+    backend: str = ""  # '' picks nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation during training; also the defaults of ``unimlip-eval``."""
+
+    split: str = "val"
+    max_samples: int = 0
+    classes: list = field(default_factory=list)
+    label_key: str = "labels"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Hash of everything that defines the model and objective (not run bookkeeping)."""
+        d = self.to_dict()
+        d.pop("run_dir", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, top: dict, origins: dict, source: str, prefix: str = "") -> dict:
+    """Deep-merge ``top`` into ``base``; ``origins`` records which file set each dotted key."""
+    out = dict(base)
+    for key, value in top.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, origins, source, dotted + ".")
+        else:
+            out[key] = value
+            _record_origins(value, dotted, origins, source)
+    return out
+
+
+def _record_origins(value: Any, dotted: str, origins: dict, source: str) -> None:
+    origins[dotted] = source
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _record_origins(v, f"{dotted}.{k}", origins, source)
+
+
+def _load_with_extends(path: str, origins: dict, seen: tuple = ()) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' cycle: {' -> '.join(seen + (path,))}")
+    data = _read_yaml(path)
+    base_ref = data.pop("extends", None)
+    merged: dict = {}
+    if base_ref:
+        if not isinstance(base_ref, str):
+            raise ConfigError(f"{path}: 'extends' must be a file path")
+        base_path = base_ref if os.path.isabs(base_ref) else os.path.join(os.path.dirname(path), base_ref)
+        merged = _load_with_extends(base_path, origins, seen + (path,))
+    return _merge(merged, data, origins, path)
+
+
+def _parse_override(text: str) -> tuple:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        if not isinstance(d.get(p), dict):
+            d[p] = {}
+        d = d[p]
+    d[parts[-1]] = value
+
+
+def _coerce(value: Any, typ: Any, key: str, origin: str, origins: Optional[dict] = None) -> Any:
+    """Check ``value`` against annotation ``typ``; ints are accepted where floats are expected."""
+    where = f"{origin}: key '{key}'"
+    if typ is Any:
+        return value
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(typ, value, key + ".", origins, origin)
+    origin_t = typing.get_origin(typ)
+    if origin_t in (Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, origin, origins)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {typ}, got {value!r}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif typ is list or origin_t is list:
+        if isinstance(value, list):
+            return list(value)
+    elif typ is dict or origin_t is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        return value
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{where}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str, origins: Optional[dict], default_origin: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        origin = (origins or {}).get(dotted, default_origin)
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{origin}: unknown key '{dotted}' (known keys here: {known})")
+        kwargs[key] = _coerce(value, hints[key], dotted, origin, origins)
+    return cls(**kwargs)
+
+
+class _OriginTracker(dict):
+    """Key-origin lookup that falls back to the nearest parent key's origin."""
+
+    def get(self, key, default=None):
+        while key:
+            if dict.__contains__(self, key):
+                return dict.__getitem__(self, key)
+            key = key.rpartition(".")[0]
+        return default
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:
+    """Load ``path`` (following ``extends``), apply ``key=value`` overrides, validate, return a Config."""
+    origins = _OriginTracker()
+    data = _load_with_extends(path, origins) if path else {}
+    for text in overrides or []:
+        key, value = _parse_override(text)
+        _set_dotted(data, key, value)
+        _record_origins(value, key, origins, "command line")
+    cfg = _build(Config, data, "", origins, path or "defaults")
+    validate(cfg, origins)
+    return cfg
+
+
+def config_from_dict(data: dict, source: str = "dict") -> Config:
+    """Rebuild a Config from a resolved mapping (e.g. a run dir's config.yaml or a checkpoint)."""
+    cfg = _build(Config, data, "", None, source)
+    validate(cfg, _OriginTracker())
+    return cfg
+
+
+def _fail(origins: dict, key: str, msg: str) -> None:
+    raise ConfigError(f"{origins.get(key, 'defaults')}: key '{key}': {msg}")
+
+
+def validate(cfg: Config, origins: dict) -> None:
+    """Cross-field checks: impossible combinations fail here, before any process group starts."""
+    choices = {
+        "model.text.pooling": ("cls", "mean"),
+        "model.projection": ("linear", "mlp"),
+        "train.optimizer": ("adamw", "fused_adam", "cpu_adam"),
+        "deepspeed.precision": ("fp32", "bf16", "fp16"),
+        "deepspeed.backend": ("", "gloo", "nccl"),
+    }
+    for key, allowed in choices.items():
+        value = _get_dotted(cfg, key)
+        if value not in allowed:
+            _fail(origins, key, f"must be one of {allowed}, got {value!r}")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        _fail(origins, "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    for key in ("train.steps", "train.micro_batch_size", "train.grad_accum", "data.image_size", "model.embed_dim",
+                "data.text.max_length"):
+        if _get_dotted(cfg, key) <= 0:
+            _fail(origins, key, "must be positive")
+    if cfg.data.in_chans not in (1, 3):
+        _fail(origins, "data.in_chans", f"must be 1 or 3, got {cfg.data.in_chans}")
+    if not 0.0 < cfg.data.augment.min_scale <= cfg.data.augment.max_scale <= 1.0:
+        _fail(origins, "data.augment.min_scale", "need 0 < min_scale <= max_scale <= 1")
+    if not 0.0 <= cfg.data.mlm_probability < 1.0:
+        _fail(origins, "data.mlm_probability", "must be in [0, 1)")
+    enabled = cfg.loss.enabled()
+    if not enabled:
+        _fail(origins, "loss", "every loss term has weight 0: nothing to train")
+    if "mlm" in enabled and cfg.data.mlm_probability == 0.0:
+        _fail(origins, "loss.mlm.weight", "masked language modelling is on but data.mlm_probability is 0")
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
+        _fail(origins, "deepspeed.offload_optimizer", "optimizer offload needs ZeRO stage 1 or higher")
+    if cfg.deepspeed.zero_stage == 3 and cfg.train.compile:
+        _fail(origins, "train.compile", "torch.compile of the towers is not supported together with ZeRO-3")
+    if cfg.data.resampled and not cfg.data.samples_per_epoch and not _is_index_source(cfg.data.train):
+        _fail(origins, "data.samples_per_epoch", "resampled streaming needs samples_per_epoch or an index.json")
+
+
+def _is_index_source(train: Any) -> bool:
+    return isinstance(train, str) and (train.endswith("index.json") or os.path.isdir(train))
+
+
+def _get_dotted(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
