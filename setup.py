@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["unimlip_train*", "data_prep*", "launch*"]),
-    package_data={"unimlip_train": ["resources/*"], "launch": ["*.sh", "examples/*"]},
+    package_data={"unimlip_train": ["resources/*", "resources/*/*"], "launch": ["*.sh", "examples/*"]},
     include_package_data=True,
     install_requires=_pinned("requirements.txt"),
     extras_require={"test": _pinned("requirements-test.txt")},

@@ -1,0 +1,86 @@
+"""Train a WordPiece vocabulary on the reports of a shard set and save a BERT-style tokenizer folder.
+
+For offline sites with no pretrained tokenizer: the folder loads with
+``transformers.AutoTokenizer.from_pretrained(dir)`` (``config.json`` names ``model_type: bert``) and with
+``BertTokenizer(vocab=dir + "/vocab.txt")``. Every printable ASCII character is kept in the vocabulary both
+as a word start and as a ``##`` continuation, so words never seen in training split into pieces instead of
+becoming ``[UNK]``.
+"""
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from data_prep.rows import InputError
+from data_prep.verify import iter_samples, load_index
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
+
+
+def shard_paths(data_dir: str | Path, split: str = "train") -> list[Path]:
+    """Shards of ``split`` ('all': every split) listed in ``index.json``, else every ``*.tar`` in the folder."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise InputError(f"--data {root}: no such directory")
+    if not (root / "index.json").is_file():
+        paths = sorted(root.glob("*.tar"))
+    else:
+        splits = load_index(root)["splits"]
+        if split != "all" and split not in splits:
+            raise InputError(f"{root / 'index.json'}: no split {split!r} (has {', '.join(splits)})")
+        chosen = splits if split == "all" else {split: splits[split]}
+        paths = [root / s["name"] for info in chosen.values() for s in info["shards"]]
+    if not paths:
+        raise InputError(f"--data {root}: no shards found")
+    return paths
+
+
+def iter_reports(paths: Iterable[Path]) -> Iterator[str]:
+    for path in paths:
+        for _, sample in iter_samples(path):
+            if "txt" in sample:
+                yield sample["txt"].decode("utf-8", errors="replace")
+
+
+def train_vocab(texts: Iterable[str], vocab_size: int) -> list[str]:
+    """WordPiece vocabulary (BERT normalisation, lower case), special tokens first, full ASCII alphabet."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                        initial_alphabet=list(_ALPHABET), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    vocab = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    present = set(vocab)
+    vocab += [t for c in _ALPHABET for t in (c, "##" + c) if t not in present]
+    return vocab
+
+
+def save_tokenizer(vocab: list[str], out_dir: str | Path, model_max_length: int = 512) -> Path:
+    """Write vocab.txt, the transformers tokenizer files, special_tokens_map.json and config.json."""
+    from transformers import BertTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
+    tokenizer = BertTokenizer(vocab=str(out / "vocab.txt"), do_lower_case=True, model_max_length=model_max_length)
+    tokenizer.save_pretrained(str(out))
+    specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                "mask_token": "[MASK]"}
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
+    config = {"model_type": "bert", "vocab_size": len(vocab), "max_position_embeddings": model_max_length}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def build_tokenizer(data_dir: str | Path, out_dir: str | Path, vocab_size: int = 4000, split: str = "train") -> int:
+    """Train on a shard set's reports and save the folder; returns the vocabulary size."""
+    paths = shard_paths(data_dir, split)
+    vocab = train_vocab(iter_reports(paths), vocab_size)
+    save_tokenizer(vocab, out_dir)
+    return len(vocab)
