@@ -1,0 +1,114 @@
+"""Loader throughput per worker: our two-view + tokenization train stream vs baselines, same shards, same run.
+
+Writes 512-px grayscale JPEG shards (chest-X-ray-like) to a temp dir and measures samples/s in one process
+(num_workers=0, one thread) for:
+  decode_only   WebDataset decode to pixels (PIL), nothing else;
+  open_clip     open_clip-style train preprocess, one view: RandomResizedCrop 224 bicubic + tensor + normalize;
+  unimlip       our TrainStream at 224 px: two medical views, report cleaning + second text view, tokenization,
+                MLM masking, collation into batches.
+The pipelines run in alternating rounds and each keeps its best round, so a busy machine skews the
+ratios less. Prints one JSON line per pipeline and the ratios.
+Usage: python bench/loader_throughput.py [--n 600] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torchvision.transforms as T  # noqa: E402
+import webdataset as wds  # noqa: E402
+import cv2  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from transformers import BertTokenizer  # noqa: E402
+
+from unimlip_train.config import Config  # noqa: E402
+from unimlip_train.data.loader import BatchNeeds, TrainStream  # noqa: E402
+from unimlip_train.data.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer  # noqa: E402
+
+WORDS = ("the heart size is normal lungs are clear no pleural effusion pneumothorax opacity left right lower "
+         "upper lobe small nodule stable chest tube in place findings impression").split()
+
+
+def write_shards(out: str, n: int) -> list:
+    rng = np.random.default_rng(0)
+    with wds.ShardWriter(os.path.join(out, "train-%06d.tar"), maxcount=200, verbose=0) as w:
+        for i in range(n):
+            coarse = rng.normal(90, 25, (64, 64)).astype(np.float32)
+            im = Image.fromarray(cv2.resize(coarse, (512, 512), interpolation=cv2.INTER_CUBIC).clip(0, 255)
+                                 .astype(np.uint8))
+            ImageDraw.Draw(im).ellipse([100 + i % 200, 150, 220 + i % 200, 300], fill=200)
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=90)
+            report = "FINDINGS: " + ". ".join(" ".join(rng.choice(WORDS, 6)) for _ in range(4)) + \
+                     ". IMPRESSION: no acute XXXX process."
+            w.write({"__key__": f"k{i:06d}", "jpg": buf.getvalue(), "txt": report, "json": {"labels": []}})
+    return sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".tar"))
+
+
+def tokenizer_for_bench(folder: str):
+    if DEFAULT_TOKENIZER_DIR.is_dir():
+        return load_tokenizer("")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ":"] + sorted(set(WORDS)) + ["acute", "process"]
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    return load_tokenizer(folder)
+
+
+def timed(samples) -> float:
+    t0, n = time.perf_counter(), 0
+    for k in samples:
+        n += k
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=600, help="samples to write and read per round (default 600)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per pipeline (default 2)")
+    parser.add_argument("--batch", type=int, default=32, help="micro batch of our stream (default 32)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        shard_dir = os.path.join(tmp, "shards")
+        os.makedirs(shard_dir)
+        urls = write_shards(shard_dir, args.n)
+        tokenizer = tokenizer_for_bench(os.path.join(tmp, "tok"))
+
+        def wds_stage(fn):
+            ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("jpg", "txt")
+            return (fn(s) for s in ds)
+
+        oc = T.Compose([T.RandomResizedCrop(224, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                        T.ToTensor(), T.Normalize((0.48145466,), (0.26862954,))])
+        cfg = Config()
+        cfg.data.train, cfg.data.num_workers, cfg.data.image_size = shard_dir, 0, 224
+        cfg.train.micro_batch_size = args.batch
+        stream = TrainStream(cfg, tokenizer, BatchNeeds(image_view2=True, text_view2=True, mlm=True), 0, 1)
+        batches = iter(stream)
+        pipelines = {
+            "decode_only": lambda: (1 for _ in wds_stage(lambda s: np.asarray(s[0]))),
+            "open_clip_one_view": lambda: (1 for _ in wds_stage(lambda s: oc(s[0].convert("L")))),
+            "unimlip_two_views_tokenized": lambda: (len(next(batches)["key"]) for _ in range(stream.steps_per_epoch)),
+        }
+        best = dict.fromkeys(pipelines, 0.0)
+        for _ in range(args.rounds):
+            for name, make in pipelines.items():
+                best[name] = max(best[name], timed(make()))
+        for name, r in best.items():
+            print(json.dumps({"pipeline": name, "samples_per_s_per_worker": round(r, 1)}), flush=True)
+        decode, open_clip, ours = best.values()
+    print(json.dumps({"unimlip_vs_decode_only": round(ours / decode, 3),
+                      "unimlip_vs_open_clip_one_view": round(ours / open_clip, 3),
+                      "open_clip_vs_decode_only": round(open_clip / decode, 3)}))
+
+
+if __name__ == "__main__":
+    main()

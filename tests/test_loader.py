@@ -1,0 +1,299 @@
+"""Streaming loader on real tar shards: exactness across ranks/workers, resume, safety, corruption."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from transformers import BertTokenizer
+
+from unimlip_train.config import Config
+from unimlip_train.data.loader import BatchNeeds, TrainStream, batch_needs, build_eval_loader
+from unimlip_train.data.shards import resolve_sources
+from unimlip_train.data.tokenizer import load_tokenizer
+
+WORDS = ("the heart size is normal lungs are clear no pleural effusion or pneumothorax mild opacity in left "
+         "right lower upper lobe small stable nodule degenerative changes of spine findings impression").split()
+SHARD_SIZES = (50, 30, 60, 40, 36, 40)  # 256 samples: windows of 4 units straddle shard boundaries
+
+
+def _jpeg(i: int, size: int = 40) -> bytes:
+    rng = np.random.default_rng(i)
+    arr = rng.integers(0, 255, (size, size), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _report(i: int) -> str:
+    rng = np.random.default_rng(10_000 + i)
+    sentences = [" ".join(rng.choice(WORDS, size=rng.integers(3, 7))) + "." for _ in range(rng.integers(2, 5))]
+    return f"INDICATION: cough. FINDINGS: {' '.join(sentences)} IMPRESSION: sample {i} XXXX."
+
+
+def _sample(i: int) -> dict:
+    return {"__key__": f"s{i:05d}", "jpg": _jpeg(i), "txt": _report(i).encode(),
+            "json": json.dumps({"labels": [f"l{i % 3}"], "source": "test"}).encode()}
+
+
+def write_shards(out, sizes=SHARD_SIZES, split="train", extra=None, index=True):
+    """Shards `{split}-NNNNNN.tar` + index.json, like the writer's; `extra(i, sample)` may alter a sample."""
+    os.makedirs(out, exist_ok=True)
+    shards, i = [], 0
+    for n_shard, n in enumerate(sizes):
+        name = f"{split}-{n_shard:06d}.tar"
+        with wds.TarWriter(os.path.join(out, name)) as w:
+            for _ in range(n):
+                sample = _sample(i)
+                if extra:
+                    extra(i, sample)
+                w.write(sample)
+                i += 1
+        shards.append({"name": name, "samples": n, "bytes": os.path.getsize(os.path.join(out, name)), "sha256": ""})
+    if index:
+        with open(os.path.join(out, "index.json"), "w") as f:
+            json.dump({"splits": {split: {"samples": i, "shards": shards}}, "errors": 0}, f)
+    return [f"s{k:05d}" for k in range(i)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ":", "sample", "cough", "indication"] + \
+        sorted(set(WORDS)) + [str(d) for d in range(10)]
+    BertTokenizer(vocab={w: k for k, w in enumerate(vocab)}).save_pretrained(str(folder))
+    return load_tokenizer(str(folder))
+
+
+@pytest.fixture(scope="module")
+def clean_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clean")
+    write_shards(str(d))
+    return str(d)
+
+
+def make_cfg(train, workers=2, mb=8, **data):
+    cfg = Config()
+    cfg.data.train = train
+    cfg.data.image_size = 32
+    cfg.data.num_workers = workers
+    cfg.data.shuffle_buffer = 40
+    cfg.data.text.max_length = 24
+    cfg.data.text.span_mask_p = 0.5
+    cfg.train.micro_batch_size = mb
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    return cfg
+
+
+ALL = BatchNeeds(image_view2=True, text_view2=True, mlm=True)
+
+
+def take(stream, n):
+    out = []
+    for batch in stream:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def keys(batches):
+    return [k for b in batches for k in b["key"]]
+
+
+def test_sources_and_counts(clean_dir, tmp_path):
+    (src,) = resolve_sources(clean_dir)
+    assert src.counts == list(SHARD_SIZES) and src.total == 256
+    pattern = os.path.join(clean_dir, "train-{000000..000005}.tar")
+    assert resolve_sources(pattern)[0].counts == list(SHARD_SIZES)  # counts via the neighbouring index.json
+    write_shards(str(tmp_path), sizes=(7, 5), index=False)  # no index: counted by reading
+    mixed = resolve_sources([{"path": str(tmp_path), "weight": 3.0}, {"path": os.path.join(clean_dir, "index.json")}])
+    assert mixed[0].counts == [7, 5] and mixed[0].weight == 3.0 and mixed[1].total == 256
+    with pytest.raises(ValueError, match="no split 'val'"):
+        resolve_sources(clean_dir, "val")
+
+
+def test_batch_needs():
+    cfg = Config()
+    assert batch_needs(cfg.loss) == BatchNeeds(True, True, True)
+    cfg.loss.image_ssl.weight = 0.0
+    cfg.loss.mlm.weight = 0.0
+    assert batch_needs(cfg.loss) == BatchNeeds(image_view2=False, text_view2=True, mlm=False)
+
+
+def test_round_trip_two_ranks_two_workers(clean_dir, tokenizer):
+    cfg = make_cfg(clean_dir)
+    streams = [TrainStream(cfg, tokenizer, ALL, rank=r, world_size=2) for r in range(2)]
+    spe = streams[0].steps_per_epoch
+    assert spe == streams[1].steps_per_epoch == 16  # 256 / (2 ranks x 8) exactly: nothing dropped
+    runs = [take(s, 2 * spe) for s in streams]
+    epochs = [[keys(run[e * spe:(e + 1) * spe]) for e in range(2)] for run in runs]
+    all_keys = {f"s{k:05d}" for k in range(256)}
+    for e in range(2):
+        seen = epochs[0][e] + epochs[1][e]
+        assert len(seen) == len(set(seen)) == 256 and set(seen) == all_keys
+    assert epochs[0][0] != epochs[0][1]  # the next epoch reshuffles
+    b = runs[0][0]
+    assert b["image"].shape == b["image_view2"].shape == (8, 1, 32, 32) and b["image"].dtype == torch.float32
+    assert not torch.equal(b["image"], b["image_view2"])
+    assert b["input_ids"].shape == b["text_view2_ids"].shape == b["mlm_input_ids"].shape == (8, 24)
+    assert ((b["mlm_labels"] != -100).sum(1) > 0).all()
+    again = take(TrainStream(cfg, tokenizer, ALL, rank=0, world_size=2), spe)
+    assert keys(again) == epochs[0][0]  # same seed, same order
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(again, runs[0]))
+
+
+def test_uneven_data_drops_few_and_rotates(tmp_path, tokenizer):
+    write_shards(str(tmp_path), sizes=(23, 31, 17, 29, 11))  # 111 samples, 3 ranks x 2 workers x 4
+    cfg = make_cfg(str(tmp_path), workers=2, mb=4)
+    streams = [TrainStream(cfg, tokenizer, BatchNeeds(), rank=r, world_size=3) for r in range(3)]
+    spe = streams[0].steps_per_epoch
+    assert all(s.steps_per_epoch == spe for s in streams)
+    seen = [keys(take(TrainStream(cfg, tokenizer, BatchNeeds(), rank=r, world_size=3), 3 * spe)) for r in range(3)]
+    per_epoch = [[k for s in seen for k in s[e * spe * 4:(e + 1) * spe * 4]] for e in range(3)]
+    for ks in per_epoch:
+        assert len(ks) == len(set(ks)) == 3 * spe * 4 and 111 - len(ks) < 3 * 2 * 4
+    assert len(set().union(*per_epoch)) > len(per_epoch[0])  # dropped samples differ between epochs
+
+
+@pytest.mark.parametrize("workers,consumed,resampled", [(0, 5, False), (1, 11, False), (2, 7, False),
+                                                       (2, 13, False), (2, 9, True)])
+def test_resume_is_exact(tmp_path, tokenizer, workers, consumed, resampled):
+    write_shards(str(tmp_path), sizes=(30, 26, 40))  # 96 samples
+    cfg = make_cfg(str(tmp_path), workers=workers, mb=6, resampled=resampled)
+    full_stream = TrainStream(cfg, tokenizer, ALL, rank=1, world_size=2)
+    spe = full_stream.steps_per_epoch
+    total = 2 * spe + 2  # resume points both mid-epoch and in the second epoch
+    full = take(full_stream, total)
+    first = TrainStream(cfg, tokenizer, ALL, rank=1, world_size=2)
+    head = take(first, consumed)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed_stream = TrainStream(cfg, tokenizer, ALL, rank=1, world_size=2)
+    resumed_stream.load_state_dict(state)
+    tail = take(resumed_stream, total - consumed)
+    for a, b in zip(full, head + tail):
+        assert a["key"] == b["key"]
+        for name in ("image", "image_view2", "input_ids", "attention_mask", "text_view2_ids", "mlm_input_ids",
+                     "mlm_labels"):
+            assert torch.equal(a[name], b[name]), name
+    first_epoch = keys((head + tail)[:spe])
+    assert len(first_epoch) == len(set(first_epoch))  # no sample twice, none lost (compared to `full`)
+
+
+def test_weighted_mix_of_sources(tmp_path, tokenizer):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_shards(str(a), sizes=(20, 20))
+    write_shards(str(b), sizes=(15, 15), extra=lambda i, s: s.update(__key__=f"b{i:05d}"))
+    cfg = make_cfg([{"path": str(a), "weight": 1.0}, {"path": str(b), "weight": 3.0}], workers=2, mb=5,
+                   samples_per_epoch=80)
+    stream = TrainStream(cfg, tokenizer, BatchNeeds(), rank=0, world_size=1)
+    assert stream.steps_per_epoch == 16
+    batches = take(stream, 16)
+    epoch = keys(batches)
+    views: dict = {}
+    for batch in batches:
+        for key, image in zip(batch["key"], batch["image"]):
+            views.setdefault(key, []).append(image)
+    assert all(not torch.equal(*views[k]) for k in views if len(views[k]) == 2)  # repeats are re-augmented
+    from_b = [k for k in epoch if k.startswith("b")]
+    assert len(from_b) == 60 and len(epoch) - len(from_b) == 20  # exact 1:3 quotas
+    assert len(set(from_b)) == 30  # the small source is repeated: each of its samples twice
+    assert all(from_b.count(k) == 2 for k in set(from_b))
+    assert epoch != sorted(epoch, key=lambda k: k[0])  # interleaved, not concatenated
+
+
+def test_resume_layout_change(clean_dir, tokenizer):
+    cfg = make_cfg(clean_dir)
+    stream = TrainStream(cfg, tokenizer, BatchNeeds(), rank=0, world_size=2)
+    take(stream, 3)
+    state = stream.state_dict()
+    other = TrainStream(make_cfg(clean_dir, workers=1), tokenizer, BatchNeeds(), rank=0, world_size=2)
+    with pytest.raises(ValueError, match="workers"):
+        other.load_state_dict(state)
+    other.load_state_dict(state, strict=False)  # restarts at the next epoch
+    assert other.epoch == 1 and len(take(other, 2)) == 2
+
+
+class _Trap:
+    """Unpickling this creates a file: proof that shard content was (or was not) unpickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_member_never_executed(tmp_path, tokenizer):
+    trap = tmp_path / "pwned"
+    payload = pickle.dumps(_Trap(str(trap)))
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_Trap(str(probe)))).close()
+    assert probe.exists()  # the trap is live: unpickling would create the file
+
+    def add_pickles(i, sample):
+        sample["pickle"] = payload
+        sample["pyd"] = payload
+
+    data = tmp_path / "shards"
+    write_shards(str(data), sizes=(12, 12), extra=add_pickles)
+    for workers in (0, 2):
+        cfg = make_cfg(str(data), workers=workers, mb=4)
+        batches = take(TrainStream(cfg, tokenizer, BatchNeeds(), rank=0, world_size=1), 6)
+        assert len(set(keys(batches))) == 24
+        assert sum(len(b["key"]) for b in build_eval_loader(cfg, str(data), tokenizer, 5, 0, 1, split="train")) == 24
+    assert not trap.exists()
+
+
+def test_corrupt_samples_skipped_and_counted(tmp_path, tokenizer, caplog):
+    bad_image, bad_json = {3, 25}, {17}
+
+    def corrupt(i, sample):
+        if i in bad_image:
+            sample["jpg"] = sample["jpg"][:20] + b"\x00garbage" * 4
+        if i in bad_json:
+            sample["json"] = b"{not json"
+
+    data = tmp_path / "shards"
+    write_shards(str(data), sizes=(20, 20, 20), extra=corrupt)
+    shard = data / "train-000002.tar"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2 + 100])  # truncated tar: index.json still claims 20 samples
+    cfg = make_cfg(str(data), workers=0, mb=4)
+    with caplog.at_level(logging.WARNING, logger="unimlip_train.data.loader"):
+        evaluated = keys(build_eval_loader(cfg, str(data), tokenizer, 8, 0, 1, split="train"))
+    good = {f"s{i:05d}" for i in range(60) if i not in bad_image | bad_json}
+    complete_shards = {k for k in good if int(k[1:]) < 40}
+    assert complete_shards <= set(evaluated) <= good  # everything readable, nothing corrupt
+    assert len(evaluated) == len(set(evaluated)) < len(good)  # the truncated shard lost its tail
+    assert any("skipping corrupt" in r.getMessage() for r in caplog.records)
+    stream = TrainStream(cfg, tokenizer, BatchNeeds(), rank=0, world_size=1)
+    batches = take(stream, 2 * stream.steps_per_epoch)  # the stream never runs dry, whole epochs come out
+    assert len(batches) == 2 * stream.steps_per_epoch == 30
+    assert stream.skipped_samples >= 2 * 4  # 3 bad samples + the truncated tar, every epoch
+
+
+def test_eval_loader_exactly_once(clean_dir, tokenizer):
+    cfg = make_cfg(clean_dir, workers=2)
+    seen, batches = [], []
+    for rank in range(3):
+        for batch in build_eval_loader(cfg, clean_dir, tokenizer, 7, rank, 3, split="train"):
+            batches.append(batch)
+            seen += batch["key"]
+    assert sorted(seen) == [f"s{k:05d}" for k in range(256)]
+    b = batches[0]
+    assert set(b) == {"image", "input_ids", "attention_mask", "key", "text", "labels", "meta"}
+    assert b["meta"][0]["source"] == "test"
+    i = int(b["key"][0][1:])
+    assert b["labels"][0] == [f"l{i % 3}"] and "XXXX" not in b["text"][0] and "cough" not in b["text"][0]
+    again = next(iter(build_eval_loader(cfg, clean_dir, tokenizer, 7, 0, 3, split="train")))
+    assert torch.equal(again["image"], next(iter(build_eval_loader(cfg, clean_dir, tokenizer, 7, 0, 3,
+                                                                    split="train")))["image"])

@@ -1,0 +1,481 @@
+"""The streaming loader: WebDataset shards to training batches, exact per rank, resumable mid-epoch.
+
+Epoch plan (why every rank yields exactly ``steps_per_epoch`` batches, and what is dropped):
+  * Each source's shards are shuffled with (seed, epoch, source): the same order on every rank. Their
+    samples form one sequence per source and epoch; an epoch takes ``quota`` samples from it
+    (``data.samples_per_epoch`` split by source weight, default: every sample once). A quota larger
+    than the source continues into further reshuffled passes.
+  * That span is cut into ``world_size * workers`` contiguous windows, rank-major (split by node, then
+    by worker). A worker reads only the shards its window overlaps (at most one partial shard at each
+    end, skipped without decoding), shuffles it with a buffer seeded by (seed, epoch, unit), and the
+    sources are interleaved by a seeded permutation with exact per-source counts (a deterministic
+    ``RandomMix``). ``data.resampled`` draws shards with replacement instead (unbounded streaming).
+  * Every worker then takes the same number of samples, the per-worker count rounded down to whole
+    micro-batches. Fewer than ``world * workers * micro_batch`` samples per epoch are dropped, and they
+    rotate across epochs because the shard order is reshuffled. A worker that comes up short because
+    samples were corrupt tops up from the samples that follow its window, so no rank ever runs dry.
+Decoding reads only image (jpg/png, 8/16-bit), txt and json members: other members (``.pickle``,
+``.pyd``...) are never read, so untrusted shards cannot run code. Corrupt samples or tar members are
+skipped, counted (``skipped_samples``) and logged. Augmentation randomness is seeded per sample from
+(seed, epoch, source, key), so a resumed stream, which skips consumed raw samples before decoding,
+reproduces the uninterrupted one tensor for tensor.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from unimlip_train.config import Config, LossConfig
+from unimlip_train.data.shards import ShardSource, iter_raw_samples, resolve_sources
+from unimlip_train.data.text import augment_report, clean_report
+from unimlip_train.data.transforms import EvalTransform, TrainAugment, decode_image, to_tensor
+
+log = logging.getLogger(__name__)
+
+_IMAGE_EXTS = ("jpg", "jpeg", "png")
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BatchNeeds:
+    """Which optional batch entries the enabled loss terms read."""
+
+    image_view2: bool = False
+    text_view2: bool = False
+    mlm: bool = False
+
+
+def batch_needs(loss_cfg: LossConfig) -> BatchNeeds:
+    """A term is on iff its weight is non-zero."""
+    return BatchNeeds(image_view2=loss_cfg.image_ssl.weight != 0, text_view2=loss_cfg.text_ssl.weight != 0,
+                      mlm=loss_cfg.mlm.weight != 0)
+
+
+def _seed(*parts: Any) -> int:
+    """A 64-bit seed from any tuple of parts, stable across processes and Python versions."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Raw (undecoded) sample streams
+# ---------------------------------------------------------------------------------------------------
+
+
+class SkipCounter:
+    """WebDataset-style handler (return True = continue) that also counts and logs what it skipped."""
+
+    def __init__(self, count: int = 0):
+        self.count = count
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.count += 1
+        log.warning("skipping corrupt sample or tar member (%d so far): %r", self.count, exn)
+        return True
+
+
+def _pass_order(src: ShardSource, seed: int, epoch: int, sidx: int, pass_no: int) -> list:
+    order = list(range(len(src.urls)))
+    random.Random(_seed(seed, "shards", epoch, sidx, pass_no)).shuffle(order)
+    return order
+
+
+def _pieces(src: ShardSource, seed: int, epoch: int, sidx: int, start: int) -> Iterator[tuple]:
+    """(url, first, stop, pass) sample ranges of the epoch's sequence from position ``start`` on (unbounded)."""
+    pos = 0
+    for pass_no in itertools.count():
+        for i in _pass_order(src, seed, epoch, sidx, pass_no):
+            n = src.counts[i]
+            if pos + n > start:
+                yield src.urls[i], max(0, start - pos), n, pass_no
+            pos += n
+
+
+def _resampled_pieces(src: ShardSource, seed: int, epoch: int, sidx: int, unit: int) -> Iterator[tuple]:
+    """Whole shards drawn with replacement (weighted by size, so every sample is equally likely)."""
+    rng = random.Random(_seed(seed, "resample", epoch, sidx, unit))
+    for draw in itertools.count():
+        i = rng.choices(range(len(src.urls)), weights=src.counts)[0]
+        yield src.urls[i], 0, src.counts[i], (unit, draw)
+
+
+def _raw_samples(pieces: Iterator[tuple], handler: SkipCounter, n_shards: int) -> Iterator[dict]:
+    """Raw samples of each piece, tagged with the piece's pass/draw: a sample read twice in one epoch
+    (a source repeated by its weight, a shard resampled) gets different augmentation each time."""
+    barren = 0
+    for url, first, stop, draw in pieces:
+        got = False
+        for sample in itertools.islice(iter_raw_samples(url, handler), first, stop):
+            got = True
+            sample["__draw__"] = draw
+            yield sample
+        barren = 0 if got else barren + 1
+        if barren > 2 * n_shards:
+            raise RuntimeError(f"no readable samples in {2 * n_shards} shards in a row (last: {url})")
+
+
+def _source_stream(src: ShardSource, sidx: int, lo: int, hi: int, *, seed: int, epoch: int, unit: int,
+                   resampled: bool, bufsize: int, handler: SkipCounter) -> Iterator[dict]:
+    """The unit's window [lo, hi) of one source, buffer-shuffled, then the samples after it (top-up)."""
+    pieces = (_resampled_pieces(src, seed, epoch, sidx, unit) if resampled
+              else _pieces(src, seed, epoch, sidx, lo))
+    raw = _raw_samples(pieces, handler, len(src.urls))
+    window = itertools.islice(raw, hi - lo)
+    if bufsize > 1:
+        window = wds.shuffle(bufsize, initial=bufsize, seed=_seed(seed, "buffer", epoch, sidx, unit))(window)
+    for sample in itertools.chain(window, raw):
+        sample["__source__"] = sidx
+        yield sample
+
+
+# ---------------------------------------------------------------------------------------------------
+# Safe decoding
+# ---------------------------------------------------------------------------------------------------
+
+
+def decode_sample(raw: dict, in_chans: int, target: int) -> dict:
+    """Image, report and metadata from a raw sample; raises ValueError on anything unusable."""
+    ext = next((e for e in _IMAGE_EXTS if e in raw), None)
+    if ext is None:
+        raise ValueError(f"sample {raw.get('__key__')!r} has no image (jpg/png)")
+    if "txt" not in raw:
+        raise ValueError(f"sample {raw.get('__key__')!r} has no report (txt)")
+    meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"sample {raw.get('__key__')!r}: json member is not an object")
+    return {"key": raw["__key__"], "origin": (raw.get("__source__"), raw.get("__draw__")),
+            "image": decode_image(raw[ext], in_chans, target), "text": raw["txt"].decode("utf-8"), "meta": meta}
+
+
+def _decoded(raws: Iterator[dict], handler: SkipCounter, in_chans: int, target: int, counter: dict) -> Iterator[dict]:
+    """Decode, counting raw samples pulled (the resume position) and skipping the undecodable."""
+    for raw in raws:
+        counter["raw"] += 1
+        try:
+            yield decode_sample(raw, in_chans, target)
+        except Exception as exn:  # noqa: BLE001 - any decoder error means a corrupt sample: skip it
+            handler(ValueError(f"{raw.get('__key__')!r} in {raw.get('__url__')}: {exn!r}"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Collation
+# ---------------------------------------------------------------------------------------------------
+
+
+def _tokenize(tokenizer, texts: list, max_length: int) -> dict:
+    return tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt",
+                     return_special_tokens_mask=True)
+
+
+def mlm_mask(input_ids: torch.Tensor, special: torch.Tensor, draws: torch.Tensor, probability: float, mask_id: int,
+             random_ids: torch.Tensor) -> tuple:
+    """BERT masking (80% [MASK], 10% random token, 10% kept) of non-special tokens.
+
+    ``draws`` (B x 3 x L uniforms, from each sample's own seeded generator) make it reproducible per sample
+    and vectorised per batch. Every row with a maskable token gets at least one target (the one with the
+    smallest draw), so the loss is never over zero labels.
+    """
+    candidate = special == 0
+    select_u = torch.where(candidate, draws[:, 0], torch.full_like(draws[:, 0], 2.0))
+    chosen = select_u < probability
+    first = torch.zeros_like(chosen).scatter_(1, select_u.argmin(1, keepdim=True), True)
+    chosen |= first & candidate & ~chosen.any(1, keepdim=True)
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    action = draws[:, 1]
+    swapped = random_ids[(draws[:, 2] * len(random_ids)).long().clamp_(max=len(random_ids) - 1)]
+    ids = torch.where(chosen & (action < 0.8), torch.full_like(input_ids, mask_id), input_ids)
+    ids = torch.where(chosen & (action >= 0.8) & (action < 0.9), swapped, ids)
+    return ids, labels
+
+
+class _Collate:
+    """Samples to the Batch dict of the seam (tokenization happens here, once per batch)."""
+
+    def __init__(self, cfg: Config, tokenizer, needs: BatchNeeds):
+        self.cfg, self.tokenizer, self.needs = cfg, tokenizer, needs
+        self.max_length = cfg.data.text.max_length
+        if needs.mlm:
+            if tokenizer.mask_token_id is None:
+                raise ValueError("masked language modelling needs a tokenizer with a mask token")
+            special = set(tokenizer.all_special_ids)
+            self.random_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+
+    def train(self, samples: list) -> dict:
+        chans = self.cfg.data.in_chans
+        batch = {"image": to_tensor([s["view1"] for s in samples], chans), "key": [s["key"] for s in samples]}
+        if self.needs.image_view2:
+            batch["image_view2"] = to_tensor([s["view2"] for s in samples], chans)
+        tok = _tokenize(self.tokenizer, [s["text"] for s in samples], self.max_length)
+        batch["input_ids"], batch["attention_mask"] = tok["input_ids"], tok["attention_mask"]
+        if self.needs.text_view2:
+            tok2 = _tokenize(self.tokenizer, [s["text2"] for s in samples], self.max_length)
+            batch["text_view2_ids"], batch["text_view2_mask"] = tok2["input_ids"], tok2["attention_mask"]
+        if self.needs.mlm:
+            draws = torch.from_numpy(np.stack([s["mlm_draws"] for s in samples]))
+            batch["mlm_input_ids"], batch["mlm_labels"] = mlm_mask(
+                tok["input_ids"], tok["special_tokens_mask"], draws, self.cfg.data.mlm_probability,
+                self.tokenizer.mask_token_id, self.random_ids)
+        return batch
+
+    def eval(self, samples: list) -> dict:
+        tok = _tokenize(self.tokenizer, [s["text"] for s in samples], self.max_length)
+        return {"image": to_tensor([s["view1"] for s in samples], self.cfg.data.in_chans),
+                "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
+                "key": [s["key"] for s in samples], "text": [s["text"] for s in samples],
+                "labels": [list(s["meta"].get("labels", [])) for s in samples],
+                "meta": [s["meta"] for s in samples]}  # beyond the seam: other label fields (eval.label_key)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training stream
+# ---------------------------------------------------------------------------------------------------
+
+
+def _batches(samples: Iterator[dict], size: int, collate, partial: bool) -> Iterator[dict]:
+    """Emit each batch as soon as it is full (``wds.batched`` first pulls the next sample, which would
+    put the resume position one sample late)."""
+    batch: list = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield collate(batch)
+            batch = []
+    if batch and partial:
+        yield collate(batch)
+
+
+def _windows(total: int, units: int, unit: int) -> tuple:
+    return unit * total // units, (unit + 1) * total // units
+
+
+class _TrainUnits(IterableDataset):
+    """What one DataLoader worker runs: its logical unit's batches, epoch after epoch, from its cursor."""
+
+    def __init__(self, cfg: Config, tokenizer, needs: BatchNeeds, sources: list, quotas: list, rank: int,
+                 workers: int, world_size: int, batches_per_unit: int, cursors: list, first_worker: int):
+        super().__init__()
+        self.cfg, self.needs, self.sources, self.quotas = cfg, needs, sources, quotas
+        self.rank, self.workers, self.world_size = rank, workers, world_size
+        self.batches_per_unit, self.cursors, self.first_worker = batches_per_unit, cursors, first_worker
+        self.collate = _Collate(cfg, tokenizer, needs)
+        self.augment = TrainAugment(cfg.data)
+        self.mask_token = tokenizer.mask_token or "[MASK]"
+
+    def _mixed(self, epoch: int, unit: int, handler: SkipCounter) -> Iterator[dict]:
+        """Deterministic weighted mix: a seeded permutation with exact per-source counts, then weighted draws."""
+        units, d = self.world_size * self.workers, self.cfg.data
+        streams, labels = [], []
+        for sidx, (src, quota) in enumerate(zip(self.sources, self.quotas)):
+            lo, hi = _windows(quota, units, unit)
+            streams.append(_source_stream(src, sidx, lo, hi, seed=self.cfg.seed, epoch=epoch, unit=unit,
+                                          resampled=d.resampled, bufsize=d.shuffle_buffer, handler=handler))
+            labels += [sidx] * (quota // units)
+        rng = random.Random(_seed(self.cfg.seed, "mix", epoch, unit))
+        rng.shuffle(labels)
+        weights = [s.weight for s in self.sources]
+        top_up = iter(lambda: rng.choices(range(len(streams)), weights=weights)[0], None)
+        for sidx in itertools.chain(labels, top_up):
+            yield next(streams[sidx])
+
+    def _prepare(self, sample: dict, epoch: int) -> dict:
+        d, seed = self.cfg.data, _seed(self.cfg.seed, "sample", epoch, sample["origin"], sample["key"])
+        rng, py_rng = np.random.default_rng(seed), random.Random(seed)
+        sample["view1"] = self.augment(sample["image"], rng, py_rng)
+        if self.needs.image_view2:
+            sample["view2"] = self.augment(sample["image"], rng, py_rng)
+        sample["text"] = clean_report(sample["text"], d.text.sections)
+        if self.needs.text_view2:
+            sample["text2"] = augment_report(sample["text"], py_rng, d.text.sentence_shuffle_p,
+                                             d.text.sentence_drop_p, d.text.span_mask_p, self.mask_token)
+        if self.needs.mlm:
+            sample["mlm_draws"] = rng.random((3, d.text.max_length), dtype=np.float32)
+        del sample["image"]
+        return sample
+
+    def _epoch(self, worker: int, cursor: dict, handler: SkipCounter) -> Iterator[dict]:
+        """Batches of one epoch of one unit, starting after ``cursor`` (consumed raw samples skipped undecoded)."""
+        epoch, unit = cursor["epoch"], self.rank * self.workers + worker
+        mb = self.cfg.train.micro_batch_size
+        counter = {"raw": cursor["raw"]}
+        pipeline = wds.DataPipeline(
+            lambda: self._mixed(epoch, unit, handler),
+            lambda raws: itertools.islice(raws, cursor["raw"], None),
+            lambda raws: _decoded(raws, handler, self.cfg.data.in_chans, self.cfg.data.image_size, counter),
+            lambda samples: itertools.islice(samples, (self.batches_per_unit - cursor["batches"]) * mb),
+            lambda samples: (self._prepare(s, epoch) for s in samples),
+            lambda samples: _batches(samples, mb, self.collate.train, partial=False),
+        )
+        for done, batch in enumerate(pipeline, start=cursor["batches"] + 1):
+            batch["_cursor"] = {"worker": worker, "epoch": epoch, "raw": counter["raw"], "batches": done,
+                                "skipped": handler.count}
+            yield batch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = (self.first_worker + (info.id if info else 0)) % self.workers
+        cursor = dict(self.cursors[worker])
+        handler = SkipCounter(cursor["skipped"])
+        if cursor["batches"] >= self.batches_per_unit:  # saved right after this unit's last batch of an epoch
+            cursor = {"epoch": cursor["epoch"] + 1, "raw": 0, "batches": 0}
+        while True:  # the unit's stream never runs dry (top-up), so each epoch gives exactly its batches
+            yield from self._epoch(worker, cursor, handler)
+            cursor = {"epoch": cursor["epoch"] + 1, "raw": 0, "batches": 0}
+
+
+class TrainStream:
+    """Endless training batches for one rank; ``steps_per_epoch`` is identical on every rank.
+
+    ``state_dict()`` describes the position after the last batch handed out; ``load_state_dict`` before
+    iterating resumes exactly there (same samples, same augmentation).
+    """
+
+    def __init__(self, cfg: Config, tokenizer, needs: BatchNeeds, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of {world_size}")
+        self.cfg, self.tokenizer, self.needs = cfg, tokenizer, needs
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = cfg.data.num_workers
+        self.workers = max(1, cfg.data.num_workers)
+        self.micro_batch_size = cfg.train.micro_batch_size
+        self.sources = resolve_sources(cfg.data.train, "train")
+        total = sum(s.total for s in self.sources)
+        per_epoch = cfg.data.samples_per_epoch or total
+        weight_sum = sum(s.weight for s in self.sources)
+        self.quotas = [round(per_epoch * s.weight / weight_sum) for s in self.sources]
+        units = world_size * self.workers
+        per_unit = sum(q // units for q in self.quotas)
+        self.batches_per_unit = per_unit // self.micro_batch_size
+        if self.batches_per_unit < 1:
+            raise ValueError(f"{per_epoch} samples per epoch are too few for {world_size} ranks x {self.workers} "
+                             f"workers x micro batch {self.micro_batch_size}: lower data.num_workers or the batch")
+        self.steps_per_epoch = self.batches_per_unit * self.workers
+        self.samples_per_epoch = self.steps_per_epoch * self.micro_batch_size * world_size
+        if rank == 0:
+            log.info("train stream: %d sources, %d samples/epoch used of %d planned (%d dropped, rotating), "
+                     "%d steps/epoch per rank", len(self.sources), self.samples_per_epoch, per_epoch,
+                     per_epoch - self.samples_per_epoch, self.steps_per_epoch)
+        # What saved raw positions refer to; shard names, not paths, so a data set moved elsewhere still resumes.
+        shard_lists = [([u.rsplit("/", 1)[-1] for u in s.urls], s.counts, s.weight) for s in self.sources]
+        self._plan = _seed(shard_lists, self.quotas, cfg.data.resampled, cfg.data.shuffle_buffer)
+        self._delivered = 0
+        self._cursors = [{"epoch": 0, "raw": 0, "batches": 0, "skipped": 0} for _ in range(self.workers)]
+
+    @property
+    def skipped_samples(self) -> int:
+        """Corrupt samples / tar members this rank skipped so far (as reported with delivered batches)."""
+        return sum(c["skipped"] for c in self._cursors)
+
+    @property
+    def epoch(self) -> int:
+        return self._delivered // self.steps_per_epoch
+
+    def state_dict(self) -> dict:
+        return {"version": _STATE_VERSION, "delivered": self._delivered, "rank": self.rank,
+                "cursors": [dict(c) for c in self._cursors], **self._layout()}
+
+    def _layout(self) -> dict:
+        return {"workers": self.workers, "world_size": self.world_size, "seed": self.cfg.seed,
+                "micro_batch_size": self.micro_batch_size, "steps_per_epoch": self.steps_per_epoch,
+                "plan": self._plan}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Resume at ``state``. A different layout (world size, workers, seed, micro batch, shard sources,
+        weights, epoch size, shuffle buffer) cannot continue mid-epoch: ``strict`` raises ValueError;
+        otherwise the stream restarts at the beginning of the next epoch."""
+        diff = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}, expected {_STATE_VERSION}")
+        if not diff:
+            self._delivered = int(state["delivered"])
+            self._cursors = [dict(c) for c in state["cursors"]]
+            return
+        message = "loader state does not match this run's data layout (" + ", ".join(
+            f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items()) + ")"
+        if strict:
+            raise ValueError(message + ": cannot resume the data stream mid-epoch")
+        next_epoch = int(state["delivered"]) // int(state["steps_per_epoch"]) + 1
+        log.warning("%s: the data stream restarts at the beginning of epoch %d", message, next_epoch)
+        self._delivered = next_epoch * self.steps_per_epoch
+        skipped = sum(c.get("skipped", 0) for c in state["cursors"])
+        self._cursors = [{"epoch": next_epoch, "raw": 0, "batches": 0, "skipped": skipped if i == 0 else 0}
+                         for i in range(self.workers)]
+
+    def __iter__(self) -> Iterator[dict]:
+        dataset = _TrainUnits(self.cfg, self.tokenizer, self.needs, self.sources, self.quotas, self.rank,
+                              self.workers, self.world_size, self.batches_per_unit, self._cursors,
+                              first_worker=self._delivered % self.workers)
+        if self.num_workers > 0:
+            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
+        else:
+            batches = iter(dataset)
+        for batch in batches:
+            cursor = batch.pop("_cursor")
+            self._cursors[cursor.pop("worker")] = cursor
+            self._delivered += 1
+            yield batch
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation loader
+# ---------------------------------------------------------------------------------------------------
+
+
+class _EvalUnits(IterableDataset):
+    """One unit's contiguous share of the unshuffled samples, deterministic transform, partial last batch."""
+
+    def __init__(self, cfg: Config, tokenizer, sources: list, rank: int, world_size: int, workers: int,
+                 batch_size: int):
+        super().__init__()
+        self.cfg, self.sources, self.rank, self.world_size = cfg, sources, rank, world_size
+        self.workers, self.batch_size = workers, batch_size
+        self.collate = _Collate(cfg, tokenizer, BatchNeeds())
+        self.transform = EvalTransform(cfg.data)
+
+    def _prepare(self, sample: dict) -> dict:
+        sample["view1"] = self.transform(sample.pop("image"))
+        sample["text"] = clean_report(sample["text"], self.cfg.data.text.sections)
+        return sample
+
+    def _raws(self, unit: int, handler: SkipCounter) -> Iterator[dict]:
+        units = self.world_size * self.workers
+        for src in self.sources:
+            lo, hi = _windows(src.total, units, unit)
+            pieces, pos = [], 0
+            for url, n in zip(src.urls, src.counts):
+                if pos < hi and pos + n > lo:
+                    pieces.append((url, max(0, lo - pos), min(n, hi - pos), 0))
+                pos += n
+            yield from _raw_samples(iter(pieces), handler, len(pieces) + 1)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        unit = self.rank * self.workers + (info.id if info else 0)
+        handler = SkipCounter()
+        d = self.cfg.data
+        pipeline = wds.DataPipeline(
+            lambda: self._raws(unit, handler),
+            lambda raws: _decoded(raws, handler, d.in_chans, d.image_size, {"raw": 0}),
+            lambda samples: (self._prepare(s) for s in samples),
+            lambda samples: _batches(samples, self.batch_size, self.collate.eval, partial=True),
+        )
+        yield from pipeline
+
+
+def build_eval_loader(cfg: Config, source: Any, tokenizer, batch_size: int, rank: int, world_size: int,
+                      split: str = "val") -> Any:
+    """Eval batches of ``source`` (pattern / dir / index.json / list): every sample exactly once across ranks."""
+    sources = resolve_sources(source, split)
+    workers = max(1, cfg.data.num_workers)
+    dataset = _EvalUnits(cfg, tokenizer, sources, rank, world_size, workers, batch_size)
+    if cfg.data.num_workers == 0:
+        return dataset
+    return DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers)
