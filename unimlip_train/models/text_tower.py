@@ -1,0 +1,44 @@
+"""Text tower: a Hugging Face encoder by name / local folder, or a random-init BERT from YAML."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, BertConfig, BertModel
+
+from unimlip_train.config import Config
+
+
+class TextTower(nn.Module):
+    """``forward(input_ids, attention_mask) -> (pooled B x H, tokens B x L x H)``.
+
+    ``cfg.model.text.name`` set: ``AutoModel.from_pretrained(name, **cfg.model.text.config)`` (a hub id in
+    the cache or a local folder; ``config`` then overrides fields such as dropout).
+    Empty: ``BertConfig(**cfg.model.text.config)`` with vocabulary size and pad id from the tokenizer,
+    randomly initialised (CPU tests, from-scratch runs). Pooling is the first token (``cls``) or the
+    attention-masked mean (``mean``).
+    """
+
+    def __init__(self, cfg: Config, tokenizer):
+        super().__init__()
+        tcfg = cfg.model.text
+        if tcfg.name:
+            self.model = AutoModel.from_pretrained(tcfg.name, **tcfg.config)
+        else:
+            config = BertConfig(**{**tcfg.config, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id})
+            self.model = BertModel(config, add_pooling_layer=False)
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > vocab:
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens but text tower {tcfg.name or 'BertConfig'} embeds only {vocab}"
+            )
+        self.pooling = tcfg.pooling
+        self.hidden_size = self.model.config.hidden_size
+        if cfg.model.grad_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return tokens[:, 0], tokens
+        weights = attention_mask.to(tokens.dtype).unsqueeze(-1)
+        return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0), tokens
