@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import string
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -46,18 +47,29 @@ def iter_reports(paths: Iterable[Path]) -> Iterator[str]:
 
 
 def train_vocab(texts: Iterable[str], vocab_size: int) -> list[str]:
-    """WordPiece vocabulary (BERT normalisation, lower case), special tokens first, full ASCII alphabet."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """WordPiece vocabulary (BERT normalisation, lower case): special tokens, the ASCII alphabet, then words.
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                        initial_alphabet=list(_ALPHABET), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    vocab = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    Deterministic on purpose: the ``tokenizers`` WordPiece trainer breaks ties between equally frequent
+    merges by hash-map order, which differs between processes, so two runs on identical shards gave
+    different vocabularies (and different token ids for the same checkpoint). Here whole words are ranked
+    by (frequency, then spelling) and taken until ``vocab_size``; any other word is split by WordPiece's
+    greedy longest match into known pieces, down to single characters, so nothing becomes ``[UNK]``.
+    """
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    vocab = list(SPECIAL_TOKENS) + [t for c in _ALPHABET for t in (c, "##" + c)]
     present = set(vocab)
-    vocab += [t for c in _ALPHABET for t in (c, "##" + c) if t not in present]
+    for word, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if word not in present:
+            vocab.append(word)
+            present.add(word)
     return vocab
 
 

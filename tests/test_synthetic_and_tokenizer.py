@@ -146,6 +146,10 @@ def test_tokenizer_command_trains_a_loadable_wordpiece_vocab(synthetic_shards, t
     _no_unk_round_trip(tok, _iu_report())  # real text: unseen words split into pieces, never [UNK]
     slow = BertTokenizer(vocab=str(tok_dir / "vocab.txt"))
     assert slow(report)["input_ids"] == tok(report)["input_ids"]
+    # Same shards, same vocabulary: token ids must not depend on the run (a checkpoint pairs with its vocab).
+    again = tmp_path / "tok_again"
+    assert main(["tokenizer", "--data", str(synthetic_shards), "--out", str(again), "--vocab-size", "300"]) == 0
+    assert (again / "vocab.txt").read_bytes() == (tok_dir / "vocab.txt").read_bytes()
     assert main(["tokenizer", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "t2")]) == 2
 
 

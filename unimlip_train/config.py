@@ -181,6 +181,8 @@ class EvalConfig:
     max_samples: int = 0
     classes: list = field(default_factory=list)
     label_key: str = "labels"
+    prompts: str = ""  # prompt YAML for zero-shot; empty: the packaged chest X-ray set
+    multi_label: bool = False
 
 
 @dataclass

@@ -1,0 +1,69 @@
+"""Evaluation: retrieval, zero-shot classification and linear probes on frozen embeddings.
+
+``validate`` is what the trainer calls for its periodic ``val/`` scalars: every rank calls it, every rank gets
+the same dict (embeddings are gathered everywhere, metrics computed identically on each rank).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .embed import EmbeddedSet, embed_split
+from .metrics import retrieval_metrics
+from .zeroshot import load_prompts, zeroshot_evaluate
+
+__all__ = ["EmbeddedSet", "embed_split", "retrieval_metrics", "val_sources", "validate", "zeroshot_evaluate"]
+
+
+def val_sources(cfg) -> list[tuple[str, str, str]]:
+    """``(name, path, split)`` for each configured validation set; ``cfg.data.val`` is a path or a list of
+    paths / ``{path, split}`` mappings (the split defaults to ``cfg.eval.split``)."""
+    entries = cfg.data.val if isinstance(cfg.data.val, list) else [cfg.data.val] if cfg.data.val else []
+    out = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            path, split = entry, cfg.eval.split
+        else:
+            get = entry.get if isinstance(entry, dict) else lambda k, d=None: getattr(entry, k, d)
+            path, split = get("path", ""), get("split", None) or cfg.eval.split
+        if not path:
+            raise ValueError(f"data.val entry {i} has no path")
+        out.append((f"val{i}" if len(entries) > 1 else "", path, split))
+    return out
+
+
+def evaluate_embedded(emb: EmbeddedSet, model, cfg, tokenizer) -> dict[str, float]:
+    """Retrieval metrics, plus ``zeroshot/...`` metrics when ``cfg.eval.classes`` is set."""
+    out = retrieval_metrics(emb.image, emb.text, emb.texts)
+    if cfg.eval.classes:
+        prompts = load_prompts(cfg.eval.prompts)
+        device = next(model.parameters()).device
+        zs = zeroshot_evaluate(emb.image, emb.labels, model.encode_text, tokenizer, list(cfg.eval.classes),
+                               prompts, cfg.data.text.max_length, multi_label=cfg.eval.multi_label,
+                               device=device)
+        out.update({f"zeroshot/{k}": v for k, v in zs.items()})
+    return out
+
+
+def validate(model: Any, cfg, tokenizer, rank: int, world_size: int) -> dict[str, float]:
+    """Evaluate on every set in ``cfg.data.val``; ``{}`` when none is configured. Call on all ranks.
+
+    ``model`` may be the bare ``UniMlip`` or a wrapper exposing it as ``.module`` (DeepSpeed engine, DDP).
+    Training mode is restored afterwards.
+    """
+    sources = val_sources(cfg)
+    if not sources:
+        return {}
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    out: dict[str, float] = {}
+    try:
+        for name, path, split in sources:
+            emb = embed_split(module, cfg, tokenizer, path, split, rank, world_size,
+                              batch_size=cfg.train.micro_batch_size, max_samples=cfg.eval.max_samples,
+                              label_key=cfg.eval.label_key)
+            prefix = f"{name}/" if name else ""
+            out.update({prefix + k: v for k, v in evaluate_embedded(emb, module, cfg, tokenizer).items()})
+    finally:
+        module.train(was_training)
+    return out

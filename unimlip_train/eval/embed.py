@@ -1,0 +1,133 @@
+"""Distributed embedding extraction: every rank embeds its part of an eval set, then all ranks gather everything.
+
+Determinism regardless of world size: the gathered set is sorted by sample key, so rank r's samples land in the
+same rows whether 1 or 8 processes ran. The only collectives are the final gathers, which every rank reaches
+(no rank-0-only loop while others wait), so uneven per-rank sample counts are fine. A ZeRO-3 model must have its
+weights gathered around the call (``deepspeed.zero.GatheredParameters``, as the trainer does): the towers call
+submodules outside their own ``forward``, which ZeRO-3's fetch hooks do not see.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from unimlip_train.data.loader import build_eval_loader
+
+
+@dataclass
+class EmbeddedSet:
+    """Embeddings of one eval set in key order: row i of ``image`` / ``text`` belongs to ``keys[i]``."""
+
+    keys: list[str]
+    image: torch.Tensor  # N x D, L2-normalised, float32, CPU
+    text: torch.Tensor  # N x D
+    texts: list[str]  # the cleaned reports the text embeddings came from
+    labels: list[list[str]]
+
+    def subset(self, n: int) -> "EmbeddedSet":
+        """The first ``n`` samples in key order (deterministic for any world size)."""
+        return EmbeddedSet(self.keys[:n], self.image[:n], self.text[:n], self.texts[:n], self.labels[:n])
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _distributed(world_size: int) -> bool:
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def _encode(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    image = model.encode_image(batch["image"].to(device, non_blocking=True))
+    text = model.encode_text(batch["input_ids"].to(device, non_blocking=True),
+                             batch["attention_mask"].to(device, non_blocking=True))
+    return image.float(), text.float()
+
+
+def _gather_rows(local: torch.Tensor, counts: list[int], dim: int) -> torch.Tensor:
+    """All-gather row blocks of uneven length by padding each to the longest (all_gather needs equal shapes)."""
+    device = _collective_device()
+    padded = torch.zeros(max(counts), dim, dtype=torch.float32, device=device)
+    padded[: local.shape[0]] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]).cpu()
+
+
+def gather_embedded(local: EmbeddedSet, world_size: int) -> EmbeddedSet:
+    """Every rank's samples on every rank, sorted by key (identical result on all ranks)."""
+    if _distributed(world_size):
+        metas: list = [None] * world_size
+        dim = local.image.shape[1] if local.image.numel() else -1
+        dist.all_gather_object(metas, (local.keys, local.texts, local.labels, dim))
+        counts = [len(m[0]) for m in metas]
+        dim = max(m[3] for m in metas)
+        if dim < 0:
+            raise ValueError("the eval set is empty on every rank")
+        image = _gather_rows(local.image.reshape(-1, dim), counts, dim)
+        text = _gather_rows(local.text.reshape(-1, dim), counts, dim)
+        keys = [k for m in metas for k in m[0]]
+        texts = [t for m in metas for t in m[1]]
+        labels = [lab for m in metas for lab in m[2]]
+    else:
+        keys, image, text, texts, labels = local.keys, local.image, local.text, local.texts, local.labels
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate sample keys in the eval set: keys must be unique for a deterministic order")
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    idx = torch.tensor(order, dtype=torch.long)
+    return EmbeddedSet([keys[i] for i in order], image[idx], text[idx], [texts[i] for i in order],
+                       [list(labels[i]) for i in order])
+
+
+def batch_labels(batch: dict, label_key: str) -> list[list[str]]:
+    """Per-sample label lists: the batch's ``labels`` (metadata ``labels``), or another metadata field.
+
+    A string value becomes a one-element list, a missing one an empty list.
+    """
+    if label_key == "labels":
+        return batch["labels"]
+    if "meta" not in batch:
+        raise ValueError(f"label key {label_key!r}: eval batches carry only the 'labels' metadata field")
+    values = [m.get(label_key) for m in batch["meta"]]
+    return [[] if v is None else [str(v)] if isinstance(v, (str, int, float)) else [str(x) for x in v]
+            for v in values]
+
+
+def embed_split(model: torch.nn.Module, cfg, tokenizer, source: str, split: str, rank: int, world_size: int,
+                batch_size: int = 64, max_samples: int = 0, progress: bool = False,
+                label_key: str = "labels") -> EmbeddedSet:
+    """Embed every sample of ``source``/``split`` across all ranks; the result is identical on every rank.
+
+    ``max_samples`` > 0 keeps the first samples in key order after gathering (so the subset does not depend on
+    the world size; it bounds the metric cost, not the embedding cost). ``label_key`` picks the metadata
+    field read as labels. The model must be in eval mode.
+    """
+    device = model_device(model)
+    loader = build_eval_loader(cfg, source, tokenizer, batch_size, rank, world_size, split=split)
+    keys, texts, labels, images, reports = [], [], [], [], []
+    bar = tqdm(desc=f"embed {split}", unit="sample", disable=not progress, dynamic_ncols=True)
+    for batch in loader:
+        image, text = _encode(model, batch, device)
+        images.append(image.cpu())
+        reports.append(text.cpu())
+        keys.extend(batch["key"])
+        texts.extend(batch["text"])
+        labels.extend(batch_labels(batch, label_key))
+        bar.update(len(batch["key"]))
+    bar.close()
+    dim = images[0].shape[1] if images else 0
+    local = EmbeddedSet(keys, torch.cat(images) if images else torch.zeros(0, dim),
+                        torch.cat(reports) if reports else torch.zeros(0, dim), texts, labels)
+    gathered = gather_embedded(local, world_size)
+    if not gathered.keys:
+        raise ValueError(f"no samples in eval source {source!r} (split {split!r})")
+    return gathered.subset(max_samples) if max_samples > 0 else gathered
