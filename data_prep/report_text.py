@@ -1,11 +1,24 @@
-"""Report text shared by the IU X-ray and MIMIC-CXR adapters: sections and de-identification clean-up.
+"""Report text: section splitting and de-identification clean-up, the one implementation of both.
 
-Why here and not in the loader: the shard's ``txt`` should already be the text a model trains on (the
-selected sections, readable), and the raw sections stay in the sample's metadata for anyone who wants others.
+Used by the IU X-ray and MIMIC-CXR adapters, so that a shard's ``txt`` is already the text a model trains on
+(the selected sections, readable; the raw sections stay in the metadata), and by the training loader
+(``unimlip_train.data.text``), so that a whole report arriving in a shard is read by the same rules. Kept
+light (``re``/``argparse`` only) because the loader's worker processes import it.
 
-De-identification clean-up (documented behaviour, ``clean_report``):
+Sections (``split_sections``): a header is a name followed by a colon, recognised
+- in capitals at the start of a line, whatever the name ("FINDINGS:", "WET READ:", "CLINICAL HISTORY:"), so
+  an unknown section still ends the one before it;
+- in any case at the start of a line or of a sentence when it is a usual report header ("Findings:",
+  "... normal. Impression: ..."); and in capitals anywhere ("CHEST (PA AND LAT) INDICATION: ...", as in a
+  report whose line breaks were lost). A usual name in lower case mid-sentence ("compared to the prior
+  exam: no change") and a mixed-case sub-heading ("Lungs: clear.") are text, not headers.
+Singular and plural name the same section ("impressions" is "impression"), and a combined header such as
+"FINDINGS AND IMPRESSION" or "FINDINGS/IMPRESSION" counts for each of its parts.
+
+De-identification clean-up (``clean_report``):
 - Open-I replaces many words with ``XXXX`` (often not even identifiers: "Pulmonary XXXX normal"); MIMIC-CXR
-  uses ``___``. ``x-XXXX`` / ``X-XXXX`` is restored to ``x-ray`` (the one redaction that is unambiguous).
+  uses ``___``. A token is three or more ``X`` (not inside a word) or underscores: "XX" is left alone, it
+  can be a Roman numeral. ``x-XXXX`` / ``X-XXXX`` is restored to ``x-ray`` (the one unambiguous redaction).
 - Every other run of such tokens (with the spaces, commas, slashes or hyphens joining them) is removed, or
   replaced by ``placeholder`` when one is given. Hyphens left dangling are dropped, spaces before punctuation
   and empty parentheses are tidied, a sentence left with nothing but punctuation disappears, and a sentence
@@ -15,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 _TOKEN = r"(?:(?<![A-Za-z])X{3,}|_{3,})(?:'[a-z]+)?"
 _RUN = re.compile(rf"{_TOKEN}(?:[\s,/-]+{_TOKEN})*")
@@ -23,8 +36,14 @@ _XRAY = re.compile(r"\b([xX])-XXXX\b")
 _GAP = "\x00"  # marks where a run was removed, until the tidy-up below has used it
 # A removed run that opened a sentence (not after "Dr." / "Mr." / "Ms."), followed by a lower-case word.
 _SENTENCE_GAP = re.compile(rf"(^|(?<!\bDr)(?<!\bMr)(?<!\bMs)[.!?]\s*){_GAP}[\s,;:]*([a-z])")
-# A section header at the start of a line: upper-case words ending in a colon ("FINDINGS:", "WET READ:").
-_HEADER = re.compile(r"^[ \t]*([A-Z][A-Z &/()-]{1,40}?)[ \t]*:", re.MULTILINE)
+_KNOWN = ("findings|impressions?|indications?|comparisons?|(?:clinical )?history|technique|examination|exam|"
+          "conclusions?|recommendations?|reason for (?:exam|study)|notification")
+_HEADER = re.compile(
+    r"^[ \t]*(?P<caps>[A-Z][A-Z &/()-]{1,40}?)[ \t]*:"  # any capitals header opening a line
+    rf"|(?:^[ \t]*|(?<=[.!?])[ \t]+)(?P<known>(?i:{_KNOWN}))[ \t]*:"  # a usual one opening a line or sentence
+    rf"|\b(?P<inline>{_KNOWN.upper()})[ \t]*:",  # a usual one in capitals anywhere
+    re.MULTILINE)
+_PARTS = re.compile(r"\s+and\s+|\s*/\s*")  # "findings and impression", "findings/impression"
 
 
 def parse_sections(value: str) -> list[str]:
@@ -57,16 +76,18 @@ def _tidy(text: str) -> str:
 
 
 def split_sections(report: str) -> dict[str, str]:
-    """Split a free-text report on its upper-case ``HEADER:`` lines; keys are lower-case header names.
+    """Split a free-text report on its headers (see the module docstring); keys are lower-case header names.
 
-    Text before the first header is kept under ``""``. A repeated header keeps both parts, joined by a space.
+    Bodies have their whitespace collapsed; empty ones are left out. Text before the first header is kept
+    under ``""``. A repeated header keeps both parts, joined by a space.
     """
     sections: dict[str, str] = {}
     starts = list(_HEADER.finditer(report))
     bounds = [("", 0, starts[0].start() if starts else len(report))]
     for i, match in enumerate(starts):
         end = starts[i + 1].start() if i + 1 < len(starts) else len(report)
-        bounds.append((" ".join(match.group(1).lower().split()), match.end(), end))
+        name = match.group("caps") or match.group("known") or match.group("inline")
+        bounds.append((" ".join(name.lower().split()), match.end(), end))
     for name, begin, end in bounds:
         body = " ".join(report[begin:end].split())
         if body:
@@ -74,16 +95,28 @@ def split_sections(report: str) -> dict[str, str]:
     return sections
 
 
-def select_sections(sections: Mapping[str, str], wanted: Sequence[str], placeholder: str = "") -> str:
-    """The wanted sections, cleaned, in the order asked, each ending as a sentence, joined by spaces.
+def _singular(name: str) -> str:
+    return name[:-1] if name.endswith("s") else name
 
-    A combined header such as "FINDINGS AND IMPRESSION" or "FINDINGS/IMPRESSION" counts for each of its parts
-    (and is used once). Returns ``""`` when none of the wanted sections has text.
-    """
+
+def section_texts(sections: Mapping[str, str], wanted: Sequence[str]) -> list[str]:
+    """The bodies of the wanted sections, in the order asked; each section is used at most once."""
     used: list[str] = []
     for name in wanted:
         for key in sections:
-            if key not in used and name in re.split(r"\s+and\s+|\s*/\s*", key):
+            if key not in used and _singular(name.lower()) in {_singular(p) for p in _PARTS.split(key)}:
                 used.append(key)
-    pieces = [clean_report(sections[key], placeholder) for key in used]
+    return [sections[key] for key in used]
+
+
+def join_sentences(pieces: Iterable[str]) -> str:
+    """Non-empty pieces joined by spaces, each ending as a sentence, so sections do not run into each other."""
     return " ".join(p if p[-1] in ".!?" else p + "." for p in pieces if p)
+
+
+def select_sections(sections: Mapping[str, str], wanted: Sequence[str], placeholder: str = "") -> str:
+    """The wanted sections, cleaned, in the order asked, each ending as a sentence, joined by spaces.
+
+    Returns ``""`` when none of the wanted sections has text.
+    """
+    return join_sentences(clean_report(body, placeholder) for body in section_texts(sections, wanted))

@@ -131,7 +131,7 @@ def test_real_iu_report_sections_and_deid_cleanup():
                                   "Clear lungs. Inferior. No acute pulmonary findings.")
     assert clean_report(text, ["impression", "findings"]).startswith("No acute pulmonary findings. Borderline")
     one = _iu_report(1)
-    assert clean_text(one["IMPRESSION"]) == "Normal chest x."
+    assert clean_text(one["IMPRESSION"]) == "Normal chest x-ray."  # real "x-XXXX.": the one unambiguous redaction
     assert clean_text(one["FINDINGS"]).endswith("There are no of a pleural effusion. There is no evidence of "
                                                 "pneumothorax.")
 
@@ -148,6 +148,13 @@ def test_section_selection_and_cleanup_rules():
     assert clean_text("XXXX. Stable.") == "Stable."
     assert clean_report("FINDINGS: Nodule 1.8 cm. IMPRESSION: 1. Enlarged heart. 2. Pacemaker in place.") == \
         "Nodule 1.8 cm. Enlarged heart. Pacemaker in place."
+    # usual names in capitals anywhere (line breaks lost), plural = singular, each section ends a sentence;
+    # a usual name in lower case mid-sentence is text, not a header
+    flat = ("EXAMINATION: CHEST (PA AND LAT) INDICATION: cough FINDINGS: Clear lungs "
+            "IMPRESSIONS: Compared to prior exam: no change")
+    assert clean_report(flat) == "Clear lungs. Compared to prior exam: no change."
+    assert clean_text("1) ___ lines unchanged. 2) Pacer. Factor XX deficiency.") == \
+        "Lines unchanged. Pacer. Factor XX deficiency."  # "XX" is not a de-identification token
 
 
 def test_text_augmentation():

@@ -1,8 +1,11 @@
-"""Report text: section selection and clean-up, and the light augmentation of the second text view.
+"""Report text as the loader feeds it to the model, and the light augmentation of the second text view.
 
 Radiology reports carry headers (INDICATION, COMPARISON, FINDINGS, IMPRESSION ...) of which only the
 findings and impression describe the image; de-identification leaves tokens such as ``XXXX`` (IU X-ray)
-or ``___`` (MIMIC-CXR) that carry no meaning and would otherwise dominate the vocabulary.
+or ``___`` (MIMIC-CXR) that carry no meaning and would otherwise dominate the vocabulary. Section splitting
+and de-identification clean-up are the shard adapters' (``data_prep.report_text``, whose docstring states
+the rules), so a report reads the same whether it was sharded by us or arrives whole; added here is what
+only training wants: list numbers dropped, sentence splitting and augmentation.
 """
 from __future__ import annotations
 
@@ -10,53 +13,22 @@ import random
 import re
 from typing import Sequence
 
-# Headers in the usual report vocabulary, anywhere in the text ("FINDINGS: ..."), or any ALL-CAPS header
-# at the start of a line ("CLINICAL HISTORY:"), so unknown sections still end the previous one.
-_HEADER = re.compile(
-    r"(?:(?<=\n)|^)[ \t]*(?P<caps>[A-Z][A-Z /&-]{2,40}):"
-    r"|\b(?i:(?P<known>findings|impressions?|indications?|comparisons?|history|clinical history|technique|"
-    r"examination|exam|conclusions?|recommendations?|reason for (?:exam|study)|notification))\s*:"
-)
-_DEID = re.compile(r"(?<![A-Za-z])X{2,}(?![A-Za-z])|_{2,}")
-_DANGLING_HYPHEN = re.compile(r"(?<=\w)-(?=[\s.,;:!?]|$)")
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
-_REPEATED_PUNCT = re.compile(r"([.,;:!?])(?:\s*[.,;:!?])+")
+from data_prep.report_text import clean_report as _clean_deid
+from data_prep.report_text import join_sentences, section_texts, split_sections
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _ENUMERATOR = re.compile(r"(?:^|(?<=[.!?:;] ))\d{1,2}[.)] +")  # "IMPRESSION: 1. ... 2. ..." list numbers
-_WHITESPACE = re.compile(r"\s+")
-
-
-def _norm_name(name: str) -> str:
-    """'FINDINGS' and 'finding', 'Impressions' and 'impression' name the same section."""
-    name = _WHITESPACE.sub(" ", name.strip().lower())
-    return name[:-1] if name.endswith("s") else name
 
 
 def select_sections(text: str, sections: Sequence[str]) -> str:
-    """The wanted sections (in ``sections`` order) when the report has headers; else the whole text."""
-    headers = list(_HEADER.finditer(text))
-    if not headers or not sections:
-        return text
-    found: dict = {}
-    for i, m in enumerate(headers):
-        end = headers[i + 1].start() if i + 1 < len(headers) else len(text)
-        body = text[m.end():end].strip()
-        if body:
-            found.setdefault(_norm_name(m.group("known") or m.group("caps")), []).append(body)
-    parts = [b for name in sections for b in found.get(_norm_name(name), [])]
-    return " ".join(parts) if parts else text
+    """The wanted sections (in ``sections`` order, each ending as a sentence) when the report has any of
+    them; else the whole text, as a caption or a report without those headers is still the image's text."""
+    return join_sentences(section_texts(split_sections(text), sections)) or text
 
 
 def clean_text(text: str) -> str:
-    """Drop de-identification tokens and list numbers, tidy the punctuation they leave, collapse whitespace."""
-    text = _DEID.sub(" ", text)
-    text = _DANGLING_HYPHEN.sub("", text)
-    text = _WHITESPACE.sub(" ", text).strip()
-    text = _ENUMERATOR.sub("", text)
-    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
-    text = _REPEATED_PUNCT.sub(lambda m: m.group(1), text)
-    sentences = [s for s in _SENTENCE_END.split(text.strip()) if s.strip(" .,;:!?")]
-    return " ".join(sentences)
+    """Drop list numbers, then de-identification tokens and the punctuation they leave; collapse whitespace."""
+    return _clean_deid(_ENUMERATOR.sub("", " ".join(text.split())))
 
 
 def clean_report(text: str, sections: Sequence[str] = ("findings", "impression")) -> str:
