@@ -2,8 +2,8 @@
 study's free-text report beside the folder as ``files/pXX/pSUBJECT/sSTUDY.txt``.
 
 One row per image. group = the subject id ("p10000032"), so every study of a patient lands in one split.
-- text: the ``--sections`` parsed from the report's ``HEADER:`` lines (rules in ``data_prep.report_text``) (default FINDINGS then
-  IMPRESSION; "FINDINGS AND IMPRESSION" counts for both); when the report has none of them, the whole report
+- text: the ``--sections`` parsed from the report's ``HEADER:`` lines, by the rules in ``data_prep.report_text``
+  (default FINDINGS then IMPRESSION; "FINDINGS AND IMPRESSION" counts for both); when the report has none of them, the whole report
   (metadata ``text_from`` says which). ``___`` de-identification gaps are cleaned as in ``data_prep.report_text``.
   A study without a report file still yields its images, with empty text, so the writer records them.
 - An image present both as DICOM and JPEG/PNG in one study is used once, the DICOM preferred (the source of truth,
