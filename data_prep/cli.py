@@ -16,7 +16,7 @@ from pathlib import Path
 
 from data_prep import synthetic
 from data_prep.rows import InputError
-from data_prep.writer import add_writer_arguments, options_from_args, write_shards
+from data_prep.writer import add_writer_arguments, encode_results, options_from_args, write_shards
 
 # Subcommand -> adapter module name (each module offers add_arguments(parser) and iter_rows(args)).
 # launch/sharding.py imports adapters through this mapping too.
@@ -48,17 +48,20 @@ def _summary(index: dict, out: str) -> str:
             + (f" (reasons in {Path(out) / 'errors.jsonl'})" if index["errors"] else ""))
 
 
+def run_adapter(name: str, adapter, args: argparse.Namespace, encoder=encode_results) -> int:
+    """Shard one adapter's rows; ``encoder`` computes the images (a SLURM array's merge replays its tasks')."""
+    options = options_from_args(args)
+    index = write_shards(adapter.iter_rows(args), args.out, options, source=name,
+                         args_record=_args_record(args), progress=not args.no_progress, encoder=encoder)
+    print(_summary(index, args.out))
+    if index["samples"] == 0:  # e.g. a wrong image folder: every row skipped
+        raise InputError(f"no usable rows: all {index['errors']} were skipped "
+                         f"(reasons in {Path(args.out) / 'errors.jsonl'})")
+    return 0
+
+
 def _run_adapter(name: str, adapter) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        options = options_from_args(args)
-        index = write_shards(adapter.iter_rows(args), args.out, options, source=name,
-                             args_record=_args_record(args), progress=not args.no_progress)
-        print(_summary(index, args.out))
-        if index["samples"] == 0:  # e.g. a wrong image folder: every row skipped
-            raise InputError(f"no usable rows: all {index['errors']} were skipped "
-                             f"(reasons in {Path(args.out) / 'errors.jsonl'})")
-        return 0
-    return run
+    return lambda args: run_adapter(name, adapter, args)
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:

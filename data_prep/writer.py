@@ -25,7 +25,7 @@ import re
 import signal
 import sys
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -307,8 +307,11 @@ def _metadata(p: _Planned, split: str, source: str, orig: list[int]) -> dict:
     return meta
 
 
-def _results(tasks: list[tuple], workers: int) -> Iterator[tuple]:
-    """Encoded results in task order, from a process pool or inline for one worker."""
+def encode_results(tasks: list[tuple], workers: int) -> Iterator[tuple]:
+    """Encoded results in task order, from a process pool or inline for one worker.
+
+    The default ``encoder`` of ``write_shards``; a SLURM array replays results its tasks computed instead.
+    """
     if workers <= 1 or len(tasks) <= 1:
         yield from map(_encode_task, tasks)
         return
@@ -330,7 +333,8 @@ def _remove_leftovers(out_dir: Path, keep: set[str]) -> None:
 
 
 def write_shards(rows: Iterable[Row], out_dir: str | os.PathLike, options: WriterOptions, source: str,
-                 args_record: dict, progress: bool = True) -> dict:
+                 args_record: dict, progress: bool = True,
+                 encoder: Callable[[list[tuple], int], Iterator[tuple]] = encode_results) -> dict:
     """Shard ``rows`` into ``out_dir``; returns the index (also written to ``out_dir/index.json``)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -366,7 +370,7 @@ def write_shards(rows: Iterable[Row], out_dir: str | os.PathLike, options: Write
         current, pending = None, []
 
     bar = tqdm(total=len(tasks), desc=f"sharding -> {out}", unit="img", disable=not progress or None)
-    results = _results(tasks, options.workers)
+    results = encoder(tasks, options.workers)
     try:
         prev_split = None
         for (split, pos), result in zip(owners, results):

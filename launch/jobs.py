@@ -1,0 +1,154 @@
+"""The callables Submitit runs inside a SLURM job (or locally): training that requeues itself, and evaluation.
+
+Training and preemption, step by step:
+1. SLURM sends ``USR2`` ``--signal-seconds`` before the time limit (or ``scancel --signal USR2`` does). Our
+   handler, installed over Submitit's own, only sets a flag: checkpointing from a signal handler could
+   interrupt a collective half way and deadlock the other ranks.
+2. The trainer sees the flag at the next step boundary (all ranks agree with an all-reduce), writes a
+   checkpoint collectively and returns ``preempted``.
+3. Rank 0 runs ``scontrol requeue``; every rank then exits *without* writing a Submitit result, so a client
+   waiting on the job keeps waiting for the requeued run, which resumes from ``latest`` (``resume="auto"``).
+
+``SIGTERM`` (``scontrol requeue`` from outside, preemption in REQUEUE mode, ``scancel``) sets the same flag:
+the job checkpoints at the next step if SLURM's grace period (``KillWait`` / ``GraceTime``) allows, then exits
+without a result and *without* requeueing itself, since SLURM decides whether this job comes back. The
+rerun resumes from that checkpoint, or from the last periodic one if the grace period ran out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from typing import Any, Optional
+
+import submitit
+
+
+class PreemptionFlag:
+    """A ``stop_requested`` callable for the trainer, set by signals (the handler does nothing else)."""
+
+    def __init__(self) -> None:
+        self.received: set[str] = set()
+
+    def install(self, *signums: int) -> None:
+        for signum in signums:
+            signal.signal(signum, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:  # noqa: ARG002 (signal handler signature)
+        self.received.add(signal.Signals(signum).name)
+
+    def __call__(self) -> bool:
+        return bool(self.received)
+
+
+class RequeueLimitReached(RuntimeError):
+    """Preempted again after ``--max-requeues`` requeues: the job fails so someone looks at it."""
+
+
+def _slurm_job_id() -> Optional[str]:
+    """The id ``scontrol requeue`` needs (``ARRAYID_TASK`` for array tasks), None outside SLURM."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    if "SLURM_ARRAY_JOB_ID" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ["SLURM_JOB_ID"]
+
+
+def requeue_count() -> int:
+    """How many times SLURM has requeued this job (0 on the first run)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """``unimlip_train.engine.trainer.train`` on every task of the job, with self-requeue on preemption.
+
+    It stays a Submitit ``Checkpointable`` for the window before ``__call__`` replaces Submitit's USR2
+    handler: should the signal land there, Submitit resubmits this same object, and the rerun resumes
+    from the run directory all the same.
+    """
+
+    def __init__(self, config: dict, run_dir: str, use_gpus: bool, max_requeues: int):
+        self.config = config  # resolved Config as a plain dict (no pickled classes across versions)
+        self.run_dir = run_dir
+        self.use_gpus = use_gpus
+        self.max_requeues = max_requeues
+
+    def __call__(self) -> Any:
+        flag = PreemptionFlag()
+        flag.install(signal.SIGUSR2, signal.SIGTERM)  # after Submitit's setup, so ours win
+        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.use_gpus)
+        print(f"unimlip job: rank {dist_env.rank}/{dist_env.world_size} (local {dist_env.local_rank}), "
+              f"rendezvous {dist_env.master_addr}:{dist_env.master_port}, requeues so far {requeue_count()}, "
+              f"run dir {self.run_dir}", flush=True)
+
+        from unimlip_train.config import config_from_dict
+        from unimlip_train.engine.trainer import train
+
+        cfg = config_from_dict(self.config, source=os.path.join(self.run_dir, "config.yaml"))
+        result = train(cfg, self.run_dir, resume="auto", stop_requested=flag)
+        if result.status != "preempted":
+            _shutdown_process_group()
+            return result
+        print(f"unimlip job: {'+'.join(sorted(flag.received))} received, checkpointed at step {result.step}",
+              flush=True)
+        if _slurm_job_id() is None:
+            return result  # not under SLURM: nothing to requeue, the caller sees "preempted"
+        if "SIGUSR2" in flag.received:
+            self._requeue(dist_env.rank, result.step)
+        _shutdown_process_group()
+        raise SystemExit(0)  # no result: Submitit catches Exception, not SystemExit
+
+    def _requeue(self, rank: int, step: int) -> None:
+        """Rank 0 puts the job back in the queue, unless it has been requeued ``max_requeues`` times."""
+        job_id = _slurm_job_id()
+        if requeue_count() >= self.max_requeues:
+            _shutdown_process_group()
+            raise RequeueLimitReached(
+                f"preempted at step {step} after {requeue_count()} requeues (--max-requeues {self.max_requeues}); "
+                f"the checkpoint is in {self.run_dir}: resubmit to continue")
+        if rank == 0:
+            # The requeue makes SLURM send SIGTERM to every process of the job, scontrol included; with the
+            # signal blocked (the mask is inherited) scontrol still exits cleanly, and ours arrives after.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            try:
+                done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=120)
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            if done.returncode != 0:
+                _shutdown_process_group()
+                raise RuntimeError(f"scontrol requeue {job_id} failed ({done.returncode}): {done.stderr.strip()}; "
+                                   f"the checkpoint at step {step} is in {self.run_dir}: resubmit to continue")
+            print(f"unimlip job: requeued {job_id} (requeue {requeue_count() + 1} of at most {self.max_requeues})",
+                  flush=True)
+
+
+def _shutdown_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class EvalJob:
+    """``unimlip-eval`` on every task of the job (ranks from SLURM, metrics JSON into the run dir)."""
+
+    def __init__(self, argv: list[str], out: str, use_gpus: bool):
+        self.argv = argv
+        self.out = out
+        self.use_gpus = use_gpus
+
+    def __call__(self) -> dict:
+        from unimlip_train.eval.cli import main
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.use_gpus)
+        os.makedirs(os.path.dirname(self.out), exist_ok=True)
+        try:
+            main([*self.argv, "--out", self.out])
+        except SystemExit as e:  # its usage errors exit; make them a failed job with the message
+            if e.code not in (None, 0):
+                raise RuntimeError(f"unimlip-eval failed: {e.code}") from None
+        if int(os.environ.get("RANK", "0")) != 0:
+            return {}
+        with open(self.out, encoding="utf-8") as f:
+            return json.load(f)
