@@ -7,13 +7,11 @@ global batch (the open_clip ``gather_with_grad`` scheme).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
-
-try:  # warning-free on torch >= 2.4; private API, hence the fallback below
-    from torch.distributed._functional_collectives import all_gather_single_autograd as _gather_single
-except ImportError:  # pragma: no cover - depends on the installed torch
-    _gather_single = None
+from torch.distributed.nn.functional import all_gather as _autograd_all_gather
 
 
 def world() -> tuple[int, int]:
@@ -28,11 +26,12 @@ def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     _, world_size = world()
     if world_size == 1:
         return t
-    if _gather_single is not None:
-        return _gather_single(t.contiguous(), gather_dim=0, group=dist.group.WORLD)
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(t.contiguous()), dim=0)
+    # The synchronous autograd gather. torch 2.14 deprecates it in favour of the functional (async)
+    # ``all_gather_single_autograd``, but over gloo that one crashed (SIGSEGV) or hung a 2-rank training run
+    # after ~100 steps here, while this one ran it to the end; hence the warning is silenced, not heeded.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(_autograd_all_gather(t.contiguous()), dim=0)
 
 
 @torch.no_grad()
