@@ -1,0 +1,125 @@
+"""Config loading errors (key + file named), extends/overrides, shipped configs, generated DeepSpeed config."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unimlip_train.config import ConfigError, config_from_dict, load_config
+from unimlip_train.engine.ds_config import build_ds_config
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+
+def _write(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _error(path, overrides=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    f = _write(tmp_path / "a.yaml", {"train": {"stepz": 3}})
+    msg = _error(f)
+    assert f in msg and "train.stepz" in msg and "steps" in msg  # the known keys are listed
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    f = _write(tmp_path / "a.yaml", {"train": {"steps": "many"}})
+    msg = _error(f)
+    assert f in msg and "train.steps" in msg and "int" in msg
+    f2 = _write(tmp_path / "b.yaml", {"data": "shards/"})
+    assert "expected a mapping" in _error(f2) and "'data'" in _error(f2)
+
+
+def test_extends_merges_and_blames_the_right_file(tmp_path):
+    base = _write(tmp_path / "base.yaml", {"seed": 7, "train": {"steps": 10, "lr": 0.5}})
+    child = _write(tmp_path / "child.yaml", {"extends": "base.yaml", "train": {"steps": 20}})
+    cfg = load_config(child)
+    assert (cfg.seed, cfg.train.steps, cfg.train.lr) == (7, 20, 0.5)
+    bad_base = _write(tmp_path / "bad_base.yaml", {"model": {"embed_dimm": 3}})
+    child2 = _write(tmp_path / "child2.yaml", {"extends": "bad_base.yaml", "seed": 1})
+    msg = _error(child2)
+    assert bad_base in msg and "model.embed_dimm" in msg
+    cyc_a = tmp_path / "cyc_a.yaml"
+    _write(tmp_path / "cyc_b.yaml", {"extends": "cyc_a.yaml"})
+    _write(cyc_a, {"extends": "cyc_b.yaml"})
+    assert "cycle" in _error(str(cyc_a))
+    missing = _write(tmp_path / "m.yaml", {"extends": "nope.yaml"})
+    assert "nope.yaml" in _error(missing) and "not found" in _error(missing)
+
+
+def test_overrides_apply_and_are_blamed_on_the_command_line(tmp_path):
+    f = _write(tmp_path / "a.yaml", {"train": {"steps": 10}})
+    cfg = load_config(f, ["train.steps=42", "loss.mlm.weight=0", "deepspeed.zero_stage=3", "train.betas=[0.8,0.9]"])
+    assert cfg.train.steps == 42 and cfg.loss.mlm.weight == 0.0 and cfg.deepspeed.zero_stage == 3
+    assert cfg.train.betas == [0.8, 0.9] and "mlm" not in cfg.loss.enabled()
+    msg = _error(f, ["train.steps=lots"])
+    assert "command line" in msg and "train.steps" in msg
+    assert "key.sub=value" in _error(f, ["train.steps"])
+    assert "train.nope" in _error(f, ["train.nope=1"])
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"deepspeed": {"zero_stage": 3}, "train": {"compile": True}}, "train.compile"),
+    ({"deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, "deepspeed.offload_optimizer"),
+    ({"deepspeed": {"zero_stage": 4}}, "deepspeed.zero_stage"),
+    ({"deepspeed": {"precision": "fp8"}}, "deepspeed.precision"),
+    ({"data": {"mlm_probability": 0.0}, "loss": {"mlm": {"weight": 1.0}}}, "loss.mlm.weight"),
+    ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size"),
+    ({"loss": {t: {"weight": 0} for t in ("itc", "itc_feature", "image_ssl", "image_feature", "text_ssl",
+                                          "text_feature", "mlm", "itm")}}, "loss"),
+])
+def test_impossible_combinations(tmp_path, data, key):
+    f = _write(tmp_path / "bad.yaml", data)
+    msg = _error(f)
+    assert f"key '{key}'" in msg and f in msg
+
+
+def test_shipped_configs_load_with_the_expected_terms():
+    tiny = load_config(str(CONFIGS / "tiny_cpu.yaml"))
+    assert set(tiny.loss.enabled()) == {"itc", "itc_feature", "image_ssl", "image_feature", "text_ssl",
+                                        "text_feature", "mlm", "itm"}
+    assert (tiny.deepspeed.zero_stage, tiny.deepspeed.precision, tiny.deepspeed.backend) == (1, "fp32", "gloo")
+    prod = load_config(str(CONFIGS / "vitb16_biomedbert.yaml"))
+    assert (prod.deepspeed.zero_stage, prod.deepspeed.precision, prod.model.image.name) == (2, "bf16",
+                                                                                            "vit_base_patch16_224")
+    assert "BiomedBERT" in prod.model.text.name and prod.train.micro_batch_size == 256
+    expected = {"clip_only": {"itc"}, "image_ssl": {"itc", "image_ssl", "image_feature"},
+                "text_ssl": {"itc", "text_ssl", "text_feature"}, "fused": {"itc", "mlm", "itm"},
+                "all": set(tiny.loss.enabled())}
+    for name, terms in expected.items():
+        assert set(load_config(str(CONFIGS / "ablations" / f"{name}.yaml")).loss.enabled()) == terms, name
+
+
+def test_print_config_round_trips_and_cli_config_errors_exit_2(tmp_path):
+    cmd = [sys.executable, "-m", "unimlip_train.cli.train", "--config", str(CONFIGS / "tiny_cpu.yaml")]
+    out = subprocess.run(cmd + ["--print-config", "train.steps=5"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    resolved = config_from_dict(yaml.safe_load(out.stdout))
+    assert resolved == load_config(str(CONFIGS / "tiny_cpu.yaml"), ["train.steps=5"])
+    bad = subprocess.run(cmd + ["deepspeed.zero_stage=3", "train.compile=true"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "config error" in bad.stderr and "train.compile" in bad.stderr
+    assert "command line" in bad.stderr
+
+
+@pytest.mark.parametrize("stage, precision, offload", [(0, "fp32", False), (1, "fp32", False), (2, "bf16", True),
+                                                       (3, "fp16", True)])
+def test_generated_deepspeed_config(stage, precision, offload):
+    cfg = load_config(str(CONFIGS / "tiny_cpu.yaml"),
+                      [f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}",
+                       f"deepspeed.offload_optimizer={str(offload).lower()}", "train.grad_accum=3",
+                       "train.micro_batch_size=5", "train.clip_grad=0.5"])
+    ds = build_ds_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 5 * 3 * 4
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (5, 3)
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == stage
+    assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
+    assert ("offload_optimizer" in ds["zero_optimization"]) == offload

@@ -1,0 +1,101 @@
+"""Process-group setup from whatever launched us: torchrun, the ``deepspeed`` launcher, SLURM, or nothing.
+
+torchrun and ``deepspeed`` export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under a plain
+``srun`` only SLURM_* variables exist, so they are translated here; a bare ``python`` run becomes a
+one-process group on a free local port, so the same code path (DeepSpeed needs a process group) serves all.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist such as ``gpu[003-005,010],cpu1`` (no ``scontrol`` needed)."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        return "127.0.0.1"
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _export_env() -> None:
+    """Fill the torch.distributed env:// variables from SLURM, or for a single local process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        env.setdefault("LOCAL_RANK", "0")
+    elif "SLURM_PROCID" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+        if "MASTER_PORT" not in env:
+            # Every task of a job must agree on the port without talking: derive it from the job id.
+            env["MASTER_PORT"] = str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    else:
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = "0", "1", "0"
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        env["MASTER_PORT"] = str(_free_port())
+
+
+def init_distributed(backend: str = "") -> tuple[int, int, int]:
+    """Start (once) the process group; returns ``(rank, world_size, local_rank)``.
+
+    ``backend`` '' picks nccl when CUDA is available and gloo otherwise.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _export_env()
+    rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   rank=rank, world_size=world)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, and in a process without a process group."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_max(value: float) -> float:
+    """Max of a scalar over all ranks: every rank gets the same answer (used for stop / finiteness agreement)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float(value)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())

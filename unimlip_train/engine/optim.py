@@ -1,0 +1,103 @@
+"""Optimizer and learning-rate schedule: per-tower parameter groups, AdamW, warm-up + cosine by step.
+
+The towers are often pre-trained and want a smaller learning rate than the fresh heads, and the temperature
+is a single scalar that must not be decayed; hence four groups (each split into decay / no-decay).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from unimlip_train.config import Config
+
+GROUPS = ("image", "text", "head", "temperature")
+
+
+def _group_of(model: nn.Module) -> dict[int, str]:
+    """Map parameter id -> group name using the model seam (image_tower, text_tower, logit_scale)."""
+    owner: dict[int, str] = {}
+    for p in model.image_tower.parameters():
+        owner[id(p)] = "image"
+    for p in model.text_tower.parameters():
+        owner[id(p)] = "text"
+    owner[id(model.logit_scale)] = "temperature"
+    return owner
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    """Biases, norm weights and the temperature are not decayed (open_clip's rule)."""
+    return p.ndim < 2 or "logit_scale" in name
+
+
+def param_groups(module: nn.Module, model: nn.Module, cfg: Config) -> list[dict]:
+    """Parameter groups over ``module`` (e.g. the TrainStep wrapping ``model``); params outside the towers
+    and the temperature are heads. Empty groups are dropped (ZeRO rejects them)."""
+    t = cfg.train
+    lrs = {"image": t.lr_image or t.lr, "text": t.lr_text or t.lr, "head": t.lr_head or t.lr,
+           "temperature": t.lr_temperature or t.lr}
+    owner = _group_of(model)
+    buckets: dict[tuple[str, bool], list] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        group = owner.get(id(p), "head")
+        decay = group != "temperature" and not _no_decay(name, p)
+        buckets.setdefault((group, decay), []).append(p)
+    groups = []
+    for group in GROUPS:
+        for decay in (True, False):
+            params = buckets.get((group, decay))
+            if params:
+                groups.append({"params": params, "name": group if decay else f"{group}_no_decay",
+                               "lr": lrs[group], "weight_decay": t.weight_decay if decay else 0.0})
+    return groups
+
+
+def build_optimizer(groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
+    """torch AdamW by default; DeepSpeed FusedAdam or DeepSpeedCPUAdam on request (CPU Adam is forced
+    under optimizer offload, which DeepSpeed requires)."""
+    kind = "cpu_adam" if cfg.deepspeed.offload_optimizer else cfg.train.optimizer
+    kw = dict(lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=1e-6, weight_decay=cfg.train.weight_decay)
+    if kind == "fused_adam":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kw)
+    if kind == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    return torch.optim.AdamW(groups, fused=torch.cuda.is_available() or None, **kw)
+
+
+@dataclass
+class WarmupCosine:
+    """LR factor for optimizer step ``k`` (0-based): linear warm-up to 1, then cosine down to ``min_ratio``.
+
+    A callable object (not a lambda) so LambdaLR.state_dict can save its fields.
+    """
+
+    warmup: int
+    total: int
+    min_ratio: float
+
+    def __call__(self, k: int) -> float:
+        if k < self.warmup:
+            return (k + 1) / self.warmup
+        progress = min(1.0, (k - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    fn = WarmupCosine(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Current lr per named group (the decay half stands for its no-decay twin)."""
+    out: dict[str, float] = {}
+    for g in optimizer.param_groups:
+        out.setdefault(g.get("name", "group").removesuffix("_no_decay"), g["lr"])
+    return out
