@@ -12,7 +12,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends g++ ninja-build
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/unimlip
-COPY requirements.txt setup.py README.md ./
+COPY requirements.txt requirements-test.txt setup.py README.md ./
 # The base image's CUDA torch stays; the rest of the pinned set is installed around it.
 RUN grep -v -E '^(torch|torchvision)==' requirements.txt > /tmp/requirements-docker.txt \
     && pip install --no-cache-dir -r /tmp/requirements-docker.txt

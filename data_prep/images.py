@@ -14,6 +14,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 
+RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP")
+
+
 class ImageError(Exception):
     """This one image cannot be used (missing, truncated, unsupported); the writer skips its row."""
 
@@ -50,7 +53,9 @@ def load_image(path: str, keep_16bit: bool, max_size: int | None = None) -> tupl
         except Exception as e:  # pydicom raises many types for damaged files
             raise ImageError(f"unreadable DICOM: {type(e).__name__}: {e}") from e
     try:
-        with Image.open(path) as im:
+        # Only raster formats: PIL picks a plugin by content, and EPS (say, a PostScript file named .png)
+        # would run Ghostscript on input that may come from elsewhere.
+        with Image.open(path, formats=RASTER_FORMATS) as im:
             orig = [im.width, im.height]
             scale = max_size / max(orig) if max_size else 1.0
             if im.format == "JPEG" and scale < 0.5:

@@ -89,7 +89,7 @@ def _check_sample(key: str, sample: dict[str, bytes], decode: bool) -> list[str]
         problems.append(f"{key}: missing or invalid json metadata")
     if decode and images:
         try:
-            with Image.open(io.BytesIO(sample[images[0]])) as im:
+            with Image.open(io.BytesIO(sample[images[0]]), formats=("JPEG", "PNG")) as im:  # never EPS/Ghostscript
                 im.load()
         except Exception as e:  # any decoder failure means the loader would skip this sample
             problems.append(f"{key}: image does not decode ({type(e).__name__}: {e})")

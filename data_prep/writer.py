@@ -211,14 +211,18 @@ class _ShardFile:
         self.samples += 1
 
     def close(self, end: int) -> dict:
-        """Finish the tar, move it to its final name and return its journal entry."""
+        """Finish the tar (still under its temporary name) and return its journal entry."""
         self.tar.close()
         with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(self.tmp, self.final)
         return {"split": self.split, "shard": self.index, "name": self.name, "start": self.start, "end": end,
-                "samples": self.samples, "bytes": self.final.stat().st_size, "sha256": _sha256_file(self.final),
+                "samples": self.samples, "bytes": self.tmp.stat().st_size, "sha256": _sha256_file(self.tmp),
                 "errors": self.errors}
+
+    def publish(self) -> None:
+        """Give the shard its final name: only after its journal entry, so every final-named shard is one a
+        rerun keeps (a kill in between leaves a journal entry whose file is missing: that shard is redone)."""
+        os.replace(self.tmp, self.final)
 
     def abandon(self) -> None:
         self.tar.close()
@@ -359,13 +363,16 @@ def write_shards(rows: Iterable[Row], out_dir: str | os.PathLike, options: Write
 
     def finish_split(split: str, end: int) -> None:
         nonlocal current, pending
-        if current is not None:
-            entry = current.close(end)
+        shard = current
+        if shard is not None:
+            entry = shard.close(end)
         else:  # the remaining rows of this split were all skipped: record them without a shard
             start = done[split][-1]["end"] if done[split] else 0
             entry = {"split": split, "shard": len(done[split]), "name": None, "start": start,
                      "end": end, "samples": 0, "bytes": 0, "sha256": None, "errors": pending}
         journal.append(entry)
+        if shard is not None:
+            shard.publish()
         done[split].append(entry)
         current, pending = None, []
 
@@ -390,6 +397,7 @@ def write_shards(rows: Iterable[Row], out_dir: str | os.PathLike, options: Write
             if current is not None and not current.fits(size, options):
                 entry = current.close(pos)
                 journal.append(entry)
+                current.publish()
                 done[split].append(entry)
                 current = None
             if current is None:

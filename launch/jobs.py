@@ -68,16 +68,15 @@ class TrainJob(submitit.helpers.Checkpointable):
     from the run directory all the same.
     """
 
-    def __init__(self, config: dict, run_dir: str, use_gpus: bool, max_requeues: int):
+    def __init__(self, config: dict, run_dir: str, max_requeues: int):
         self.config = config  # resolved Config as a plain dict (no pickled classes across versions)
         self.run_dir = run_dir
-        self.use_gpus = use_gpus
         self.max_requeues = max_requeues
 
     def __call__(self) -> Any:
         flag = PreemptionFlag()
         flag.install(signal.SIGUSR2, signal.SIGTERM)  # after Submitit's setup, so ours win
-        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.use_gpus)
+        dist_env = _export_rendezvous()
         print(f"unimlip job: rank {dist_env.rank}/{dist_env.world_size} (local {dist_env.local_rank}), "
               f"rendezvous {dist_env.master_addr}:{dist_env.master_port}, requeues so far {requeue_count()}, "
               f"run dir {self.run_dir}", flush=True)
@@ -94,7 +93,10 @@ class TrainJob(submitit.helpers.Checkpointable):
               flush=True)
         if _slurm_job_id() is None:
             return result  # not under SLURM: nothing to requeue, the caller sees "preempted"
-        if "SIGUSR2" in flag.received:
+        # Any rank's USR2 (the time-limit warning) means requeue: SLURM may signal only some tasks.
+        from unimlip_train.distributed import all_reduce_max
+
+        if all_reduce_max(1.0 if "SIGUSR2" in flag.received else 0.0) > 0:
             self._requeue(dist_env.rank, result.step)
         _shutdown_process_group()
         raise SystemExit(0)  # no result: Submitit catches Exception, not SystemExit
@@ -123,6 +125,13 @@ class TrainJob(submitit.helpers.Checkpointable):
                   flush=True)
 
 
+def _export_rendezvous():
+    """Ranks and rendezvous from SLURM into torch's env variables. Every task keeps seeing all of the node's
+    GPUs (``set_cuda_visible_devices=False``): the trainer picks ``cuda:LOCAL_RANK``, which would not exist if
+    each task saw only its own GPU."""
+    return submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def _shutdown_process_group() -> None:
     import torch.distributed as dist
 
@@ -133,15 +142,14 @@ def _shutdown_process_group() -> None:
 class EvalJob:
     """``unimlip-eval`` on every task of the job (ranks from SLURM, metrics JSON into the run dir)."""
 
-    def __init__(self, argv: list[str], out: str, use_gpus: bool):
+    def __init__(self, argv: list[str], out: str):
         self.argv = argv
         self.out = out
-        self.use_gpus = use_gpus
 
     def __call__(self) -> dict:
         from unimlip_train.eval.cli import main
 
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.use_gpus)
+        _export_rendezvous()
         os.makedirs(os.path.dirname(self.out), exist_ok=True)
         try:
             main([*self.argv, "--out", self.out])

@@ -104,7 +104,9 @@ def sbatch_parameters(res: Resources) -> dict[str, Any]:
         raise LaunchError(f"--signal-seconds {res.signal_seconds} leaves no time to work within --time {res.time}")
     params: dict[str, Any] = {"job_name": res.job_name, "nodes": res.nodes, "ntasks_per_node": res.tasks_per_node,
                               "time": minutes, "signal_delay_s": res.signal_seconds,
-                              "additional_parameters": {"requeue": True, **res.extra}}
+                              "additional_parameters": {"requeue": True, **res.extra},
+                              # one rank failing ends the step, instead of the others waiting in a collective
+                              "srun_args": ["--kill-on-bad-exit=1"]}
     optional = {"gpus_per_node": res.gpus_per_node, "cpus_per_task": res.cpus_per_task, "partition": res.partition,
                 "mem": res.mem, "account": res.account, "qos": res.qos, "constraint": res.constraint,
                 "comment": res.comment, "dependency": res.dependency, "exclusive": res.exclusive or None}

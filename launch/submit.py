@@ -170,7 +170,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     executor = _preflight(args, folder, res)
     check_run_dir(run_dir, cfg, args.force)
     write_config(run_dir, cfg)
-    job = executor.submit(TrainJob(cfg.to_dict(), str(run_dir), use_gpus=gpus > 0, max_requeues=args.max_requeues))
+    job = executor.submit(TrainJob(cfg.to_dict(), str(run_dir), max_requeues=args.max_requeues))
     _report(job, run_dir, "train", argv, {"cluster": args.cluster, "config_hash": cfg.hash(), "nodes": args.nodes,
                                           "tasks_per_node": tasks, "gpus_per_node": gpus, "time_limit": args.time,
                                           "partition": args.partition})
@@ -192,7 +192,7 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"# unimlip-eval {shlex.join(eval_argv)} --out {out}")
         return 0
     executor = _preflight(args, folder, res)
-    job = executor.submit(EvalJob(eval_argv, out, use_gpus=gpus > 0))
+    job = executor.submit(EvalJob(eval_argv, out))
     _report(job, run_dir, "eval", argv, {"cluster": args.cluster, "metrics": out})
     return _wait_local([job]) if args.cluster == "local" else 0
 
@@ -272,7 +272,8 @@ def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:  # noqa: A
     deadline = time.time() + args.timeout if args.timeout else None
     while True:
         states = slurm.query_states(ids) if ids else {}
-        pending = [j for j, s in states.items() if s.state not in slurm.TERMINAL_STATES]
+        # UNKNOWN (no accounting, or gone from the queue) is not waited on: it may never change.
+        pending = [j for j, s in states.items() if s.state not in slurm.TERMINAL_STATES and s.state != "UNKNOWN"]
         if not args.wait or not pending or (deadline is not None and time.time() > deadline):
             break
         time.sleep(2)

@@ -286,12 +286,27 @@ def test_world_size_change_resumes_weights_with_a_clear_message(data, reference)
            "--resume", str(tag), *overrides(data, steps)]
     out = run(cmd)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "world size changed (2 -> 1 ranks)" in out.stdout and "restarts at the beginning of epoch" in out.stdout
+    assert "layout changed (2 -> 1 ranks" in out.stdout and "restarts at the beginning of epoch" in out.stdout
     assert str(tag) in out.stdout
     m = metrics(run_dir)
     assert sorted(m) == [steps - 1, steps]  # the step counter and schedule continue
     state = json.loads((run_dir / "checkpoints" / f"step_{steps:07d}" / "trainer_state.json").read_text())
     assert state["world_size"] == 1 and state["samples_seen"] == reference["steps"] * 2 * MB + 2 * MB
+
+
+def test_resume_with_a_longer_run_follows_the_new_schedule(data, reference):
+    """Resuming at the end of an N-step run with train.steps=N+2 must continue the cosine over N+2 steps (not
+    stay at the final lr of the saved N-step schedule) and take the new base lr."""
+    n = reference["steps"]
+    run_dir = data["root"] / "longer"
+    tag = reference["dir"] / "checkpoints" / f"step_{n:07d}"
+    out = run(train_cmd(run_dir, ["--resume", str(tag), *overrides(data, n + 2, **{"train.lr": 1e-3})]))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    m = metrics(run_dir)
+    warmup, min_ratio = 2, 0.1  # overrides() and configs/tiny_cpu.yaml
+    progress = (n + 1 - warmup) / (n + 2 - warmup)
+    want = 1e-3 * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    assert math.isclose(m[n + 1]["lr/head"], want, rel_tol=1e-6), (m[n + 1]["lr/head"], want)
 
 
 def test_sigusr2_checkpoints_and_exits_as_preempted(data):

@@ -258,7 +258,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
     assert not (killed / "index.json").exists()  # really interrupted mid-run
-    finished_before = {p.name: p.stat().st_ino for p in killed.glob("*.tar")}
+    finished_before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in killed.glob("*.tar")}
 
     assert subprocess.run(_cli(*common, "--out", str(killed)), cwd=REPO, timeout=300).returncode == 0
     assert subprocess.run(_cli(*common, "--out", str(reference), "--workers", "2"), cwd=REPO,
@@ -266,7 +266,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert (killed / "index.json").read_text() == (reference / "index.json").read_text()
     assert not list(killed.glob("*.tmp"))
     # Shards finished before the kill were kept, not rewritten (a rewrite renames a new file into place).
-    assert all((killed / name).stat().st_ino == ino for name, ino in finished_before.items())
+    assert all(((killed / name).stat().st_ino, (killed / name).stat().st_mtime_ns) == kept
+               for name, kept in finished_before.items())
     assert subprocess.run(_cli("verify", str(killed), "--no-progress"), cwd=REPO, timeout=120).returncode == 0
 
 

@@ -15,7 +15,7 @@ from transformers import BertTokenizer
 from conftest import SHARED
 from unimlip_train.config import Config
 from unimlip_train.data.loader import mlm_mask
-from unimlip_train.data.text import augment_report, clean_report, clean_text, select_sections, split_sentences
+from unimlip_train.data.text import augment_report, model_text, clean_text, sections_or_whole, split_sentences
 from unimlip_train.data.tokenizer import load_tokenizer
 from unimlip_train.data.transforms import MEAN, STD, EvalTransform, TrainAugment, decode_image, to_tensor
 
@@ -127,9 +127,9 @@ def _iu_report(number: int) -> dict:
 def test_real_iu_report_sections_and_deid_cleanup():
     parts = _iu_report(2)
     text = "\n".join(f"{label}: {body}" for label, body in parts.items())
-    assert clean_report(text) == ("Borderline cardiomegaly. Midline sternotomy. Enlarged pulmonary arteries. "
+    assert model_text(text) == ("Borderline cardiomegaly. Midline sternotomy. Enlarged pulmonary arteries. "
                                   "Clear lungs. Inferior. No acute pulmonary findings.")
-    assert clean_report(text, ["impression", "findings"]).startswith("No acute pulmonary findings. Borderline")
+    assert model_text(text, ["impression", "findings"]).startswith("No acute pulmonary findings. Borderline")
     one = _iu_report(1)
     assert clean_text(one["IMPRESSION"]) == "Normal chest x-ray."  # real "x-XXXX.": the one unambiguous redaction
     assert clean_text(one["FINDINGS"]).endswith("There are no of a pleural effusion. There is no evidence of "
@@ -137,22 +137,22 @@ def test_real_iu_report_sections_and_deid_cleanup():
 
 
 def test_section_selection_and_cleanup_rules():
-    assert select_sections("no headers here.", ["findings"]) == "no headers here."
+    assert sections_or_whole("no headers here.", ["findings"]) == "no headers here."
     mimic = ("FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n INDICATION:  ___F with cough\n"
              " FINDINGS: \n Lungs are clear.  No effusion.\n \n IMPRESSION: \n No acute process.\n")
-    assert clean_report(mimic) == "Lungs are clear. No effusion. No acute process."
-    assert clean_report("INDICATION: pain.") == "INDICATION: pain."  # nothing wanted: keep the text
+    assert model_text(mimic) == "Lungs are clear. No effusion. No acute process."
+    assert model_text("INDICATION: pain.") == "INDICATION: pain."  # nothing wanted: keep the text
     structured = "Findings:\nLungs: clear.\nHeart: normal size.\nImpression: normal."
-    assert clean_report(structured) == "Lungs: clear. Heart: normal size. normal."  # sub-headings stay
+    assert model_text(structured) == "Lungs: clear. Heart: normal size. normal."  # sub-headings stay
     assert clean_text("  Heart   size  normal .. Lungs clear ,ok  ") == "Heart size normal. Lungs clear,ok"
     assert clean_text("XXXX. Stable.") == "Stable."
-    assert clean_report("FINDINGS: Nodule 1.8 cm. IMPRESSION: 1. Enlarged heart. 2. Pacemaker in place.") == \
+    assert model_text("FINDINGS: Nodule 1.8 cm. IMPRESSION: 1. Enlarged heart. 2. Pacemaker in place.") == \
         "Nodule 1.8 cm. Enlarged heart. Pacemaker in place."
     # usual names in capitals anywhere (line breaks lost), plural = singular, each section ends a sentence;
     # a usual name in lower case mid-sentence is text, not a header
     flat = ("EXAMINATION: CHEST (PA AND LAT) INDICATION: cough FINDINGS: Clear lungs "
             "IMPRESSIONS: Compared to prior exam: no change")
-    assert clean_report(flat) == "Clear lungs. Compared to prior exam: no change."
+    assert model_text(flat) == "Clear lungs. Compared to prior exam: no change."
     assert clean_text("1) ___ lines unchanged. 2) Pacer. Factor XX deficiency.") == \
         "Lines unchanged. Pacer. Factor XX deficiency."  # "XX" is not a de-identification token
 

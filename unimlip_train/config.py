@@ -380,8 +380,10 @@ def config_from_dict(data: dict, source: str = "dict") -> Config:
     return cfg
 
 
-def _fail(origins: dict, key: str, msg: str) -> None:
-    raise ConfigError(f"{origins.get(key, 'defaults')}: key '{key}': {msg}")
+def _fail(origins: dict, key: str, msg: str, *related: str) -> None:
+    """Raise for ``key``; ``related`` keys of an impossible combination are named with their own origin."""
+    others = "".join(f" ('{k}' from {origins.get(k, 'defaults')})" for k in related)
+    raise ConfigError(f"{origins.get(key, 'defaults')}: key '{key}': {msg}{others}")
 
 
 def validate(cfg: Config, origins: dict) -> None:
@@ -399,25 +401,30 @@ def validate(cfg: Config, origins: dict) -> None:
             _fail(origins, key, f"must be one of {allowed}, got {value!r}")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         _fail(origins, "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
-    for key in ("train.steps", "train.micro_batch_size", "train.grad_accum", "data.image_size", "model.embed_dim",
-                "data.text.max_length"):
+    for key in ("train.steps", "train.micro_batch_size", "train.grad_accum", "train.log_every",
+                "train.max_nonfinite_in_row", "data.image_size", "model.embed_dim", "data.text.max_length"):
         if _get_dotted(cfg, key) <= 0:
             _fail(origins, key, "must be positive")
     if cfg.data.in_chans not in (1, 3):
         _fail(origins, "data.in_chans", f"must be 1 or 3, got {cfg.data.in_chans}")
     if not 0.0 < cfg.data.augment.min_scale <= cfg.data.augment.max_scale <= 1.0:
         _fail(origins, "data.augment.min_scale", "need 0 < min_scale <= max_scale <= 1")
+    if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
+        _fail(origins, "train.min_lr_ratio", "must be in [0, 1]")
     if not 0.0 <= cfg.data.mlm_probability < 1.0:
         _fail(origins, "data.mlm_probability", "must be in [0, 1)")
     enabled = cfg.loss.enabled()
     if not enabled:
         _fail(origins, "loss", "every loss term has weight 0: nothing to train")
     if "mlm" in enabled and cfg.data.mlm_probability == 0.0:
-        _fail(origins, "loss.mlm.weight", "masked language modelling is on but data.mlm_probability is 0")
+        _fail(origins, "loss.mlm.weight", "masked language modelling is on but data.mlm_probability is 0",
+              "data.mlm_probability")
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
-        _fail(origins, "deepspeed.offload_optimizer", "optimizer offload needs ZeRO stage 1 or higher")
+        _fail(origins, "deepspeed.offload_optimizer", "optimizer offload needs ZeRO stage 1 or higher",
+              "deepspeed.zero_stage")
     if cfg.deepspeed.zero_stage == 3 and cfg.train.compile:
-        _fail(origins, "train.compile", "torch.compile of the towers is not supported together with ZeRO-3")
+        _fail(origins, "train.compile", "torch.compile of the towers is not supported together with ZeRO-3",
+              "deepspeed.zero_stage")
     if cfg.data.resampled and not cfg.data.samples_per_epoch and not _is_index_source(cfg.data.train):
         _fail(origins, "data.samples_per_epoch", "resampled streaming needs samples_per_epoch or an index.json")
 

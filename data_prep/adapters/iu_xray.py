@@ -48,8 +48,9 @@ def iter_rows(args: argparse.Namespace) -> Iterator[Row]:
         raise InputError(f"{args.reports}: no such report folder or archive")
     if not os.path.isdir(args.images):
         raise InputError(f"{args.images}: no such image folder")
+    # Sorted, so where X.png and X.jpg both exist the same one wins on every file system (the last in order).
     images = {os.path.splitext(name)[0]: os.path.join(args.images, name)
-              for name in os.listdir(args.images) if name.lower().endswith(_IMAGE_SUFFIXES)}
+              for name in sorted(os.listdir(args.images)) if name.lower().endswith(_IMAGE_SUFFIXES)}
     reports = rows = without_images = 0
     for name, data in _report_files(args.reports):
         reports += 1

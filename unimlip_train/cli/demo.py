@@ -20,7 +20,9 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
 
 def _run(cmd: list[str], what: str, check: bool = True) -> int:
     print(f"[demo] {what}: {' '.join(cmd)}", flush=True)
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # The venv's bin first, even when it is not activated: DeepSpeed JIT-builds an op with the ninja on PATH.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": path})
     if check and proc.returncode != 0:
         sys.exit(f"unimlip-demo: {what} failed (exit {proc.returncode})")
     return proc.returncode

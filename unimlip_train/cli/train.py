@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: newest complete checkpoint in the run dir if any (default); none: start fresh; "
                         "PATH: a run dir, its checkpoints dir, or one step_NNNNNNN checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    # The `deepspeed` launcher appends --local_rank=N; the rank itself is read from the environment.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.steps=500")
     return p
 

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from unimlip_train.config import Config, LossConfig
 from unimlip_train.data.shards import ShardSource, iter_raw_samples, resolve_sources
-from unimlip_train.data.text import augment_report, clean_report
+from unimlip_train.data.text import augment_report, model_text
 from unimlip_train.data.transforms import EvalTransform, TrainAugment, decode_image, to_tensor
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ class _TrainUnits(IterableDataset):
         sample["view1"] = self.augment(sample["image"], rng, py_rng)
         if self.needs.image_view2:
             sample["view2"] = self.augment(sample["image"], rng, py_rng)
-        sample["text"] = clean_report(sample["text"], d.text.sections)
+        sample["text"] = model_text(sample["text"], d.text.sections)
         if self.needs.text_view2:
             sample["text2"] = augment_report(sample["text"], py_rng, d.text.sentence_shuffle_p,
                                              d.text.sentence_drop_p, d.text.span_mask_p, self.mask_token)
@@ -379,11 +379,11 @@ class TrainStream:
         return self._delivered // self.steps_per_epoch
 
     def state_dict(self) -> dict:
-        return {"version": _STATE_VERSION, "delivered": self._delivered, "rank": self.rank,
+        return {"version": _STATE_VERSION, "delivered": self._delivered,
                 "cursors": [dict(c) for c in self._cursors], **self._layout()}
 
     def _layout(self) -> dict:
-        return {"workers": self.workers, "world_size": self.world_size, "seed": self.cfg.seed,
+        return {"rank": self.rank, "workers": self.workers, "world_size": self.world_size, "seed": self.cfg.seed,
                 "micro_batch_size": self.micro_batch_size, "steps_per_epoch": self.steps_per_epoch,
                 "plan": self._plan}
 
@@ -442,7 +442,7 @@ class _EvalUnits(IterableDataset):
 
     def _prepare(self, sample: dict) -> dict:
         sample["view1"] = self.transform(sample.pop("image"))
-        sample["text"] = clean_report(sample["text"], self.cfg.data.text.sections)
+        sample["text"] = model_text(sample["text"], self.cfg.data.text.sections)
         return sample
 
     def _raws(self, unit: int, handler: SkipCounter) -> Iterator[dict]:

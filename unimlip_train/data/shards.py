@@ -68,6 +68,9 @@ def _from_index(path: str, split: str, weight: float) -> ShardSource:
     if not shards:
         raise ValueError(f"{path}: split {split!r} has no non-empty shards")
     urls = [os.path.join(root, s["name"]) for s in shards]
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:  # caught here, not as a stream of warnings and silent top-ups in the middle of training
+        raise ValueError(f"{path}: {len(missing)} listed shard(s) missing, e.g. {missing[0]}")
     return ShardSource(f"{path}:{split}", urls, [int(s["samples"]) for s in shards], weight)
 
 

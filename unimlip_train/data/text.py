@@ -20,7 +20,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _ENUMERATOR = re.compile(r"(?:^|(?<=[.!?:;] ))\d{1,2}[.)] +")  # "IMPRESSION: 1. ... 2. ..." list numbers
 
 
-def select_sections(text: str, sections: Sequence[str]) -> str:
+def sections_or_whole(text: str, sections: Sequence[str]) -> str:
     """The wanted sections (in ``sections`` order, each ending as a sentence) when the report has any of
     them; else the whole text, as a caption or a report without those headers is still the image's text."""
     return join_sentences(section_texts(split_sections(text), sections)) or text
@@ -31,9 +31,9 @@ def clean_text(text: str) -> str:
     return _clean_deid(_ENUMERATOR.sub("", " ".join(text.split())))
 
 
-def clean_report(text: str, sections: Sequence[str] = ("findings", "impression")) -> str:
+def model_text(text: str, sections: Sequence[str] = ("findings", "impression")) -> str:
     """Report text as the model sees it: selected sections, cleaned."""
-    return clean_text(select_sections(text, sections))
+    return clean_text(sections_or_whole(text, sections))
 
 
 def split_sentences(text: str) -> list:

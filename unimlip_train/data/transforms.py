@@ -9,6 +9,7 @@ is resized once, to a little above the training size, before any augmentation ru
 from __future__ import annotations
 
 import io
+import os
 import random
 
 import cv2
@@ -64,6 +65,9 @@ class TrainAugment:
     """One random medical view per call; randomness comes only from the generators passed in."""
 
     def __init__(self, cfg: DataConfig):
+        # Without this, importing albumentations asks the package registry for a newer version (a 2 s
+        # network call per process, and a hang risk on offline cluster nodes).
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
         import albumentations as A
 
         aug = cfg.augment

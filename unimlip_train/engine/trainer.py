@@ -21,7 +21,7 @@ from unimlip_train.config import Config, dump_yaml
 from unimlip_train.engine import checkpoint as ck
 from unimlip_train.engine.ds_config import build_ds_config
 from unimlip_train.engine.monitor import Monitor, gpu_memory_gib
-from unimlip_train.engine.optim import build_optimizer, build_scheduler, group_lrs, param_groups
+from unimlip_train.engine.optim import WarmupCosine, build_optimizer, build_scheduler, group_lrs, param_groups
 
 # Debug aid for exactness checks: when set to 1, each rank appends the sample keys of every micro batch to
 # run_dir/debug/sample_keys.rank{R}.jsonl as {"start": first step of this launch, "step": step, "keys": [...]}.
@@ -76,6 +76,20 @@ def _fast_forward(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> No
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs
+
+
+def _follow_config_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, groups: list[dict], cfg: Config,
+                            step: int) -> None:
+    """A resumed run follows *this* config's lr, warm-up, length, weight decay and betas: loading the engine
+    restored the saved ones with the optimizer and scheduler state, so ``train.steps=600`` on a run saved at
+    300 of 300 would otherwise train at the final lr. With an unchanged config nothing changes. ``groups`` are
+    built afresh from the config (``param_groups``), in the optimizer's group order."""
+    for group, fresh in zip(scheduler.optimizer.param_groups, groups):
+        group.update(weight_decay=fresh["weight_decay"], betas=tuple(cfg.train.betas))
+    scheduler.base_lrs = [g["lr"] for g in groups]
+    scheduler.lr_lambdas = [WarmupCosine(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
+                            for _ in groups]
+    _fast_forward(scheduler, step)
 
 
 def _validate(model, eval_copy, cfg: Config, tokenizer, rank: int, world: int, autocast) -> dict[str, float]:
@@ -135,7 +149,9 @@ def train(cfg: Config, run_dir: str, resume: str = "auto",
     model = build_model(cfg, tokenizer)
     step_module = TrainStep(model, UniMlipObjective(cfg))
     prefix = _model_prefix(step_module, model)
-    same_world = saved is not None and saved.world_size == world
+    # DeepSpeed's own files only load into the layout that wrote them; otherwise the consolidated weights do.
+    same_world = (saved is not None and saved.world_size == world
+                  and saved.zero_stage == cfg.deepspeed.zero_stage)
     if saved is not None and not same_world:
         model.load_state_dict(ck.consolidated_state_dict(source), strict=True)
     if cfg.train.compile:
@@ -157,6 +173,7 @@ def train(cfg: Config, run_dir: str, resume: str = "auto",
                           f"-> {state.config_hash}); continuing with the new config")
         if same_world:
             ck.load_engine(engine, source)
+            _follow_config_schedule(scheduler, param_groups(step_module, model, cfg), cfg, state.step)
             rank_state = ck.read_rank_state(source, rank)
             stream.load_state_dict(rank_state["stream"])
             ck.set_rng_state(rank_state["rng"])
@@ -166,8 +183,8 @@ def train(cfg: Config, run_dir: str, resume: str = "auto",
             _fast_forward(scheduler, state.step)
             stream.load_state_dict(ck.read_rank_state(source, 0)["stream"], strict=False)
             monitor.event(
-                f"resumed from {source} at step {state.step}, but the world size changed "
-                f"({saved.world_size} -> {world} ranks): model weights come from the consolidated fp32 state, "
+                f"resumed from {source} at step {state.step}, but the layout changed ({saved.world_size} -> "
+                f"{world} ranks, ZeRO {saved.zero_stage} -> {cfg.deepspeed.zero_stage}): model weights come from the consolidated fp32 state, "
                 "the optimizer moments start fresh, the lr schedule continues at this step, and the data stream "
                 f"cannot continue mid-epoch (per-rank positions do not remap): it restarts at the beginning of "
                 f"epoch {stream.epoch}.")
@@ -213,7 +230,9 @@ def train(cfg: Config, run_dir: str, resume: str = "auto",
                     sample_log.write(json.dumps({"start": start_step, "step": state.step + 1,
                                                  "keys": list(batch["key"])}) + "\n")
                     sample_log.flush()
-                loss, logs = engine(_to_device(batch, device, autocast_dtype), state.step)
+                # The ITM negatives' noise is seeded per micro batch, so accumulated micro batches differ.
+                micro_step = state.step * cfg.train.grad_accum + micro
+                loss, logs = engine(_to_device(batch, device, autocast_dtype), micro_step)
                 if du.all_reduce_max(0.0 if math.isfinite(loss.item()) else 1.0) > 0:
                     state.nonfinite_total += 1
                     nonfinite_in_row += 1
