@@ -63,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     train = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
              "-m", "unimlip_train.cli.train", "--config", args.config, "--run-dir", str(run_dir), *overrides]
     code = _run(train, f"train ({args.nproc} processes)", check=False)
-    for attempt in (1, 2):  # a crashed job resumes exactly from its latest complete checkpoint
-        if code == 0:
-            break
-        print(f"[demo] training exited with {code}; resuming from the latest checkpoint (retry {attempt} of 2)")
-        code = _run(train, "resume training", check=attempt == 2)
+    restarts = 0
+    while code != 0 and restarts < 2:  # a crashed job resumes exactly from its latest complete checkpoint
+        restarts += 1
+        print(f"[demo] training exited with {code}; resuming from the latest checkpoint (restart {restarts} of 2)")
+        code = _run(train, "resume training", check=restarts == 2)
 
     from unimlip_train.engine.checkpoint import load_for_eval, resolve_checkpoint
     from unimlip_train.eval import validate
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint:  {checkpoint}")
     print(f"metrics:     {run_dir / 'metrics.jsonl'}   ({time.time() - t0:.0f} s in total)")
     print(json.dumps({**{k: round(v, 4) for k, v in metrics.items()}, "checkpoint": checkpoint,
-                      "tensorboard": str(run_dir / "tb"), "steps": args.steps, "nproc": args.nproc}))
+                      "tensorboard": str(run_dir / "tb"), "steps": args.steps, "nproc": args.nproc,
+                      "restarts": restarts}))
     return 0
 
 

@@ -203,7 +203,7 @@ def consolidated_state_dict(path: str) -> dict[str, torch.Tensor]:
     state = read_state(path)
     if state.zero_stage == 0:
         # Stage 0 keeps the full module in rank 0's model-states file (DeepSpeed's own file format).
-        blob = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+        blob = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=True)
         full = {k: v.float() if v.is_floating_point() else v for k, v in blob["module"].items()}
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -17,6 +17,24 @@ _NOT_TERMS = {"loss", "temperature", "grad_norm", "samples_per_s", "samples_per_
               "skipped_steps", "samples_seen", "gpu_mem_gib"}
 
 
+def _drop_lines_from(path: str, step: int) -> None:
+    """Like TensorBoard's ``purge_step``: a resumed run rewrites the steps a killed run logged past its last
+    checkpoint, so those lines go (atomically: a temp file, then a rename)."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) < step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line torn by the kill
+                continue
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 class Monitor:
     """Writes nothing on ranks other than 0, so every rank can call it unconditionally."""
 
@@ -30,7 +48,10 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
-            self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(run_dir, "metrics.jsonl")
+            if purge_step is not None:
+                _drop_lines_from(path, purge_step)
+            self._jsonl = open(path, "a", encoding="utf-8")
 
     def log_train(self, step: int, scalars: dict[str, float], start_step: int = 0) -> None:
         """``scalars``: flat names such as ``loss``, ``itc``, ``lr/image``, ``samples_per_s``."""
