@@ -21,6 +21,12 @@ TERM_BATCH_KEYS = {
 _BASE_KEYS = ("image", "input_ids", "attention_mask")
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalised in fp32: under bf16 the norm and the logits built from it would lose the small
+    differences between embeddings that a contrastive loss lives on."""
+    return F.normalize(x.float(), dim=-1)
+
+
 def projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     """``linear``: one bias-free matrix (CLIP); ``mlp``: Linear-GELU-Linear."""
     if kind == "linear":
@@ -65,11 +71,11 @@ class UniMlip(nn.Module):
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings, B x embed_dim."""
-        return F.normalize(self.image_proj(self.image_tower(image)[0]), dim=-1)
+        return _unit(self.image_proj(self.image_tower(image)[0]))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """L2-normalised report embeddings, B x embed_dim."""
-        return F.normalize(self.text_proj(self.text_tower(input_ids, attention_mask)[0]), dim=-1)
+        return _unit(self.text_proj(self.text_tower(input_ids, attention_mask)[0]))
 
     def fuse(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """Image-conditioned text token states from the fusion encoder (for the MLM and ITM heads)."""
@@ -106,8 +112,8 @@ class UniMlip(nn.Module):
         image_pooled, image_tokens = self.image_tower(batch["image"])
         text_pooled, text_tokens = self.text_tower(batch["input_ids"], batch["attention_mask"])
         out = {
-            "image_emb": F.normalize(self.image_proj(image_pooled), dim=-1),
-            "text_emb": F.normalize(self.text_proj(text_pooled), dim=-1),
+            "image_emb": _unit(self.image_proj(image_pooled)),
+            "text_emb": _unit(self.text_proj(text_pooled)),
             "logit_scale": self.logit_scale.clamp(max=self.max_log_scale).exp().reshape(()),
             "image_tokens": image_tokens,
             "text_tokens": text_tokens,
@@ -116,21 +122,21 @@ class UniMlip(nn.Module):
         if terms & {"itc_feature", "image_feature"}:
             image_drop = self._drop(image_pooled)
         if terms & {"itc_feature", "text_feature"}:
-            out["text_emb_feat"] = F.normalize(self.text_proj(self._drop(text_pooled)), dim=-1)
+            out["text_emb_feat"] = _unit(self.text_proj(self._drop(text_pooled)))
         if "itc_feature" in terms:
-            out["image_emb_feat"] = F.normalize(self.image_proj(image_drop), dim=-1)
+            out["image_emb_feat"] = _unit(self.image_proj(image_drop))
         if "text_feature" in terms:
-            out["text_emb_feat2"] = F.normalize(self.text_proj(self._drop(text_pooled)), dim=-1)
+            out["text_emb_feat2"] = _unit(self.text_proj(self._drop(text_pooled)))
         if "image_feature" in terms:
-            out["image_ssl_feat1"] = F.normalize(self.image_ssl_head(image_drop), dim=-1)
-            out["image_ssl_feat2"] = F.normalize(self.image_ssl_head(self._drop(image_pooled)), dim=-1)
+            out["image_ssl_feat1"] = _unit(self.image_ssl_head(image_drop))
+            out["image_ssl_feat2"] = _unit(self.image_ssl_head(self._drop(image_pooled)))
         if "image_ssl" in terms:
             view2_pooled, _ = self.image_tower(batch["image_view2"])
-            out["image_ssl_1"] = F.normalize(self.image_ssl_head(image_pooled), dim=-1)
-            out["image_ssl_2"] = F.normalize(self.image_ssl_head(view2_pooled), dim=-1)
+            out["image_ssl_1"] = _unit(self.image_ssl_head(image_pooled))
+            out["image_ssl_2"] = _unit(self.image_ssl_head(view2_pooled))
         if "text_ssl" in terms:
             view2_pooled, _ = self.text_tower(batch["text_view2_ids"], batch["text_view2_mask"])
-            out["text_view2_emb"] = F.normalize(self.text_proj(view2_pooled), dim=-1)
+            out["text_view2_emb"] = _unit(self.text_proj(view2_pooled))
         if "mlm" in terms:
             out["mlm_tokens"] = self.text_tower(batch["mlm_input_ids"], batch["attention_mask"])[1]
         return out
