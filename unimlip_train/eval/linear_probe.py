@@ -56,10 +56,6 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
     return weight.detach(), bias.detach()
 
 
-def _balanced_accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
-    return float(np.mean([(pred[y == c] == c).double().mean().item() for c in torch.unique(y)]))
-
-
 def linear_probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray,
                  class_names: Sequence[str], val_x: torch.Tensor | None = None, val_y: np.ndarray | None = None,
                  l2_grid: Sequence[float] = L2_GRID) -> dict[str, float]:
@@ -83,7 +79,7 @@ def linear_probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tenso
     best_l2, best_score = l2_grid[0], -1.0
     for l2 in sorted(l2_grid, reverse=True):
         w, b = fit_logistic(fx, ty, c, l2)
-        score = _balanced_accuracy((vx @ w + b).argmax(dim=1), vy)
+        score = metrics.balanced_accuracy((vx @ w + b).argmax(dim=1).numpy(), vy.numpy(), len(class_names))
         if score > best_score:
             best_l2, best_score = l2, score
     all_x, all_y = torch.cat([train_x, val_x]), torch.cat([ty, vy])

@@ -98,7 +98,8 @@ def one_vs_rest_log_odds(logits: torch.Tensor) -> torch.Tensor:
     return logits - torch.logsumexp(others, dim=2)
 
 
-def _balanced_accuracy(pred: np.ndarray, target: np.ndarray, num_classes: int) -> float:
+def balanced_accuracy(pred: np.ndarray, target: np.ndarray, num_classes: int) -> float:
+    """Mean per-class recall over the classes present in ``target`` (a fraction; NaN when none is)."""
     recalls = [float((pred[target == c] == c).mean()) for c in range(num_classes) if (target == c).any()]
     return float(np.mean(recalls)) if recalls else math.nan
 
@@ -123,7 +124,7 @@ def single_label_metrics(scores: torch.Tensor | np.ndarray, targets: Sequence[in
         raise ValueError("no samples to score")
     pred = s.argmax(axis=1)
     out = {"accuracy": 100.0 * float((pred == y).mean()),
-           "balanced_accuracy": 100.0 * _balanced_accuracy(pred, y, len(class_names))}
+           "balanced_accuracy": 100.0 * balanced_accuracy(pred, y, len(class_names))}
     per_class = [auroc(s[:, c], y == c) for c in range(len(class_names))]
     out["auroc"] = 100.0 * _macro(per_class)
     for name, value in zip(class_names, per_class):
@@ -149,7 +150,7 @@ def multi_label_metrics(scores: torch.Tensor | np.ndarray, targets: np.ndarray,
     out = {"accuracy": 100.0 * float((pred == y).mean())}
     balanced, per_class = [], []
     for c, name in enumerate(class_names):
-        balanced.append(_balanced_accuracy(pred[:, c].astype(np.int64), y[:, c].astype(np.int64), 2))
+        balanced.append(balanced_accuracy(pred[:, c].astype(np.int64), y[:, c].astype(np.int64), 2))
         per_class.append(auroc(s[:, c], y[:, c]))
         out[f"auroc/{name}"] = 100.0 * per_class[-1]
     out["balanced_accuracy"] = 100.0 * _macro(balanced)
