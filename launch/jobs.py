@@ -24,22 +24,7 @@ from typing import Any, Optional
 
 import submitit
 
-
-class PreemptionFlag:
-    """A ``stop_requested`` callable for the trainer, set by signals (the handler does nothing else)."""
-
-    def __init__(self) -> None:
-        self.received: set[str] = set()
-
-    def install(self, *signums: int) -> None:
-        for signum in signums:
-            signal.signal(signum, self._handler)
-
-    def _handler(self, signum: int, frame: Any) -> None:  # noqa: ARG002 (signal handler signature)
-        self.received.add(signal.Signals(signum).name)
-
-    def __call__(self) -> bool:
-        return bool(self.received)
+from unimlip_train.engine.preemption import PreemptionFlag
 
 
 class RequeueLimitReached(RuntimeError):

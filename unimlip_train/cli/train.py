@@ -11,15 +11,7 @@ import signal
 import sys
 
 from unimlip_train.config import ConfigError, dump_yaml, load_config
-
-_STOP = {"requested": False}
-
-
-def _request_stop(signum, _frame) -> None:
-    """SIGUSR2 (sbatch --signal) / SIGTERM: finish the current step, checkpoint on all ranks, exit."""
-    _STOP["requested"] = True
-    print(f"received signal {signal.Signals(signum).name}: checkpointing after this step", file=sys.stderr,
-          flush=True)
+from unimlip_train.engine.preemption import PreemptionFlag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_yaml(cfg), end="")
         return 0
 
-    signal.signal(signal.SIGUSR2, _request_stop)
-    signal.signal(signal.SIGTERM, _request_stop)
+    stop = PreemptionFlag()  # sbatch --signal USR2@N, preemption: checkpoint on all ranks, then exit
+    stop.install(signal.SIGUSR2, signal.SIGTERM)
     import torch.distributed as dist
 
     from unimlip_train.engine.trainer import NonFiniteLossError, train
 
     try:
-        result = train(cfg, cfg.run_dir, resume=args.resume, stop_requested=lambda: _STOP["requested"])
+        result = train(cfg, cfg.run_dir, resume=args.resume, stop_requested=stop)
     except NonFiniteLossError as e:
         print(f"unimlip-train: {e}", file=sys.stderr, flush=True)
         return 1
