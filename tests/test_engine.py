@@ -385,6 +385,9 @@ def test_param_groups_and_schedule(data):
 def test_slurm_environment_is_translated(monkeypatch):
     from unimlip_train import distributed
 
+    # _export_env writes os.environ; a private copy keeps RANK=5 / WORLD_SIZE=16 from leaking into the
+    # processes that later tests start (they would wait forever for 15 peers).
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "5")
