@@ -7,7 +7,6 @@ Members are only read as bytes; nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -18,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep.rows import InputError
-from data_prep.writer import SHARD_NAME
+from data_prep.writer import SHARD_NAME, sha256_file
 
 IMAGE_EXTS = ("jpg", "png")
 
@@ -58,14 +57,6 @@ def iter_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]
             sample[ext] = tar.extractfile(member).read()
     if key is not None:
         yield key, sample
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_sample(key: str, sample: dict[str, bytes], decode: bool) -> list[str]:
@@ -117,7 +108,7 @@ def verify_dir(shard_dir: str | Path, decode: bool = False, progress: bool = Fal
             continue
         if path.stat().st_size != entry.get("bytes"):
             problems.append(f"{name}: {path.stat().st_size} bytes, index.json says {entry.get('bytes')}")
-        if _sha256(path) != entry.get("sha256"):
+        if sha256_file(path) != entry.get("sha256"):
             problems.append(f"{name}: sha256 does not match index.json")
         count = 0
         try:

@@ -165,7 +165,7 @@ def _fingerprint(by_split: dict[str, list[_Planned]], options: WriterOptions) ->
     return h.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -216,7 +216,7 @@ class _ShardFile:
         with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())
         return {"split": self.split, "shard": self.index, "name": self.name, "start": self.start, "end": end,
-                "samples": self.samples, "bytes": self.tmp.stat().st_size, "sha256": _sha256_file(self.tmp),
+                "samples": self.samples, "bytes": self.tmp.stat().st_size, "sha256": sha256_file(self.tmp),
                 "errors": self.errors}
 
     def publish(self) -> None:
@@ -231,7 +231,7 @@ class _ShardFile:
 
 def _intact(out_dir: Path, entry: dict) -> bool:
     path = out_dir / entry["name"]
-    return path.is_file() and path.stat().st_size == entry["bytes"] and _sha256_file(path) == entry["sha256"]
+    return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
 
 
 class _Journal:
