@@ -33,7 +33,7 @@ _HELP = {
     "roco": "ROCO style: image folder + captions file",
 }
 # Recorded in index.json: options that shape the output, not where it went or how fast it was made.
-_NOT_RECORDED = {"out", "workers", "no_progress", "func", "command"}
+_NOT_RECORDED = {"out", "workers", "no_progress", "overwrite", "func", "command"}
 
 
 def _args_record(args: argparse.Namespace) -> dict:
@@ -52,7 +52,8 @@ def run_adapter(name: str, adapter, args: argparse.Namespace, encoder=encode_res
     """Shard one adapter's rows; ``encoder`` computes the images (a SLURM array's merge replays its tasks')."""
     options = options_from_args(args)
     index = write_shards(adapter.iter_rows(args), args.out, options, source=name,
-                         args_record=_args_record(args), progress=not args.no_progress, encoder=encoder)
+                         args_record=_args_record(args), progress=not args.no_progress, encoder=encoder,
+                         overwrite=args.overwrite)
     print(_summary(index, args.out))
     if index["samples"] == 0:  # e.g. a wrong image folder: every row skipped
         raise InputError(f"no usable rows: all {index['errors']} were skipped "

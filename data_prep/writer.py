@@ -96,6 +96,8 @@ def add_writer_arguments(parser: argparse.ArgumentParser, val_fraction: float = 
                    help="store 16-bit sources (DICOM, 16-bit PNG) as 16-bit PNG instead of mapping them to 8 bits")
     g.add_argument("--workers", type=_positive, default=min(8, os.cpu_count() or 1),
                    help="decode/encode processes (default: CPU count, at most 8); output does not depend on it")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace shards in --out made from other inputs or options (default: refuse)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -241,9 +243,15 @@ class _Journal:
         self.path = out_dir / JOURNAL
         self.fingerprint = fingerprint
 
-    def load_valid(self, out_dir: Path, splits: Iterable[str]) -> dict[str, list[dict]]:
-        """Journalled shards per split, the longest prefix whose files are intact; rewrites the journal."""
+    def load_valid(self, out_dir: Path, splits: Iterable[str], overwrite: bool) -> dict[str, list[dict]]:
+        """Journalled shards per split, the longest prefix whose files are intact; rewrites the journal.
+
+        Shards this journal does not describe (other inputs or options, or another tool's) are someone's
+        data: without ``overwrite`` the run stops rather than delete them."""
         entries: list[dict] = []
+        if not self.path.exists() and any(SHARD_NAME.match(p.name) or p.name == "index.json"
+                                          for p in out_dir.iterdir()):
+            self._refuse_unless(overwrite, "have no journal of this tool's")
         if self.path.exists():
             lines = self.path.read_text(encoding="utf-8").splitlines()
             try:
@@ -251,8 +259,9 @@ class _Journal:
             except json.JSONDecodeError:
                 header_ok = False
             if not header_ok:
-                tqdm.write(f"{self.path.parent}: existing shards were made from other inputs or options; "
-                           "writing them anew", file=sys.stderr)
+                self._refuse_unless(overwrite, "were made from other inputs or options")
+                tqdm.write(f"{self.path.parent}: --overwrite: replacing shards made from other inputs or options",
+                           file=sys.stderr)
             else:
                 for line in lines[1:]:
                     try:
@@ -271,6 +280,11 @@ class _Journal:
             valid[split].append(e)
         self._rewrite([e for es in valid.values() for e in es])
         return valid
+
+    def _refuse_unless(self, overwrite: bool, why: str) -> None:
+        if not overwrite:
+            raise InputError(f"--out {self.path.parent}: the shards there {why}; choose another --out, or pass "
+                             "--overwrite to replace them")
 
     def _rewrite(self, entries: list[dict]) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -338,8 +352,10 @@ def _remove_leftovers(out_dir: Path, keep: set[str]) -> None:
 
 def write_shards(rows: Iterable[Row], out_dir: str | os.PathLike, options: WriterOptions, source: str,
                  args_record: dict, progress: bool = True,
-                 encoder: Callable[[list[tuple], int], Iterator[tuple]] = encode_results) -> dict:
-    """Shard ``rows`` into ``out_dir``; returns the index (also written to ``out_dir/index.json``)."""
+                 encoder: Callable[[list[tuple], int], Iterator[tuple]] = encode_results,
+                 overwrite: bool = False) -> dict:
+    """Shard ``rows`` into ``out_dir``; returns the index (also written to ``out_dir/index.json``).
+    A rerun with the same inputs finishes what is missing; ``overwrite`` lets it replace other shards."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
@@ -347,7 +363,7 @@ def write_shards(rows: Iterable[Row], out_dir: str | os.PathLike, options: Write
 
     by_split, plan_errors = plan(rows, options, progress)
     journal = _Journal(out, _fingerprint(by_split, options))
-    done = journal.load_valid(out, by_split)
+    done = journal.load_valid(out, by_split, overwrite)
     _remove_leftovers(out, {e["name"] for es in done.values() for e in es if e["name"]})
     (out / "index.json").unlink(missing_ok=True)  # present again only once this run has finished
 

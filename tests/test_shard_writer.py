@@ -331,3 +331,26 @@ def test_dicom_rows_by_suffix_or_magic_16bit_or_8bit(tmp_path):
                 assert arr.dtype == np.uint16 and np.array_equal(arr, expected16)
             else:
                 assert arr.dtype == np.uint8 and arr.shape == expected16.shape
+
+
+def test_rerun_with_other_options_refuses_to_replace_shards_unless_asked(dataset, tmp_path, capsys):
+    root, manifest, _ = dataset
+    out = tmp_path / "out"
+    first = _shard_args(manifest, root / "imgs", out, "--workers", "1", "--shard-size", "40", "--max-size", "32")
+    assert main(first) == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    assert main(first) == 0  # the same inputs and options: a rerun just finishes (nothing is missing)
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before
+    other = [*first, "--seed", "3"]
+    capsys.readouterr()
+    assert main(other) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before  # nothing deleted
+    assert main([*other, "--overwrite"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["tool"]["args"]["seed"] == 3 and "overwrite" not in index["tool"]["args"]
+    foreign = tmp_path / "foreign"  # shards from another tool (no journal of ours) are refused too
+    foreign.mkdir()
+    (foreign / "train-000000.tar").write_bytes(b"not ours")
+    assert main(_shard_args(manifest, root / "imgs", foreign, "--workers", "1")) == 2
+    assert (foreign / "train-000000.tar").read_bytes() == b"not ours"
