@@ -111,6 +111,24 @@ def worker(export_dir: str, shards: str, out_dir: str) -> None:
     result["probe"] = cli.run_linear_probe(lp, model, cfg, tokenizer, rank, world, False)["metrics"]
     result["world"] = world
     if world > 1:
+        # One rank failing mid-embedding: every rank raises its error instead of waiting in the gather.
+        class FailsOnRank1(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = model
+
+            def encode_image(self, image):
+                if rank == 1:
+                    raise RuntimeError("cannot embed this shard")
+                return model.encode_image(image)
+
+            def encode_text(self, ids, mask):
+                return model.encode_text(ids, mask)
+
+        try:
+            embed_split(FailsOnRank1(), cfg, tokenizer, shards, "val", rank, world, batch_size=3)
+        except RuntimeError as e:
+            result["failure"] = str(e)
         # ZeRO-3 as the trainer runs it: partitioned weights gathered around validate(), uneven per-rank counts.
         import deepspeed
 
@@ -165,6 +183,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
     for part in ("validate", "zeroshot", "multilabel", "probe", "cli"):
         assert one[part] == two[part], part
     assert two["validate_zero3"] == one["validate"]
+    assert two["failure"] == "evaluation failed on 1 rank(s): rank 1: RuntimeError: cannot embed this shard"
     v = one["validate"]
     assert {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall", "median_rank_i2t",
             "median_rank_t2i", "chance_R@1", "zeroshot/accuracy", "zeroshot/auroc"} <= set(v)

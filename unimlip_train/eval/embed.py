@@ -63,12 +63,19 @@ def _gather_rows(local: torch.Tensor, counts: list[int], dim: int) -> torch.Tens
     return torch.cat([p[:n] for p, n in zip(parts, counts)]).cpu()
 
 
-def gather_embedded(local: EmbeddedSet, world_size: int) -> EmbeddedSet:
-    """Every rank's samples on every rank, sorted by key (identical result on all ranks)."""
+def gather_embedded(local: EmbeddedSet, world_size: int, error: str = "") -> EmbeddedSet:
+    """Every rank's samples on every rank, sorted by key (identical result on all ranks).
+
+    ``error``: why this rank could not embed its share. It travels with the gather, so every rank raises it
+    instead of the others waiting in the collective until a timeout.
+    """
     if _distributed(world_size):
         metas: list = [None] * world_size
         dim = local.image.shape[1] if local.image.numel() else -1
-        dist.all_gather_object(metas, (local.keys, local.texts, local.labels, dim))
+        dist.all_gather_object(metas, (local.keys, local.texts, local.labels, dim, error))
+        failed = [m[4] for m in metas if m[4]]
+        if failed:
+            raise RuntimeError(f"evaluation failed on {len(failed)} rank(s): {failed[0]}")
         counts = [len(m[0]) for m in metas]
         dim = max(m[3] for m in metas)
         if dim < 0:
@@ -114,20 +121,27 @@ def embed_split(model: torch.nn.Module, cfg, tokenizer, source: str, split: str,
     device = model_device(model)
     loader = build_eval_loader(cfg, source, tokenizer, batch_size, rank, world_size, split=split)
     keys, texts, labels, images, reports = [], [], [], [], []
+    error = ""
     bar = tqdm(desc=f"embed {split}", unit="sample", disable=not progress, dynamic_ncols=True)
-    for batch in loader:
-        image, text = _encode(model, batch, device)
-        images.append(image.cpu())
-        reports.append(text.cpu())
-        keys.extend(batch["key"])
-        texts.extend(batch["text"])
-        labels.extend(batch_labels(batch, label_key))
-        bar.update(len(batch["key"]))
+    try:
+        for batch in loader:
+            image, text = _encode(model, batch, device)
+            images.append(image.cpu())
+            reports.append(text.cpu())
+            keys.extend(batch["key"])
+            texts.extend(batch["text"])
+            labels.extend(batch_labels(batch, label_key))
+            bar.update(len(batch["key"]))
+    except Exception as e:
+        if not _distributed(world_size):
+            raise
+        error = f"rank {rank}: {type(e).__name__}: {e}"
+        keys, texts, labels, images, reports = [], [], [], [], []
     bar.close()
     dim = images[0].shape[1] if images else 0
     local = EmbeddedSet(keys, torch.cat(images) if images else torch.zeros(0, dim),
                         torch.cat(reports) if reports else torch.zeros(0, dim), texts, labels)
-    gathered = gather_embedded(local, world_size)
+    gathered = gather_embedded(local, world_size, error)
     if not gathered.keys:
         raise ValueError(f"no samples in eval source {source!r} (split {split!r})")
     return gathered.subset(max_samples) if max_samples > 0 else gathered
