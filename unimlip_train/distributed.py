@@ -40,7 +40,9 @@ def _export_env() -> None:
     elif "SLURM_PROCID" in env:
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        # With one GPU per task (srun --gpus-per-task=1) each task sees only "its" GPU, as cuda:0.
+        one_visible_gpu = torch.cuda.is_available() and torch.cuda.device_count() == 1
+        env["LOCAL_RANK"] = "0" if one_visible_gpu else env.get("SLURM_LOCALID", "0")
         if "MASTER_ADDR" not in env:
             env["MASTER_ADDR"] = _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
         if "MASTER_PORT" not in env:
