@@ -68,7 +68,7 @@ def _run_adapter(name: str, adapter) -> Callable[[argparse.Namespace], int]:
 def _run_synthetic(args: argparse.Namespace) -> int:
     if args.n < 1 or args.image_size < 16:
         raise InputError(f"--n must be >= 1 and --image-size >= 16 (got {args.n}, {args.image_size})")
-    code = _run_adapter("synthetic", synthetic)(args)
+    code = run_adapter("synthetic", synthetic, args)
     shutil.rmtree(Path(args.out) / synthetic.SOURCE_DIR, ignore_errors=True)
     return code
 

@@ -39,7 +39,7 @@ def test_wrong_type_names_key_and_file(tmp_path):
 
 
 def test_extends_merges_and_blames_the_right_file(tmp_path):
-    base = _write(tmp_path / "base.yaml", {"seed": 7, "train": {"steps": 10, "lr": 0.5}})
+    _write(tmp_path / "base.yaml", {"seed": 7, "train": {"steps": 10, "lr": 0.5}})
     child = _write(tmp_path / "child.yaml", {"extends": "base.yaml", "train": {"steps": 20}})
     cfg = load_config(child)
     assert (cfg.seed, cfg.train.steps, cfg.train.lr) == (7, 20, 0.5)

@@ -190,9 +190,6 @@ def test_tokenizer_loading_and_truncation(tokenizer, tmp_path):
 
 
 def test_packaged_default_tokenizer():
-    from unimlip_train.data.tokenizer import DEFAULT_TOKENIZER_DIR
-    if not DEFAULT_TOKENIZER_DIR.is_dir():
-        pytest.skip("packaged synthetic tokenizer not generated yet")
     tok = load_tokenizer("")
     assert tok.pad_token and tok.mask_token
     ids = tok("small right pleural effusion.")["input_ids"]

@@ -60,8 +60,6 @@ def init_distributed(backend: str = "") -> tuple[int, int, int]:
 
     ``backend`` '' picks nccl when CUDA is available and gloo otherwise.
     """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _export_env()
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if not dist.is_initialized():

@@ -53,7 +53,6 @@ class TrainerState:
     zero_stage: int = 0
     config_hash: str = ""
     model_prefix: str = "model."  # where the UniMlip weights sit inside the TrainStep state dict
-    scheduler: Optional[dict] = None
 
 
 def _atomic_write(path: str, text: str) -> None:
