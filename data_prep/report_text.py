@@ -27,6 +27,7 @@ De-identification clean-up (``clean_report``):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -112,6 +113,19 @@ def section_texts(sections: Mapping[str, str], wanted: Sequence[str]) -> list[st
 def join_sentences(pieces: Iterable[str]) -> str:
     """Non-empty pieces joined by spaces, each ending as a sentence, so sections do not run into each other."""
     return " ".join(p if p[-1] in ".!?" else p + "." for p in pieces if p)
+
+
+def normalise_report(text: str) -> str:
+    """The duplicate rule: two reports are the same when they are equal after collapsing whitespace and
+    case-folding (the towers' tokenizers are uncased, so a case-only difference is no difference to the model).
+    Evaluation counts such reports as correct for each other; training treats them as positives."""
+    return " ".join(text.split()).casefold()
+
+
+def report_id(text: str) -> int:
+    """A 63-bit id of ``normalise_report(text)`` (fits an int64 tensor; stable across processes and runs)."""
+    digest = hashlib.blake2b(normalise_report(text).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def select_sections(sections: Mapping[str, str], wanted: Sequence[str], placeholder: str = "") -> str:

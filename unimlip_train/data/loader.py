@@ -35,6 +35,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_prep.report_text import report_id
 from unimlip_train.config import Config, LossConfig
 from unimlip_train.data.shards import ShardSource, iter_raw_samples, resolve_sources
 from unimlip_train.data.text import augment_report, model_text
@@ -64,6 +65,12 @@ def batch_needs(loss_cfg: LossConfig) -> BatchNeeds:
 def _seed(*parts: Any) -> int:
     """A 64-bit seed from any tuple of parts, stable across processes and Python versions."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+def group_id(sample: dict) -> int:
+    """A 63-bit id of the sample's group (patient / study, the shard json's ``group``; its key without one)."""
+    group = str(sample["meta"].get("group") or sample["key"])
+    return _seed("group", group) >> 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,7 +218,9 @@ class _Collate:
 
     def train(self, samples: list) -> dict:
         chans = self.cfg.data.in_chans
-        batch = {"image": to_tensor([s["view1"] for s in samples], chans), "key": [s["key"] for s in samples]}
+        batch = {"image": to_tensor([s["view1"] for s in samples], chans), "key": [s["key"] for s in samples],
+                 "report_id": torch.tensor([report_id(s["text"]) for s in samples], dtype=torch.long),
+                 "group_id": torch.tensor([group_id(s) for s in samples], dtype=torch.long)}
         if self.needs.image_view2:
             batch["image_view2"] = to_tensor([s["view2"] for s in samples], chans)
         tok = _tokenize(self.tokenizer, [s["text"] for s in samples], self.max_length)

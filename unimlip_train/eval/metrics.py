@@ -4,9 +4,10 @@ Conventions, chosen so that an uninformative model cannot look good:
 
 * **Ties are pessimistic.** A query's rank is 1 + the number of *wrong* candidates that score at least as high
   as its best correct candidate, so a constant-score model gets the worst rank, not the best.
-* **Duplicate reports.** In retrieval, samples whose report text is identical (after whitespace
-  normalisation) are interchangeable: for an image query every copy of its report is a correct text, and for
-  a text query every image that carries that same report is a correct image. Radiology archives contain many
+* **Duplicate reports.** In retrieval, samples whose report text is identical (after whitespace normalisation
+  and case-folding: ``data_prep.report_text.normalise_report``, the rule training uses for its positives) are
+  interchangeable: for an image query every copy of its report is a correct text, and for a text query every
+  image that carries that same report is a correct image. Radiology archives contain many
   verbatim "no acute cardiopulmonary abnormality" reports; without this rule those pairs would count as
   failures no model could avoid.
 * **AUROC** is the Mann-Whitney statistic with average ranks for ties (a tie between a positive and a
@@ -21,13 +22,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from data_prep.report_text import normalise_report
+
 RECALL_KS = (1, 5, 10)
 
 
 def duplicate_groups(texts: Sequence[str]) -> np.ndarray:
-    """Group id per sample; samples with identical (whitespace-normalised) text share a group."""
+    """Group id per sample; samples whose reports are the same by ``normalise_report`` share a group."""
     ids: dict[str, int] = {}
-    return np.asarray([ids.setdefault(" ".join(t.split()), len(ids)) for t in texts], dtype=np.int64)
+    return np.asarray([ids.setdefault(normalise_report(t), len(ids)) for t in texts], dtype=np.int64)
 
 
 def ranks_of_best_correct(scores: np.ndarray, correct: np.ndarray) -> np.ndarray:
