@@ -57,6 +57,7 @@ class TextConfig:
     """Report handling before tokenization, and the light text augmentation for the second view."""
 
     sections: list = field(default_factory=lambda: ["findings", "impression"])
+    order: str = "impression_first"  # impression_first | findings_first: truncation drops findings first
     max_length: int = 64
     sentence_shuffle_p: float = 0.5
     sentence_drop_p: float = 0.2
@@ -74,6 +75,8 @@ class DataConfig:
     resampled: bool = False
     samples_per_epoch: int = 0  # 0: from index.json (required when resampled)
     mlm_probability: float = 0.15
+    view: str = "random"  # random | frontal | pair: which image of a multi-view (study) sample
+    max_skip_fraction: float = 0.01  # corrupt samples skipped / samples read, above which training stops
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
@@ -85,6 +88,9 @@ class ImageTowerConfig:
     name: str = "vit_tiny_patch16_224"
     pretrained: str = ""
     kwargs: dict = field(default_factory=dict)
+    token_drop: float = 0.5  # FLIP patch dropout of the feature-level image pass (loss.feature_perturbation=encoder)
+    lock: bool = False  # LiT: freeze the tower (eval mode, no optimizer state)
+    lock_unlocked_groups: int = 0  # with lock: the last N blocks stay trainable
 
 
 @dataclass
@@ -94,6 +100,9 @@ class TextTowerConfig:
     name: str = ""
     config: dict = field(default_factory=dict)
     pooling: str = "cls"  # cls | mean
+    dropout: float = 0.1  # the encoder's own dropout, active in every layer (SimCSE's feature-level noise)
+    lock: bool = False
+    lock_unlocked_groups: int = 0
 
 
 @dataclass
@@ -121,6 +130,7 @@ class ModelConfig:
 class TermConfig:
     weight: float = 1.0
     temperature: float = 0.1  # for uni-modal NT-Xent terms; ITC terms use the model's learnable one
+    kind: str = "infonce"  # itc / itc_feature only: infonce (CLIP) | sigmoid (SigLIP)
 
 
 @dataclass
@@ -135,10 +145,13 @@ class LossConfig:
     text_feature: TermConfig = field(default_factory=TermConfig)
     mlm: TermConfig = field(default_factory=TermConfig)
     itm: TermConfig = field(default_factory=TermConfig)
+    positives: str = "report"  # report | report+group | none: which other samples count as the same pair
+    feature_perturbation: str = "encoder"  # encoder | pooled_dropout
 
     def enabled(self) -> dict:
         """Terms with a non-zero weight, by name."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name).weight != 0}
+        terms = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        return {name: t for name, t in terms if isinstance(t, TermConfig) and t.weight != 0}
 
 
 @dataclass
@@ -146,6 +159,7 @@ class TrainConfig:
     steps: int = 300
     micro_batch_size: int = 32
     grad_accum: int = 1
+    negatives: str = "accumulated"  # accumulated | micro: contrastive negatives span the K micro batches or one
     optimizer: str = "adamw"  # adamw | fused_adam | cpu_adam
     lr: float = 5e-4
     lr_image: float = 0.0  # 0: use lr
@@ -153,11 +167,14 @@ class TrainConfig:
     lr_head: float = 0.0
     lr_temperature: float = 0.0
     weight_decay: float = 0.1
+    layer_decay: float = 1.0  # layer-wise lr decay of both towers (1: off)
     betas: list = field(default_factory=lambda: [0.9, 0.98])
     warmup_steps: int = 20
     min_lr_ratio: float = 0.0
     clip_grad: float = 1.0
     checkpoint_every: int = 100
+    checkpoint_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last one (0: off)
+    image_every: int = 0  # TensorBoard grid of augmented view pairs every N steps (0: only at the start)
     keep_checkpoints: int = 3
     log_every: int = 10
     max_nonfinite_in_row: int = 5
@@ -186,6 +203,11 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    wandb: dict = field(default_factory=dict)  # {project, entity, ...}: optional Weights & Biases mirror
+
+
+@dataclass
 class Config:
     seed: int = 0
     run_dir: str = "runs/default"
@@ -195,6 +217,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
