@@ -239,11 +239,10 @@ class Trainer:
                 f"it restarts at the beginning of epoch {self.stream.epoch}.")
 
     # ------------------------------------------------------------------------------------------- loop
-    def run(self) -> TrainResult:
-        """Train until ``train.steps`` or a stop request; checkpoints at the end either way."""
-        cfg, state = self.cfg, self.state
-        self.start_step = state.step
-        self.last_saved = state.step if self.saved is not None else -1
+    def start(self) -> None:
+        """The loop's own state: counters, telemetry window, the batch iterator (``run`` calls it)."""
+        self.start_step = self.state.step
+        self.last_saved = self.state.step if self.saved is not None else -1
         self.last_saved_time = time.time()
         self.nonfinite_in_row = 0
         self.eval_copy = None
@@ -256,6 +255,11 @@ class Trainer:
                                    encoding="utf-8")
         self.batches = iter(self.stream)
         self.engine.train()
+
+    def run(self) -> TrainResult:
+        """Train until ``train.steps`` or a stop request; checkpoints at the end either way."""
+        cfg, state = self.cfg, self.state
+        self.start()
         try:
             while True:
                 stop, due = self._agree_stop_and_due()
