@@ -20,4 +20,7 @@ for _k, _v in _ENV.items():
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+# Real test data kept in the repository (licences and sources: tests/data/README.md).
+TEST_DATA = REPO / "tests" / "data"
+IU_REPORTS_TGZ = TEST_DATA / "iu_xray_reports" / "NLMCXR_reports.tgz"  # IU X-ray reports, CC BY-NC-ND 4.0
+PNEUMONIAMNIST_NPZ = TEST_DATA / "pneumoniamnist" / "pneumoniamnist_subset.npz"  # CC BY 4.0

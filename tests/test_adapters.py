@@ -20,7 +20,7 @@ from data_prep.cli import main as shard_main
 from data_prep.dicom import read_dicom
 from data_prep.rows import InputError
 
-IU_TGZ = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "iu_xray_reports" / "NLMCXR_reports.tgz"
+from conftest import IU_REPORTS_TGZ as IU_TGZ
 
 
 def rows_of(adapter, argv: list[str]) -> list:

@@ -24,8 +24,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import IU_REPORTS_TGZ, PNEUMONIAMNIST_NPZ
+
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}
@@ -305,7 +306,7 @@ def test_eval_job_writes_metrics_into_the_run_dir(cluster, synthetic_shards, ref
 def _reports(n: int) -> list[str]:
     """FINDINGS + IMPRESSION of the first real IU X-ray reports that have both."""
     out = []
-    with tarfile.open(SHARED / "data" / "iu_xray_reports" / "NLMCXR_reports.tgz") as tar:
+    with tarfile.open(IU_REPORTS_TGZ) as tar:
         for member in tar:
             if not member.name.endswith(".xml"):
                 continue
@@ -322,7 +323,7 @@ def _reports(n: int) -> list[str]:
 def manifest(tmp_path_factory) -> Path:
     """Real chest X-rays (PneumoniaMNIST) with real reports, plus rows the writer must skip."""
     root = tmp_path_factory.mktemp("manifest")
-    data = np.load(SHARED / "data" / "pneumoniamnist" / "pneumoniamnist_trainval.npz")
+    data = np.load(PNEUMONIAMNIST_NPZ)
     n = 40
     reports = _reports(n)
     rows = []

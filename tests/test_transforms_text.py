@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import BertTokenizer
 
-from conftest import SHARED
+from conftest import IU_REPORTS_TGZ
 from unimlip_train.config import Config
 from unimlip_train.data.loader import mlm_mask
 from unimlip_train.data.text import augment_report, model_text, clean_text, sections_or_whole, split_sentences
@@ -119,7 +119,7 @@ def test_eval_transform_resize_and_centre_crop():
 
 
 def _iu_report(number: int) -> dict:
-    with tarfile.open(SHARED / "data" / "iu_xray_reports" / "NLMCXR_reports.tgz") as t:
+    with tarfile.open(IU_REPORTS_TGZ) as t:
         root = ET.fromstring(t.extractfile(f"ecgen-radiology/{number}.xml").read())
     return {a.get("Label"): a.text or "" for a in root.iter("AbstractText")}
 
