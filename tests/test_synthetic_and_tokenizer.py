@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import IU_REPORTS_TGZ as IU_TGZ
 from data_prep.cli import main
 from data_prep.synthetic import LOBES, generate
 from data_prep.verify import iter_samples
-
-from conftest import IU_REPORTS_TGZ as IU_TGZ
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGED = REPO / "unimlip_train" / "resources" / "synthetic_tokenizer"

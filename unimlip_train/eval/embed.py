@@ -9,6 +9,7 @@ submodules outside their own ``forward``, which ZeRO-3's fetch hooks do not see.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
