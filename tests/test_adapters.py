@@ -15,12 +15,11 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from conftest import IU_REPORTS_TGZ as IU_TGZ
 from data_prep.adapters import iu_xray, mimic_cxr, roco
 from data_prep.cli import main as shard_main
 from data_prep.dicom import read_dicom
 from data_prep.rows import InputError
-
-IU_TGZ = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "iu_xray_reports" / "NLMCXR_reports.tgz"
 
 
 def rows_of(adapter, argv: list[str]) -> list:

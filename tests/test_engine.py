@@ -238,18 +238,26 @@ def test_tensorboard_has_every_term_at_every_step(reference):
         assert tag in tags, tag
 
 
-def test_validation_scalars_under_zero3(zero23):
+def test_validation_scalars_under_zero3(data, zero23, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import embed_eval_set, naive_recall_at_1
+    from unimlip_train.engine.checkpoint import export, load_for_eval
 
     acc = EventAccumulator(str(zero23[3] / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("val/i2t_R@1")] == [4, 8]
-    assert all(0 <= e.value <= 100 for e in acc.Scalars("val/t2i_R@1"))
+    # Step 8's values, computed live from ZeRO-3's gathered weights, against R@1 counted by plain loops over the
+    # embeddings of the exported (consolidated) step-8 checkpoint.
+    model, cfg, tok = load_for_eval(export(str(zero23[3]), str(tmp_path / "export")))
+    i2t, t2i = naive_recall_at_1(*embed_eval_set(model, cfg, tok, data["index"]))
+    assert acc.Scalars("val/i2t_R@1")[-1].value == pytest.approx(i2t)
+    assert acc.Scalars("val/t2i_R@1")[-1].value == pytest.approx(t2i)
 
 
 def test_export_round_trip_gives_identical_embeddings(data, reference, zero23, tmp_path):
     from unimlip_train.data.loader import build_eval_loader
-    from unimlip_train.engine.checkpoint import consolidated_state_dict, export, load_for_eval, resolve_checkpoint
+    from unimlip_train.engine.checkpoint import consolidated_state_dict, load_for_eval, resolve_checkpoint
 
     # ZeRO-1: DeepSpeed's module file holds the full fp32 weights; zero_to_fp32 must agree with it exactly.
     tag = resolve_checkpoint(str(reference["dir"]))
@@ -274,11 +282,6 @@ def test_export_round_trip_gives_identical_embeddings(data, reference, zero23, t
         a = from_ckpt.encode_text(batch["input_ids"], batch["attention_mask"])
         b = from_export.encode_text(batch["input_ids"], batch["attention_mask"])
     assert torch.equal(a, b)
-    from safetensors.torch import load_file
-
-    export(str(zero23[3]), str(tmp_path / "again"))  # the Python API writes the same weights
-    first, again = (load_file(tmp_path / d / "model.safetensors") for d in ("export", "again"))
-    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
 def test_world_size_change_resumes_weights_with_a_clear_message(data, reference):

@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import IU_REPORTS_TGZ as IU_TGZ
 from data_prep.adapters import manifest as adapter
 from data_prep.cli import main
 from data_prep.rows import InputError
 from data_prep.verify import iter_samples
-
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
-IU_TGZ = SHARED / "data" / "iu_xray_reports" / "NLMCXR_reports.tgz"
 
 
 def _rows(path: Path, images_root: Path | None = None) -> list:

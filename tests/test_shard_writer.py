@@ -354,3 +354,29 @@ def test_rerun_with_other_options_refuses_to_replace_shards_unless_asked(dataset
     (foreign / "train-000000.tar").write_bytes(b"not ours")
     assert main(_shard_args(manifest, root / "imgs", foreign, "--workers", "1")) == 2
     assert (foreign / "train-000000.tar").read_bytes() == b"not ours"
+
+
+def test_sha256_covers_whole_shards_beyond_the_first_mib(tmp_path, capsys):
+    """Real shards reach 1 GB: the recorded sha256 is over every byte, and a flip past the first MiB is caught."""
+    rng = np.random.default_rng(5)
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for i in range(8):  # incompressible 512 x 512 noise: ~0.2 MB per JPEG, ~1.7 MB in one shard
+        Image.fromarray(rng.integers(0, 256, (512, 512), dtype=np.uint8)).save(tmp_path / "imgs" / f"n{i}.png")
+        rows.append({"id": f"n{i}", "image": f"n{i}.png", "text": f"report {i}", "group": f"p{i}"})
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "out"
+    assert main(_shard_args(tmp_path / "m.csv", tmp_path / "imgs", out, "--val-fraction", "0", "--workers", "1")) == 0
+    (shard,) = json.loads((out / "index.json").read_text())["splits"]["train"]["shards"]
+    path = out / shard["name"]
+    assert path.stat().st_size > (3 << 19)  # well past 1 MiB
+    assert shard["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    data = bytearray(path.read_bytes())
+    data[len(data) - 5000] ^= 0xFF  # inside the last member's image payload, far past the first MiB
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", str(out), "--no-progress"]) == 1
+    assert "sha256 does not match" in capsys.readouterr().out

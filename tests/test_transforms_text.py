@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from transformers import BertTokenizer
 
-from conftest import SHARED
+from conftest import IU_REPORTS_TGZ
 from unimlip_train.config import Config
 from unimlip_train.data.loader import mlm_mask
-from unimlip_train.data.text import augment_report, model_text, clean_text, sections_or_whole, split_sentences
+from unimlip_train.data.text import augment_report, clean_text, model_text, sections_or_whole, split_sentences
 from unimlip_train.data.tokenizer import load_tokenizer
 from unimlip_train.data.transforms import MEAN, STD, EvalTransform, TrainAugment, decode_image, to_tensor
 
@@ -119,7 +119,7 @@ def test_eval_transform_resize_and_centre_crop():
 
 
 def _iu_report(number: int) -> dict:
-    with tarfile.open(SHARED / "data" / "iu_xray_reports" / "NLMCXR_reports.tgz") as t:
+    with tarfile.open(IU_REPORTS_TGZ) as t:
         root = ET.fromstring(t.extractfile(f"ecgen-radiology/{number}.xml").read())
     return {a.get("Label"): a.text or "" for a in root.iter("AbstractText")}
 
@@ -217,3 +217,37 @@ def test_mlm_masking_respects_special_tokens(tokenizer):
                                                       torch.tensor(tokenizer.all_special_ids)).any()
     again = mlm_mask(ids[:5], special[:5], draws[:5], 0.3, tokenizer.mask_token_id, random_ids)
     assert torch.equal(again[0], masked[:5]) and torch.equal(again[1], labels[:5])  # per row, not per batch
+
+
+def test_mlm_masking_follows_berts_rule_token_by_token(tokenizer):
+    """Against a plain loop over every token: chosen iff non-special and its draw < p (at least one per row);
+    then [MASK] below 0.8, a random non-special token in [0.8, 0.9), the original token above."""
+    texts = ["lungs are clear . heart no acute process ."] * 300
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt",
+                    return_special_tokens_mask=True)
+    ids, special = enc["input_ids"], enc["special_tokens_mask"]
+    random_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids])
+    draws = torch.rand(len(texts), 3, 16, generator=torch.Generator().manual_seed(0))
+    masked, labels = mlm_mask(ids, special, draws, 0.3, tokenizer.mask_token_id, random_ids)
+    kinds = {"mask": 0, "random": 0, "kept": 0}
+    for r in range(len(texts)):
+        candidates = [c for c in range(16) if special[r, c] == 0]
+        chosen = {c for c in candidates if draws[r, 0, c] < 0.3} or {min(candidates, key=lambda c: draws[r, 0, c])}
+        for c in range(16):
+            if c not in chosen:
+                assert (masked[r, c], labels[r, c]) == (ids[r, c], -100), (r, c)
+                continue
+            assert labels[r, c] == ids[r, c]
+            action = float(draws[r, 1, c])
+            if action < 0.8:
+                expected, kind = tokenizer.mask_token_id, "mask"
+            elif action < 0.9:
+                expected, kind = int(random_ids[min(int(float(draws[r, 2, c]) * len(random_ids)), len(random_ids) - 1)]), "random"
+            else:
+                expected, kind = int(ids[r, c]), "kept"
+            assert masked[r, c] == expected, (r, c, kind)
+            kinds[kind] += 1
+    total = sum(kinds.values())
+    assert abs(kinds["random"] / total - 0.1) < 0.03 and abs(kinds["kept"] / total - 0.1) < 0.03
+    swapped = masked[(labels != -100) & (masked != tokenizer.mask_token_id) & (masked != ids)]
+    assert len(swapped) > 0.07 * total and not torch.isin(swapped, torch.tensor(tokenizer.all_special_ids)).any()

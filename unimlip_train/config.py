@@ -203,6 +203,10 @@ class EvalConfig:
     multi_label: bool = False
 
 
+#: ``monitor.wandb`` keys, passed to ``wandb.init`` (the run id, resume mode and folder come from the run dir).
+WANDB_SETTINGS = ("project", "entity", "name", "group", "tags", "notes", "mode", "job_type")
+
+
 @dataclass
 class MonitorConfig:
     wandb: dict = field(default_factory=dict)  # {project, entity, ...}: optional Weights & Biases mirror
@@ -456,6 +460,8 @@ def validate(cfg: Config, origins: dict) -> None:
     _validate_objective(cfg, origins)
     if cfg.data.resampled and not cfg.data.samples_per_epoch and not _is_index_source(cfg.data.train):
         _fail(origins, "data.samples_per_epoch", "resampled streaming needs samples_per_epoch or an index.json")
+    for key in sorted(set(cfg.monitor.wandb) - set(WANDB_SETTINGS)):
+        _fail(origins, f"monitor.wandb.{key}", f"unknown Weights & Biases setting (known: {', '.join(WANDB_SETTINGS)})")
 
 
 _FEATURE_TERMS = ("itc_feature", "image_feature", "text_feature")

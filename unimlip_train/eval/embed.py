@@ -8,7 +8,8 @@ submodules outside their own ``forward``, which ZeRO-3's fetch hooks do not see.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -25,10 +26,14 @@ class EmbeddedSet:
     text: torch.Tensor  # N x D
     texts: list[str]  # the cleaned reports the text embeddings came from
     labels: list[list[str]]
+    previews: dict = field(default_factory=dict)  # key -> C x H x W input image, a few of this rank's only
 
     def subset(self, n: int) -> "EmbeddedSet":
         """The first ``n`` samples in key order (deterministic for any world size)."""
-        return EmbeddedSet(self.keys[:n], self.image[:n], self.text[:n], self.texts[:n], self.labels[:n])
+        keys = self.keys[:n]
+        kept = set(keys)
+        return EmbeddedSet(keys, self.image[:n], self.text[:n], self.texts[:n], self.labels[:n],
+                           {k: v for k, v in self.previews.items() if k in kept})
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -111,16 +116,18 @@ def batch_labels(batch: dict, label_key: str) -> list[list[str]]:
 
 def embed_split(model: torch.nn.Module, cfg, tokenizer, source: str, split: str, rank: int, world_size: int,
                 batch_size: int = 64, max_samples: int = 0, progress: bool = False,
-                label_key: str = "labels") -> EmbeddedSet:
+                label_key: str = "labels", previews: int = 0) -> EmbeddedSet:
     """Embed every sample of ``source``/``split`` across all ranks; the result is identical on every rank.
 
     ``max_samples`` > 0 keeps the first samples in key order after gathering (so the subset does not depend on
     the world size; it bounds the metric cost, not the embedding cost). ``label_key`` picks the metadata
-    field read as labels. The model must be in eval mode.
+    field read as labels. ``previews`` > 0 keeps the input images of the first samples this rank embedded
+    (not gathered), for pictures of retrieval examples. The model must be in eval mode.
     """
     device = model_device(model)
     loader = build_eval_loader(cfg, source, tokenizer, batch_size, rank, world_size, split=split)
     keys, texts, labels, images, reports = [], [], [], [], []
+    kept: dict = {}
     error = ""
     bar = tqdm(desc=f"embed {split}", unit="sample", disable=not progress, dynamic_ncols=True)
     try:
@@ -131,6 +138,8 @@ def embed_split(model: torch.nn.Module, cfg, tokenizer, source: str, split: str,
             keys.extend(batch["key"])
             texts.extend(batch["text"])
             labels.extend(batch_labels(batch, label_key))
+            for key, picture in zip(batch["key"][: previews - len(kept)], batch["image"]):
+                kept[key] = picture.clone()
             bar.update(len(batch["key"]))
     except Exception as e:
         if not _distributed(world_size):
@@ -142,6 +151,7 @@ def embed_split(model: torch.nn.Module, cfg, tokenizer, source: str, split: str,
     local = EmbeddedSet(keys, torch.cat(images) if images else torch.zeros(0, dim),
                         torch.cat(reports) if reports else torch.zeros(0, dim), texts, labels)
     gathered = gather_embedded(local, world_size, error)
+    gathered.previews = kept
     if not gathered.keys:
         raise ValueError(f"no samples in eval source {source!r} (split {split!r})")
     return gathered.subset(max_samples) if max_samples > 0 else gathered
