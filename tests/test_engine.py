@@ -253,6 +253,9 @@ def test_validation_scalars_under_zero3(data, zero23, tmp_path):
     i2t, t2i = naive_recall_at_1(*embed_eval_set(model, cfg, tok, data["index"]))
     assert acc.Scalars("val/i2t_R@1")[-1].value == pytest.approx(i2t)
     assert acc.Scalars("val/t2i_R@1")[-1].value == pytest.approx(t2i)
+    # the trainer's pictures: the view pairs at the first step, retrieval examples at each evaluation
+    assert [e.step for e in acc.Images("images/augmented_views")] == [1]
+    assert [e.step for e in acc.Images("val_examples/0")] == [4, 8]
 
 
 def test_export_round_trip_gives_identical_embeddings(data, reference, zero23, tmp_path):

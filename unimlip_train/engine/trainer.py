@@ -117,11 +117,11 @@ def clamp_parameter_(param: torch.nn.Parameter, lo: float, hi: float) -> None:
     param.data.clamp_(lo, hi)
 
 
-def _validate(model, eval_copy, cfg: Config, tokenizer, rank: int, world: int, autocast) -> dict[str, float]:
-    """Periodic evaluation on every rank. Under ZeRO-3 the weights are gathered once into ``eval_copy``, a plain
+def _validate(model, eval_copy, cfg: Config, tokenizer, rank: int, world: int, autocast) -> tuple:
+    """Periodic evaluation on every rank: the metrics, and a few retrieval examples to show. Under ZeRO-3 the weights are gathered once into ``eval_copy``, a plain
     model without DeepSpeed's hooks: eval forwards through the hooked modules (a different module order than
     the recorded training trace, uneven per-rank batch counts) leave the ranks' parameter fetches out of step."""
-    from unimlip_train.eval import validate
+    from unimlip_train.eval import validate_with_examples
 
     if eval_copy is not None:
         import deepspeed
@@ -130,7 +130,7 @@ def _validate(model, eval_copy, cfg: Config, tokenizer, rank: int, world: int, a
             eval_copy.load_state_dict({k: v.detach() for k, v in model.state_dict().items()})
         model = eval_copy
     with torch.no_grad(), autocast:
-        return validate(model, cfg, tokenizer, rank, world)
+        return validate_with_examples(model, cfg, tokenizer, rank, world, num_examples=4)
 
 
 class Trainer:
@@ -180,7 +180,8 @@ class Trainer:
         self.saved = ck.read_state(self.source) if self.source else None
         # Steps after the checkpoint that a killed run already logged are hidden in TensorBoard (purge_step).
         self.monitor = Monitor(run_dir, self.rank == 0, cfg.train.steps,
-                               purge_step=self.saved.step + 1 if self.saved else None)
+                               purge_step=self.saved.step + 1 if self.saved else None,
+                               wandb_settings=cfg.monitor.wandb, run_config=cfg.to_dict())
 
         torch.manual_seed(cfg.seed)  # identical init on every rank (ZeRO-3 partitions each rank's own copy)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.text.name)
@@ -272,6 +273,7 @@ class Trainer:
                     return TrainResult("finished", state.step)
                 self.train_step()
                 self.log_step()
+                self.picture_step()
                 self.evaluate_step()
                 self.checkpoint_step(force=due)
         finally:
@@ -332,6 +334,7 @@ class Trainer:
 
         state, k_steps = self.state, self.cfg.train.grad_accum
         batches = self._next_micro_batches()
+        self.step_batch = batches[0]
         entries, rng = None, None
         if self.accumulate:
             entries, rng = [], []
@@ -410,6 +413,13 @@ class Trainer:
         self.window = {"t0": time.time(), "wait": 0.0, "samples": 0}
         self.sums = {}
 
+    def picture_step(self) -> None:
+        """TensorBoard grid of the augmented view pairs: at the first step of a launch and every
+        ``train.image_every`` steps."""
+        every = self.cfg.train.image_every
+        if self.state.step == self.start_step + 1 or (every > 0 and self.state.step % every == 0):
+            self.monitor.log_views(self.state.step, self.step_batch)
+
     def evaluate_step(self) -> None:
         """Every ``train.eval_every`` steps (and the last): retrieval / zero-shot on ``data.val``."""
         cfg, state = self.cfg, self.state
@@ -424,8 +434,10 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.local_rank] if self.cuda else []):
             if cfg.deepspeed.zero_stage == 3 and self.eval_copy is None:
                 self.eval_copy = build_model(cfg, self.tokenizer).to(self.device)
-            metrics = _validate(self.model, self.eval_copy, cfg, self.tokenizer, self.rank, self.world, autocast)
+            metrics, examples = _validate(self.model, self.eval_copy, cfg, self.tokenizer, self.rank, self.world,
+                                          autocast)
         self.monitor.log_val(state.step, metrics)
+        self.monitor.log_retrieval_examples(state.step, examples)
 
     def checkpoint_step(self, force: bool = False) -> None:
         """Every ``train.checkpoint_every`` steps, when ``force``d (end, stop, time-based), never twice."""
