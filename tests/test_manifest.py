@@ -22,9 +22,11 @@ SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 IU_TGZ = SHARED / "data" / "iu_xray_reports" / "NLMCXR_reports.tgz"
 
 
-def _rows(path: Path, images_root: Path | None = None) -> list:
-    args = argparse.Namespace(manifest=str(path), images_root=str(images_root) if images_root else None)
-    return list(adapter.iter_rows(args))
+def _rows(path: Path, images_root: Path | None = None, *options: str) -> list:
+    parser = argparse.ArgumentParser()
+    adapter.add_arguments(parser)
+    argv = ["--manifest", str(path)] + (["--images-root", str(images_root)] if images_root else []) + list(options)
+    return list(adapter.iter_rows(parser.parse_args(argv)))
 
 
 def test_csv_columns_paths_labels_and_metadata(tmp_path):

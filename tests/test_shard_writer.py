@@ -154,7 +154,7 @@ def test_byte_bound_and_16bit(dataset, tmp_path):
     out = tmp_path / "bytes"
     bound = 64 * 1024
     assert main(_shard_args(manifest, root / "imgs", out, "--workers", "1", "--shard-bytes", str(bound),
-                            "--val-fraction", "0", "--keep-16bit", "--max-size", "128")) == 0
+                            "--val-fraction", "0", "--keep-16bit", "--max-size", "128", "--window", "none")) == 0
     index = json.loads((out / "index.json").read_text())
     shards = index["splits"]["train"]["shards"]
     assert len(shards) > 1 and all(s["bytes"] <= bound or s["samples"] == 1 for s in shards)
@@ -311,7 +311,7 @@ def test_dicom_rows_by_suffix_or_magic_16bit_or_8bit(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"id": n, "image": n, "text": f"CT {n}"}) + "\n"
                                 for n in ("ct.dcm", "ct_no_suffix", "broken.dcm")))
-    expected16 = read_dicom(str(ct), keep_16bit=True)
+    expected16 = read_dicom(str(ct), keep_16bit=True).pixels
     for keep, ext in (("--keep-16bit", "png"), (None, "jpg")):
         out = tmp_path / f"out_{ext}"
         args = ["manifest", "--manifest", str(manifest), "--out", str(out), "--workers", "1", "--val-fraction", "0",

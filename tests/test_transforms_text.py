@@ -127,9 +127,12 @@ def _iu_report(number: int) -> dict:
 def test_real_iu_report_sections_and_deid_cleanup():
     parts = _iu_report(2)
     text = "\n".join(f"{label}: {body}" for label, body in parts.items())
-    assert model_text(text) == ("Borderline cardiomegaly. Midline sternotomy. Enlarged pulmonary arteries. "
-                                  "Clear lungs. Inferior. No acute pulmonary findings.")
-    assert model_text(text, ["impression", "findings"]).startswith("No acute pulmonary findings. Borderline")
+    findings = "Borderline cardiomegaly. Midline sternotomy. Enlarged pulmonary arteries. Clear lungs. Inferior."
+    impression = "No acute pulmonary findings."
+    assert model_text(text) == f"{impression} {findings}"  # default: impression first, truncation cuts findings
+    assert model_text(text, "findings+impression", "findings_first") == f"{findings} {impression}"
+    assert model_text(text, ["findings", "impression"]) == f"{findings} {impression}"  # a list keeps its order
+    assert model_text(text, "impression") == impression and model_text(text, "findings") == findings
     one = _iu_report(1)
     assert clean_text(one["IMPRESSION"]) == "Normal chest x-ray."  # real "x-XXXX.": the one unambiguous redaction
     assert clean_text(one["FINDINGS"]).endswith("There are no of a pleural effusion. There is no evidence of "
@@ -140,21 +143,41 @@ def test_section_selection_and_cleanup_rules():
     assert sections_or_whole("no headers here.", ["findings"]) == "no headers here."
     mimic = ("FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n INDICATION:  ___F with cough\n"
              " FINDINGS: \n Lungs are clear.  No effusion.\n \n IMPRESSION: \n No acute process.\n")
-    assert model_text(mimic) == "Lungs are clear. No effusion. No acute process."
+    assert model_text(mimic) == "No acute process. Lungs are clear. No effusion."
     assert model_text("INDICATION: pain.") == "INDICATION: pain."  # nothing wanted: keep the text
     structured = "Findings:\nLungs: clear.\nHeart: normal size.\nImpression: normal."
-    assert model_text(structured) == "Lungs: clear. Heart: normal size. normal."  # sub-headings stay
+    assert model_text(structured) == "normal. Lungs: clear. Heart: normal size."  # sub-headings stay
     assert clean_text("  Heart   size  normal .. Lungs clear ,ok  ") == "Heart size normal. Lungs clear,ok"
     assert clean_text("XXXX. Stable.") == "Stable."
     assert model_text("FINDINGS: Nodule 1.8 cm. IMPRESSION: 1. Enlarged heart. 2. Pacemaker in place.") == \
-        "Nodule 1.8 cm. Enlarged heart. Pacemaker in place."
+        "Enlarged heart. Pacemaker in place. Nodule 1.8 cm."
     # usual names in capitals anywhere (line breaks lost), plural = singular, each section ends a sentence;
     # a usual name in lower case mid-sentence is text, not a header
     flat = ("EXAMINATION: CHEST (PA AND LAT) INDICATION: cough FINDINGS: Clear lungs "
             "IMPRESSIONS: Compared to prior exam: no change")
-    assert model_text(flat) == "Clear lungs. Compared to prior exam: no change."
+    assert model_text(flat) == "Compared to prior exam: no change. Clear lungs."
     assert clean_text("1) ___ lines unchanged. 2) Pacer. Factor XX deficiency.") == \
         "Lines unchanged. Pacer. Factor XX deficiency."  # "XX" is not a de-identification token
+
+
+def test_random_section_is_one_available_section_seeded():
+    text = "FINDINGS: Clear lungs. Normal heart.\nIMPRESSION: No acute process."
+    picks = [model_text(text, "random", rng=random.Random(seed)) for seed in range(200)]
+    assert set(picks) == {"Clear lungs. Normal heart.", "No acute process."}
+    assert 60 < picks.count("No acute process.") < 140  # about half each
+    assert picks == [model_text(text, "random", rng=random.Random(seed)) for seed in range(200)]  # seeded
+    assert {model_text("IMPRESSION: Only this.", "random", rng=random.Random(s)) for s in range(20)} == {"Only this."}
+    assert model_text("A caption without headers.", "random", rng=random.Random(0)) == "A caption without headers."
+    assert model_text(text, "random") == "No acute process. Clear lungs. Normal heart."  # evaluation: no rng
+
+
+def test_truncation_keeps_the_impression_when_it_comes_first(tokenizer):
+    findings = " ".join(["Lungs are clear."] * 12)
+    text = f"FINDINGS: {findings}\nIMPRESSION: Heart."
+    ids = tokenizer(model_text(text), truncation=True, max_length=16)["input_ids"]
+    late = tokenizer(model_text(text, order="findings_first"), truncation=True, max_length=16)["input_ids"]
+    wanted = tokenizer("heart", add_special_tokens=False)["input_ids"]
+    assert set(wanted) <= set(ids) and not set(wanted) <= set(late)
 
 
 def test_text_augmentation():
