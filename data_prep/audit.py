@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -79,21 +78,11 @@ def _from_members(set_name: str, split: str, key: str, members: dict) -> Sample:
 
 
 def read_shard(path: str, set_name: str, split: str) -> Iterator[Sample]:
-    """The samples of one shard (json/txt members always; image bytes only when hashes are missing)."""
-    with tarfile.open(path) as tar:
-        current, members = None, {}
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = os.path.basename(info.name)
-            key, _, ext = base.partition(".")
-            if key != current:
-                if current is not None:
-                    yield _from_members(set_name, split, current, members)
-                current, members = key, {}
-            members[ext] = tar.extractfile(info).read()
-        if current is not None:
-            yield _from_members(set_name, split, current, members)
+    """The samples of one shard (image bytes are only decoded when a sample lacks stored hashes)."""
+    from data_prep.verify import iter_samples  # verify imports the writer, which imports this module
+
+    for key, members in iter_samples(path):
+        yield _from_members(set_name, split, key, members)
 
 
 def read_set(folder: str, progress: bool = False) -> list[Sample]:

@@ -362,3 +362,33 @@ def test_report_text_cleanup_rules(iu_rows):
     assert list(sections) == ["", "examination", "indication", "comparison", "findings", "impression"]
     assert select_sections(sections, ["impression", "findings"]).startswith("No acute cardiopulmonary process. There")
     assert select_sections(sections, ["conclusion"]) == ""
+
+
+def test_mimic_group_views_study(tmp_path):
+    images = mimic_tree(tmp_path)
+    rows = {r.id: r for r in rows_of(mimic_cxr, mimic_argv(tmp_path) + ["--group-views", "study", "--max-views", "2"])}
+    study1 = rows["p10000032_s50414267"]
+    # PA (a1) before LATERAL (b2) from the metadata CSV; f6 has no view in the CSV: after them, and over --max-views
+    assert [(v.name, v.position, v.path) for v in study1.views] == [("a1", "PA", str(images["a1"])),
+                                                                    ("b2", "LATERAL", str(images["b2"]))]
+    assert study1.metadata["views_in_study"] == 3 and study1.metadata["views_kept"] == 2
+    assert study1.text.endswith("IMPRESSION: No acute cardiopulmonary process.") and study1.labels == ["No Finding"]
+    assert len(rows) == 4 and all(r.group.startswith("p1") for r in rows.values())
+    out = tmp_path / "shards"
+    assert shard_main(["mimic-cxr", *mimic_argv(tmp_path), "--group-views", "study", "--max-views", "2", "--out", str(out),
+                       "--val-fraction", "0", "--workers", "2", "--no-progress"]) == 0
+    samples = read_shards(out)
+    meta = json.loads(samples["p10000032_s50414267"]["json"])
+    assert [(v["member"], v["view"], v["name"]) for v in meta["views"]] == [("jpg", "PA", "a1"),
+                                                                        ("view1.jpg", "LATERAL", "b2")]
+    for v in meta["views"]:  # each member holds the image its entry names (sources differ: CT vs MR)
+        stored = np.asarray(Image.open(io.BytesIO(samples["p10000032_s50414267"][v["member"]])))
+        assert stored.shape == read_dicom(v["orig_path"]).pixels.shape
+    rtg = tmp_path / "rtg"  # a DICOM's own ViewPosition fills a view the CSV does not give
+    (rtg / "files" / "p12" / "p12000001" / "s58000000").mkdir(parents=True)
+    shutil.copy(get_testdata_file("RG3_UNCR.dcm"), rtg / "files" / "p12" / "p12000001" / "s58000000" / "g7.dcm")
+    (rtg / "files" / "p12" / "p12000001" / "s58000000.txt").write_text(REPORT_PLAIN)
+    assert shard_main(["mimic-cxr", "--root", str(rtg), "--group-views", "study", "--out", str(rtg / "out"),
+                       "--val-fraction", "0", "--max-size", "64", "--workers", "1", "--no-progress"]) == 0
+    meta = json.loads(read_shards(rtg / "out")["p12000001_s58000000"]["json"])
+    assert meta["view"] == "AP" and meta["views"][0]["view"] == "AP"

@@ -354,3 +354,39 @@ def test_rerun_with_other_options_refuses_to_replace_shards_unless_asked(dataset
     (foreign / "train-000000.tar").write_bytes(b"not ours")
     assert main(_shard_args(manifest, root / "imgs", foreign, "--workers", "1")) == 2
     assert (foreign / "train-000000.tar").read_bytes() == b"not ours"
+
+
+def test_disk_full_one_message_no_leftovers_and_the_rerun_finishes(tmp_path):
+    """A real full file system: a small tmpfs in a private mount namespace (needs unshare and mount)."""
+    if not shutil.which("unshare"):
+        pytest.skip("needs util-linux unshare to mount a small tmpfs")
+    cmd = [sys.executable, "-m", "data_prep.cli", "synthetic", "--n", "120", "--image-size", "64", "--workers", "1",
+           "--shard-size", "20", "--no-progress"]
+    reference = tmp_path / "reference"
+    subprocess.run(cmd + ["--out", str(reference)], check=True, capture_output=True, timeout=120)
+    disk, result = tmp_path / "disk", tmp_path / "result"
+    disk.mkdir()
+    script = f"""
+set -u
+mount -t tmpfs -o size=900k tmpfs {disk} || exit 77
+{' '.join(cmd)} --out {disk}/out > {tmp_path}/first.out 2> {tmp_path}/first.err; echo $? > {tmp_path}/first.rc
+ls -A {disk}/out > {tmp_path}/left.txt
+mount -o remount,size=20m {disk}
+{' '.join(cmd)} --out {disk}/out > {tmp_path}/second.out 2> {tmp_path}/second.err; echo $? > {tmp_path}/second.rc
+cp -r {disk}/out {result}
+"""
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    if run.returncode == 77 or "unshare" in run.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()[:200]}")
+    assert run.returncode == 0, run.stderr
+    first_err = (tmp_path / "first.err").read_text()
+    assert (tmp_path / "first.rc").read_text().strip() == "1"
+    errors = [line for line in first_err.splitlines() if line.startswith("unimlip-shard: error:")]
+    assert len(errors) == 1 and "no space left on the device" in errors[0] and "free" in errors[0]
+    assert "Traceback" not in first_err
+    left = (tmp_path / "left.txt").read_text().split()
+    assert not [n for n in left if n.endswith(".tmp") or n == ".synthetic-src"], left
+    assert any(n.endswith(".tar") for n in left)  # finished shards were kept for the rerun
+    assert (tmp_path / "second.rc").read_text().strip() == "0", (tmp_path / "second.err").read_text()
+    ours, theirs = (json.loads((d / "index.json").read_text()) for d in (result, reference))
+    assert ours["splits"] == theirs["splits"]  # the same shards, byte for byte (sha256 in the index)
