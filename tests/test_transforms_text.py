@@ -33,7 +33,7 @@ def _jpeg(arr: np.ndarray) -> bytes:
 
 
 def _rngs(seed):
-    return np.random.default_rng(seed), random.Random(seed)
+    return (np.random.default_rng(seed),)
 
 
 def _marker_image(size=96) -> np.ndarray:
@@ -91,6 +91,34 @@ def test_jpeg_decoded_at_reduced_scale_and_resized_once():
     Image.fromarray(arr[:50, :50]).save(bmp, "BMP")
     with pytest.raises(Exception, match="cannot identify"):  # only JPEG and PNG decoders are ever used
         decode_image(bmp.getvalue(), in_chans=1, target=32)
+
+
+def test_augment_keeps_colour_and_single_channel_axes():
+    cfg = Config().data
+    cfg.image_size = 32
+    cfg.augment.clahe_p = cfg.augment.noise_p = 1.0
+    rgb = np.stack([_marker_image(60)] * 3, axis=-1)
+    assert TrainAugment(cfg)(rgb, *_rngs(0)).shape == (32, 32, 3)
+    assert TrainAugment(cfg)(_marker_image(60)[..., None], *_rngs(0)).shape == (32, 32, 1)
+
+
+def test_crop_geometry_against_a_naive_crop_and_resize():
+    """With the rotation, shift and intensity ops off, a view of a horizontal ramp is a linear ramp over a part
+    of the source no smaller than the smallest crop allows, and every row is the same."""
+    cfg = Config().data
+    cfg.image_size = 40
+    aug = cfg.augment
+    aug.clahe_p = aug.gamma_p = aug.contrast_p = aug.blur_p = aug.noise_p = 0.0
+    aug.rotate_degrees = aug.shift_fraction = 0.0
+    image = np.tile((np.arange(120) * 2).astype(np.uint8), (100, 1))  # value = 2 * x
+    for seed in range(6):
+        out = TrainAugment(cfg)(image, *_rngs(seed)).astype(np.float64)[3:-3, 3:-3]  # scale 0.95 may leave a rim
+        assert np.allclose(out, out[:1], atol=1)  # rows equal: nothing rotated, no vertical mixing
+        steps = np.diff(out[0])
+        assert np.allclose(steps, steps.mean(), atol=1.01)  # linear resize of a linear ramp
+        span = 40 * steps.mean() / 2  # source pixels across the output width
+        smallest = np.sqrt(120 * 100 * aug.min_scale * 3 / 4)  # the narrowest crop the scale and ratio allow
+        assert smallest / 1.05 - 1 <= span <= 120 / 0.95 + 1
 
 
 def test_16bit_png_kept_and_augmented_as_float():

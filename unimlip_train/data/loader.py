@@ -350,9 +350,9 @@ class _TrainUnits(IterableDataset):
         d, seed = self.cfg.data, _seed(self.cfg.seed, "sample", epoch, sample["origin"], sample["key"])
         rng, py_rng = np.random.default_rng(seed), random.Random(seed)
         images = sample.pop("images")
-        sample["view1"] = self.augment(images[0], rng, py_rng)
+        sample["view1"] = self.augment(images[0], rng)
         if self.needs.image_view2:  # a second image of the study with data.view=pair, else the same one
-            sample["view2"] = self.augment(images[-1], rng, py_rng)
+            sample["view2"] = self.augment(images[-1], rng)
         sample["text"] = model_text(sample["text"], d.text.sections, d.text.order, random.Random(seed ^ 0x5EC7))
         if self.needs.text_view2:
             sample["text2"] = augment_report(sample["text"], py_rng, d.text.sentence_shuffle_p,
