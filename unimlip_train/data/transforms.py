@@ -109,19 +109,18 @@ class TrainAugment:
             crop = ((w - cw) / 2, (h - ch) / 2, cw, ch)
         x0, y0, cw, ch = crop
         sx, sy = size / cw, size / ch  # pixel centres: u = (x + 0.5 - x0) * sx - 0.5
-        matrix = np.array([[sx, 0, (0.5 - x0) * sx - 0.5], [0, sy, (0.5 - y0) * sy - 0.5], [0, 0, 1]])
+        matrix = (sx, 0.0, (0.5 - x0) * sx - 0.5, 0.0, sy, (0.5 - y0) * sy - 0.5)
         moved = rng.random() < AFFINE_P
-        if moved:
-            angle = rng.uniform(-aug.rotate_degrees, aug.rotate_degrees)
-            shift = rng.uniform(-aug.shift_fraction, aug.shift_fraction, 2) * size
-            scale = rng.uniform(0.95, 1.05)
-            centre = ((size - 1) / 2, (size - 1) / 2)
-            turn = np.vstack([cv2.getRotationMatrix2D(centre, angle, scale), [0, 0, 1]])
-            turn[:2, 2] += shift
-            matrix = turn @ matrix
+        if moved:  # cv2.getRotationMatrix2D about the output centre, then the shift
+            angle = np.deg2rad(rng.uniform(-aug.rotate_degrees, aug.rotate_degrees))
+            tx, ty = rng.uniform(-aug.shift_fraction, aug.shift_fraction, 2) * size
+            scale, centre = rng.uniform(0.95, 1.05), (size - 1) / 2
+            alpha, beta = scale * np.cos(angle), scale * np.sin(angle)
+            matrix = _compose((alpha, beta, (1 - alpha) * centre - beta * centre + tx,
+                               -beta, alpha, beta * centre + (1 - alpha) * centre + ty), matrix)
         if rng.random() < aug.hflip_p:
-            matrix = np.array([[-1, 0, size - 1], [0, 1, 0], [0, 0, 1]]) @ matrix
-        return matrix[:2], moved
+            matrix = _compose((-1.0, 0.0, size - 1.0, 0.0, 1.0, 0.0), matrix)
+        return np.array(matrix, dtype=np.float64).reshape(2, 3), moved
 
     def _intensity(self, view: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         aug = self.aug
@@ -141,6 +140,13 @@ class TrainAugment:
             noisy = view.astype(np.float32) + std * (noise[..., None] if view.ndim == 3 else noise)
             view = np.clip(noisy, 0, 255).astype(np.uint8) if view.dtype == np.uint8 else np.clip(noisy, 0, 1)
         return view
+
+
+def _compose(outer: tuple, inner: tuple) -> tuple:
+    """The 2x3 affine ``outer`` after ``inner``, both as row-major 6-tuples (plain floats: these are tiny)."""
+    a, b, c, d, e, f = outer
+    p, q, r, s, t, u = inner
+    return (a * p + b * s, a * q + b * t, a * r + b * u + c, d * p + e * s, d * q + e * t, d * r + e * u + f)
 
 
 def _clahe(view: np.ndarray, clip: float) -> np.ndarray:
