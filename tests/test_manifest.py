@@ -152,6 +152,7 @@ def test_group_views_study_one_sample_per_study(tmp_path):
         assert abs(int(np.asarray(Image.open(io.BytesIO(samples["st1"][member]))).mean()) - value) <= 2
     assert meta["view"] == "PA" and meta["pixel_sha256"] == meta["views"][0]["pixel_sha256"]
     assert set(samples["st3"]) == {"jpg", "json", "txt"} and len(json.loads(samples["st3"]["json"])["views"]) == 1
+    assert main(["verify", str(out), "--decode", "--no-progress"]) == 0  # every listed view present and decodable
 
 
 def test_16bit_png_window_rules(tmp_path):
