@@ -17,7 +17,7 @@ from unimlip_train.config import Config
 from unimlip_train.data.loader import mlm_mask
 from unimlip_train.data.text import augment_report, model_text, clean_text, sections_or_whole, split_sentences
 from unimlip_train.data.tokenizer import load_tokenizer
-from unimlip_train.data.transforms import MEAN, STD, EvalTransform, TrainAugment, decode_image, to_tensor
+from unimlip_train.data.transforms import MEAN, STD, EvalTransform, TrainAugment, _decode_jpeg, decode_image, to_tensor
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -87,6 +87,12 @@ def test_jpeg_decoded_at_reduced_scale_and_resized_once():
     colour = np.stack([arr, arr // 2, arr // 3], -1)[:300, :300]
     assert decode_image(_jpeg(colour), in_chans=3, target=128).shape[2] == 3
     assert decode_image(_jpeg(colour), in_chans=1, target=128).ndim == 2
+    for chans, image, target in ((1, arr, 128), (3, colour, 70), (1, colour, 40), (1, arr, 600)):
+        with Image.open(io.BytesIO(_jpeg(image))) as im:  # PIL's reduced-scale decode, the reference
+            im.draft("RGB" if chans == 3 else "L", (target, target))
+            reference = np.asarray(im.convert("RGB" if chans == 3 else "L")).astype(int)
+        fast = _decode_jpeg(_jpeg(image), chans, target).astype(int)  # the OpenCV path decode_image takes
+        assert fast.shape == reference.shape and np.abs(fast - reference).max() <= 1
     bmp = io.BytesIO()
     Image.fromarray(arr[:50, :50]).save(bmp, "BMP")
     with pytest.raises(Exception, match="cannot identify"):  # only JPEG and PNG decoders are ever used

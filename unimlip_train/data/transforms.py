@@ -39,11 +39,64 @@ AFFINE_P = 0.8
 cv2.setNumThreads(1)  # loader workers are the parallelism; OpenCV's own threads only oversubscribe them
 
 
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # JPEG start-of-frame markers (DHT, JPG, DAC are not)
+_REDUCED = {(1, False): cv2.IMREAD_GRAYSCALE, (2, False): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+            (4, False): cv2.IMREAD_REDUCED_GRAYSCALE_4, (8, False): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+            (1, True): cv2.IMREAD_COLOR, (2, True): cv2.IMREAD_REDUCED_COLOR_2,
+            (4, True): cv2.IMREAD_REDUCED_COLOR_4, (8, True): cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def _jpeg_frame(data: bytes):
+    """(height, width, components) from a JPEG's start-of-frame header, or None if it is not a plain JPEG."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    i = 2
+    while i + 9 < len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in _SOF:
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big"), data[i + 9]
+        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _decode_jpeg(data: bytes, in_chans: int, target: int):
+    """libjpeg-turbo through OpenCV at the largest DCT reduction (1/2, 1/4, 1/8) that keeps the short side at
+    ``target`` or more: the entropy decoding is the same as PIL's, the rest is cheaper. None: use PIL."""
+    frame = _jpeg_frame(data)
+    if frame is None or frame[2] not in (1, 3):
+        return None
+    h, w, components = frame
+    factor = next((f for f in (8, 4, 2) if -(-min(h, w) // f) >= target), 1)
+    colour = in_chans == 3 and components == 3
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[factor, colour] | cv2.IMREAD_IGNORE_ORIENTATION)
+    if arr is None:
+        raise ValueError("undecodable JPEG data")
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB) if colour else arr
+
+
 def decode_image(data: bytes, in_chans: int, target: int) -> np.ndarray:
     """Decode JPEG/PNG bytes (nothing else) to HxW (grayscale, uint8 or uint16) or HxWx3 uint8 (colour, when in_chans=3).
 
     The short side is brought down to about ``PRERESIZE_FACTOR * target`` (never enlarged).
     """
+    arr = _decode_jpeg(data, in_chans, target)
+    if arr is None:
+        arr = _decode_pil(data, in_chans, target)
+    short = min(arr.shape[:2])
+    wanted = round(PRERESIZE_FACTOR * target)
+    if short > wanted:
+        h, w = arr.shape[:2]
+        size = (max(1, round(w * wanted / short)), max(1, round(h * wanted / short)))
+        arr = cv2.resize(arr, size, interpolation=cv2.INTER_AREA)
+    return arr
+
+
+def _decode_pil(data: bytes, in_chans: int, target: int) -> np.ndarray:
     im = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))  # no other PIL plugin (EPS runs Ghostscript)
     keep_colour = in_chans == 3 and im.mode not in ("L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "F")
     if im.format == "JPEG":
@@ -54,12 +107,6 @@ def decode_image(data: bytes, in_chans: int, target: int) -> np.ndarray:
             arr = np.clip(arr, 0, 65535).astype(np.uint16)
     else:
         arr = np.asarray(im.convert("RGB" if keep_colour else "L"))
-    short = min(arr.shape[:2])
-    wanted = round(PRERESIZE_FACTOR * target)
-    if short > wanted:
-        h, w = arr.shape[:2]
-        size = (max(1, round(w * wanted / short)), max(1, round(h * wanted / short)))
-        arr = cv2.resize(arr, size, interpolation=cv2.INTER_AREA)
     return arr
 
 
