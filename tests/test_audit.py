@@ -2,7 +2,6 @@
 duplicates of its own), against naive references computed here from the source arrays."""
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections import Counter

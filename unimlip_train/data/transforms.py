@@ -17,7 +17,6 @@ RandomBrightnessContrast, GaussianBlur, GaussNoise), drawn from the generator pa
 from __future__ import annotations
 
 import io
-import os
 
 import cv2
 import numpy as np
