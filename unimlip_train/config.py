@@ -56,7 +56,8 @@ class AugmentConfig:
 class TextConfig:
     """Report handling before tokenization, and the light text augmentation for the second view."""
 
-    sections: list = field(default_factory=lambda: ["findings", "impression"])
+    # findings+impression | impression | findings | random, or a list of section names (read in its own order)
+    sections: Union[str, list] = "findings+impression"
     order: str = "impression_first"  # impression_first | findings_first: truncation drops findings first
     max_length: int = 64
     sentence_shuffle_p: float = 0.5
@@ -437,6 +438,7 @@ def validate(cfg: Config, origins: dict) -> None:
                 "train.max_nonfinite_in_row", "data.image_size", "model.embed_dim", "data.text.max_length"):
         if _get_dotted(cfg, key) <= 0:
             _fail(origins, key, "must be positive")
+    _validate_data_choices(cfg.data, origins)
     if cfg.data.in_chans not in (1, 3):
         _fail(origins, "data.in_chans", f"must be 1 or 3, got {cfg.data.in_chans}")
     if not 0.0 < cfg.data.augment.min_scale <= cfg.data.augment.max_scale <= 1.0:
@@ -503,6 +505,20 @@ def _validate_objective(cfg: Config, origins: dict) -> None:
         _fail(origins, f"loss.{contrastive[0]}.weight", f"contrastive terms need a global batch of at least 2 "
               f"(micro batch x ranks{' x grad_accum' if cfg.train.negatives == 'accumulated' else ''} = "
               f"{per_rank * launch_world_size()}): no negatives", "train.micro_batch_size", "train.grad_accum")
+
+
+def _validate_data_choices(data: DataConfig, origins: dict) -> None:
+    """The data keys with fixed choices (names as ``unimlip_train.data.text`` and the loader read them)."""
+    sections = data.text.sections
+    if isinstance(sections, str) and sections not in ("findings+impression", "impression", "findings", "random"):
+        _fail(origins, "data.text.sections", "must be findings+impression, impression, findings or random "
+              f"(or a list of section names), got {sections!r}")
+    if isinstance(sections, list) and (not sections or not all(isinstance(x, str) and x for x in sections)):
+        _fail(origins, "data.text.sections", f"a list must hold section names, got {sections!r}")
+    if data.text.order not in ("impression_first", "findings_first"):
+        _fail(origins, "data.text.order", f"must be impression_first or findings_first, got {data.text.order!r}")
+    if data.view not in ("random", "frontal", "pair"):
+        _fail(origins, "data.view", f"must be random, frontal or pair, got {data.view!r}")
 
 
 def _is_index_source(train: Any) -> bool:
