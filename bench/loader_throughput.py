@@ -23,11 +23,11 @@ import time
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 import webdataset as wds  # noqa: E402
-import cv2  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from transformers import BertTokenizer  # noqa: E402
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 _GRAY = ("MONOCHROME1", "MONOCHROME2")
 # pydicom (uncompressed YBR_FULL/_422) and the decoders (JPEG YBR_FULL_422, JPEG 2000 YBR_ICT/RCT) return RGB.

@@ -24,7 +24,6 @@ from PIL import Image, UnidentifiedImageError
 
 from data_prep.fingerprint import image_fingerprint
 
-
 RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP")
 WINDOWS = ("auto", "minmax", "none")
 AUTO_PERCENTILES = (0.5, 99.5)

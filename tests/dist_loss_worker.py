@@ -15,8 +15,15 @@ import torch.nn.functional as F
 from transformers import BertTokenizer
 
 from unimlip_train.config import Config, _build
-from unimlip_train.losses import AccumulationCache, UniMlipObjective, contrastive_loss, nt_xent, sample_hard_negatives
-from unimlip_train.losses import gather, sigmoid_loss
+from unimlip_train.losses import (
+    AccumulationCache,
+    UniMlipObjective,
+    contrastive_loss,
+    gather,
+    nt_xent,
+    sample_hard_negatives,
+    sigmoid_loss,
+)
 from unimlip_train.losses.contrastive import positive_mask
 from unimlip_train.models import TrainStep, build_model
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unimlip_tiny import random_batch, tiny_config, tiny_tokenizer
 from dist_loss_worker import pair_losses
+from unimlip_tiny import random_batch, tiny_config, tiny_tokenizer
 from unimlip_train.losses import UniMlipObjective, nt_xent, sample_hard_negatives
 from unimlip_train.losses.contrastive import positive_mask
 from unimlip_train.models import TrainStep, build_model

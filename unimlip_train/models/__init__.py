@@ -1,7 +1,6 @@
 """Uni-Mlip model construction and the ZeRO-3-safe training step (model forward + objective in one forward)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from unimlip_train.config import Config
