@@ -17,7 +17,7 @@ from unimlip_train.config import load_config
 from unimlip_train.engine.trainer import Trainer
 
 PACKAGE = str(Path(unimlip_train.__file__).parent)
-PHASES = ("train_step", "log_step", "evaluate_step", "checkpoint_step", "build", "resume")
+PHASES = ("train_step", "log_step", "picture_step", "evaluate_step", "checkpoint_step", "build", "resume")
 counts: Counter = Counter()
 
 

@@ -32,4 +32,5 @@ def test_device_values_are_read_once_per_logging_step(tmp_path):
     assert counts.get("train_step", 0) == 0, counts  # nothing per micro batch or per optimizer step
     logs = steps // log_every
     assert 1 * logs <= counts.get("log_step", 0) <= 2 * logs, counts  # the summed terms, read once per log
+    assert counts.get("picture_step", 0) <= 4, counts  # one picture of the first step's views (image_every=0)
     assert counts.get("other", 0) == 0, counts
