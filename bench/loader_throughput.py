@@ -20,7 +20,6 @@ import os
 import tempfile
 import time
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import cv2  # noqa: E402

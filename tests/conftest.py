@@ -1,4 +1,4 @@
-"""Test environment: offline, CPU DeepSpeed, quiet albumentations, one thread per process."""
+"""Test environment: offline, CPU DeepSpeed, one thread per process."""
 import os
 import sys
 from pathlib import Path
@@ -8,7 +8,6 @@ _ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
     "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
