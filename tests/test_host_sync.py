@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -34,3 +36,7 @@ def test_device_values_are_read_once_per_logging_step(tmp_path):
     assert 1 * logs <= counts.get("log_step", 0) <= 2 * logs, counts  # the summed terms, read once per log
     assert counts.get("picture_step", 0) <= 4, counts  # one picture of the first step's views (image_every=0)
     assert counts.get("other", 0) == 0, counts
+    # the logged terms are means over each logging window (per step, per micro batch), not sums
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert record["temperature"] * record["logit_scale"] == pytest.approx(1.0, rel=1e-2), record

@@ -26,8 +26,9 @@ EXAMPLES_TAG = "val_examples"
 
 
 # Logged scalars that are not loss terms (kept out of the console's term list).
-_NOT_TERMS = {"loss", "temperature", "grad_norm", "samples_per_s", "samples_per_s_per_gpu", "data_wait_frac",
-              "skipped_steps", "samples_seen", "gpu_mem_gib"}
+_NOT_TERMS = {"loss", "temperature", "logit_scale", "logit_bias", "grad_norm", "samples_per_s",
+              "samples_per_s_per_gpu", "data_wait_frac", "skipped_steps", "skipped_samples", "samples_seen",
+              "gpu_mem_gib", "itm_dropped_rows"}
 
 
 def _drop_lines_from(path: str, step: int) -> None:

@@ -248,7 +248,8 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.eval_copy = None
         self.window = {"t0": time.time(), "wait": 0.0, "samples": 0}
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # per-step means of the logged terms, summed since the last log
+        self.steps_in_window = 0
         self.sample_log = None
         if os.environ.get(SAMPLE_LOG_ENV) == "1":
             os.makedirs(os.path.join(self.run_dir, "debug"), exist_ok=True)
@@ -356,6 +357,7 @@ class Trainer:
             self.engine.step()
         self.model.clamp_logit_scale_(clamp_parameter_)
         state.step += 1
+        self.steps_in_window += 1
         if self.own_finite_check:
             self._count_nonfinite(not bool(finite))
         else:
@@ -391,11 +393,12 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- telemetry
     def log_step(self) -> None:
-        """Every ``train.log_every`` steps (and the last): the one host read of the summed terms."""
+        """Every ``train.log_every`` steps (and the last): the one host read of the summed terms, logged as
+        their means over the steps since the last log."""
         cfg, state = self.cfg, self.state
         if state.step % cfg.train.log_every and state.step != cfg.train.steps:
             return
-        scalars = _mean_over_ranks(self.sums)
+        scalars = _mean_over_ranks({k: v / self.steps_in_window for k, v in self.sums.items()})
         elapsed = max(time.time() - self.window["t0"], 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
         scalars.update({f"lr/{g}": lr for g, lr in group_lrs(self.optimizer).items()})
@@ -411,7 +414,7 @@ class Trainer:
             scalars["gpu_mem_gib"] = mem
         self.monitor.log_train(state.step, scalars, self.start_step)
         self.window = {"t0": time.time(), "wait": 0.0, "samples": 0}
-        self.sums = {}
+        self.sums, self.steps_in_window = {}, 0
 
     def picture_step(self) -> None:
         """TensorBoard grid of the augmented view pairs: at the first step of a launch and every
