@@ -82,6 +82,40 @@ def test_impossible_combinations(tmp_path, data, key):
     assert f"key '{key}'" in msg and f in msg
 
 
+@pytest.mark.parametrize("override, key, expect", [
+    ("train.lr=-1", "train.lr", "(0.0, inf)"),
+    ("train.lr=0", "train.lr", "got 0.0"),
+    ("train.warmup_steps=-1", "train.warmup_steps", "[0, inf)"),
+    ("data.num_workers=-2", "data.num_workers", "got -2"),
+    ("data.shuffle_buffer=-1", "data.shuffle_buffer", "got -1"),
+    ("train.betas=[0.9,1.0]", "train.betas", "[0, 1)"),
+    ("train.betas=[-0.1,0.9]", "train.betas", "[0, 1)"),
+    ("train.betas=[0.9]", "train.betas", "two numbers"),
+    ("data.max_skip_fraction=1.5", "data.max_skip_fraction", "[0.0, 1.0]"),
+    ("model.image.name=nosuchmodel", "model.image.name", "not a timm model"),
+    ("model.image.name=resnet10", "model.image.name", "did you mean resnet10t"),
+    ("model.image.name=some/folder", "model.image.name", "local-dir:"),
+])
+def test_out_of_range_values_and_unknown_models_name_the_key_and_its_origin(tmp_path, override, key, expect):
+    msg = _error(str(CONFIGS / "tiny_cpu.yaml"), [override])
+    assert f"key '{key}'" in msg and "command line" in msg and expect in msg, msg
+    name, value = override.split("=", 1)
+    section, _, leaf = name.rpartition(".")
+    data: dict = {}
+    node = data
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[leaf] = yaml.safe_load(value)
+    f = _write(tmp_path / "bad.yaml", data)  # the same value from a file names that file
+    msg = _error(f)
+    assert f"key '{key}'" in msg and f in msg, msg
+
+
+def test_registry_models_with_a_pretrained_tag_are_accepted():
+    cfg = load_config(str(CONFIGS / "tiny_cpu.yaml"), ["model.image.name=vit_tiny_patch16_224.augreg_in21k"])
+    assert cfg.model.image.name == "vit_tiny_patch16_224.augreg_in21k"
+
+
 def test_shipped_configs_load_with_the_expected_terms():
     tiny = load_config(str(CONFIGS / "tiny_cpu.yaml"))
     assert set(tiny.loss.enabled()) == {"itc", "itc_feature", "image_ssl", "image_feature", "text_ssl",
