@@ -525,5 +525,21 @@ def _get_dotted(obj: Any, dotted: str) -> Any:
     return obj
 
 
+def _flatten(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def config_diff(old: dict, new: dict) -> dict:
+    """Dotted keys whose values differ between two config mappings (e.g. two ``Config.to_dict()``), sorted:
+    ``{key: (old value, new value)}``; a key missing on one side has the value None there."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
