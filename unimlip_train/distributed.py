@@ -6,6 +6,7 @@ one-process group on a free local port, so the same code path (DeepSpeed needs a
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -55,6 +56,34 @@ def _export_env() -> None:
         env["MASTER_PORT"] = str(_free_port())
 
 
+def quiet_cpu_run() -> None:
+    """Without a GPU, tell DeepSpeed it runs on the CPU (instead of its "unable to detect" warning at import)
+    and silence torch's "No CUDA runtime is found" note from its extension builder. Effective only before
+    ``deepspeed`` is imported."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def _announce_shm_build(local_rank: int) -> None:
+    """On the CPU accelerator DeepSpeed JIT-compiles a C++ op when the process group starts: 60-90 s of
+    silence the first time, cached afterwards. Say so (once per node) when it is not built yet."""
+    from deepspeed.accelerator import get_accelerator
+
+    if local_rank != 0 or get_accelerator().device_name() != "cpu":
+        return
+    import deepspeed.ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    folder = _get_build_directory(builder.NAME, verbose=False)
+    if not os.path.isfile(os.path.join(folder, f"{builder.NAME}.so")):
+        print(f"DeepSpeed is compiling its CPU communication op ({builder.NAME}) into {folder}: once, about "
+              "60-90 s; later runs load it from there", flush=True)
+
+
 def init_distributed(backend: str = "") -> tuple[int, int, int]:
     """Start (once) the process group; returns ``(rank, world_size, local_rank)``.
 
@@ -66,8 +95,10 @@ def init_distributed(backend: str = "") -> tuple[int, int, int]:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
+        quiet_cpu_run()
         import deepspeed
 
+        _announce_shm_build(local_rank)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    rank=rank, world_size=world)
     return dist.get_rank(), dist.get_world_size(), local_rank
@@ -89,6 +120,30 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def env_rank() -> int:
+    """This process's global rank from the launcher's environment, before any process group exists."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over all ranks (every rank gets the same list)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_object(obj):
+    """Every rank's ``obj`` (small, picklable: our own counters, never shard content), in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_max(value: float) -> float:
