@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import socket
+import threading
 
 import torch
 import torch.distributed as dist
@@ -65,23 +66,33 @@ def quiet_cpu_run() -> None:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
-def _announce_shm_build(local_rank: int) -> None:
+def _announce_op_build(local_rank: int) -> threading.Event:
     """On the CPU accelerator DeepSpeed JIT-compiles a C++ op when the process group starts: 60-90 s of
-    silence the first time, cached afterwards. Say so (once per node) when it is not built yet."""
+    silence the first time (or after the venv or the ninja on PATH changed), cached afterwards. Whether it
+    will rebuild cannot be told beforehand, so a watcher says so (once per node) while torch's build lock
+    exists. Set the returned event when the process group is up."""
+    done = threading.Event()
     from deepspeed.accelerator import get_accelerator
 
     if local_rank != 0 or get_accelerator().device_name() != "cpu":
-        return
+        return done
     import deepspeed.ops
     from torch.utils.cpp_extension import _get_build_directory
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        return
+        return done
     folder = _get_build_directory(builder.NAME, verbose=False)
-    if not os.path.isfile(os.path.join(folder, f"{builder.NAME}.so")):
-        print(f"DeepSpeed is compiling its CPU communication op ({builder.NAME}) into {folder}: once, about "
-              "60-90 s; later runs load it from there", flush=True)
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            if os.path.exists(os.path.join(folder, "lock")):
+                print(f"DeepSpeed is compiling its CPU communication op ({builder.NAME}) in {folder}: about 60-90 s, "
+                      "once (again only after the venv or the ninja on PATH changes)", flush=True)
+                return
+
+    threading.Thread(target=watch, name="op-build-note", daemon=True).start()
+    return done
 
 
 def init_distributed(backend: str = "") -> tuple[int, int, int]:
@@ -98,9 +109,12 @@ def init_distributed(backend: str = "") -> tuple[int, int, int]:
         quiet_cpu_run()
         import deepspeed
 
-        _announce_shm_build(local_rank)
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   rank=rank, world_size=world)
+        building = _announce_op_build(local_rank)
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                       rank=rank, world_size=world)
+        finally:
+            building.set()
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
