@@ -32,7 +32,7 @@ import itertools
 import json
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -134,7 +134,7 @@ class SkipCounter:
     """
 
     def __init__(self, stats: SkipStats | None = None):
-        self.stats = stats or SkipStats()
+        self.stats = SkipStats.combine([stats] if stats else [])  # a copy: the caller's stays as it was
         self.muted = False
 
     def __call__(self, exn: BaseException) -> bool:
@@ -160,7 +160,7 @@ class SkipCounter:
             log.warning("shard %s ended %d sample(s) short of its index count (truncated or corrupt)", shard, missing)
 
     def state(self) -> dict:
-        return {"by_shard": dict(self.stats.by_shard), "read": self.stats.read}
+        return asdict(self.stats)
 
 
 def global_skip_stats(stream: "TrainStream") -> SkipStats:
