@@ -144,6 +144,30 @@ def test_print_config_round_trips_and_cli_config_errors_exit_2(tmp_path):
     assert "command line" in bad.stderr
 
 
+def test_overrides_anywhere_on_the_command_line(tmp_path):
+    cmd = [sys.executable, "-m", "unimlip_train.cli.train", "train.steps=7", "--config",
+           str(CONFIGS / "tiny_cpu.yaml"), "data.num_workers=0", "--run-dir", str(tmp_path / "r"),
+           "--print-config", "model.embed_dim=16", "train.steps=9"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    cfg = config_from_dict(yaml.safe_load(out.stdout))
+    assert (cfg.train.steps, cfg.data.num_workers, cfg.model.embed_dim, cfg.run_dir) == (9, 0, 16, str(tmp_path / "r"))
+
+    from launch.submit import build_parser as submit_parser
+    from unimlip_train.cli.args import parse_with_overrides
+    from unimlip_train.cli.train import build_parser as train_parser
+
+    args = parse_with_overrides(submit_parser(), ["train", "--config", "c.yaml", "a.b=1", "--nodes", "2", "c=2",
+                                                  "--dry-run", "d=[1, 2]"])
+    assert args.overrides == ["a.b=1", "c=2", "d=[1, 2]"] and args.nodes == 2 and args.dry_run
+    for parser, argv in ((train_parser(), ["--config", "c.yaml", "a=1", "--confg", "x"]),
+                         (train_parser(), ["--config", "c.yaml", "a=1", "--run-dir", "d", "stray"]),
+                         (submit_parser(), ["status", "--run-dir", "d", "a=1"])):
+        with pytest.raises(SystemExit) as info:
+            parse_with_overrides(parser, argv)
+        assert info.value.code == 2
+
+
 @pytest.mark.parametrize("stage, precision, offload", [(0, "fp32", False), (1, "fp32", False), (2, "bf16", True),
                                                        (3, "fp16", True)])
 def test_generated_deepspeed_config(stage, precision, offload):

@@ -393,10 +393,10 @@ def test_resume_with_another_micro_batch_continues_the_stream(data, reference):
         assert got[(rank, n + 2)] == ref[(rank, spe + 1)][:6]  # epoch 1 begins as it did with batches of 8
 
 
-def test_a_checkpoint_of_another_model_is_named_by_its_config_keys(data, reference):
+def test_a_checkpoint_of_another_model_is_named_by_its_config_keys(data, reference, tmp_path):
     from unimlip_train.config import load_config
     from unimlip_train.data.tokenizer import load_tokenizer
-    from unimlip_train.engine.checkpoint import CheckpointError, check_compatible, resolve_checkpoint
+    from unimlip_train.engine.checkpoint import CheckpointError, check_compatible, export, resolve_checkpoint
     from unimlip_train.models import build_model
 
     tag = resolve_checkpoint(str(reference["dir"]))
@@ -410,6 +410,16 @@ def test_a_checkpoint_of_another_model_is_named_by_its_config_keys(data, referen
     assert "model.embed_dim: 32 -> 16" in msg and "loss.itm.weight: 0.5 -> 0.0" in msg and "\n" not in msg
     assert "image_proj.weight: [32, 32] in the checkpoint, [16, 32] now" in msg
     assert "train.steps" not in msg
+
+    # Evaluation: weights that do not fit the config.yaml beside them are one message, not a load traceback.
+    export(tag, str(tmp_path / "export"))
+    conf = tmp_path / "export" / "config.yaml"
+    conf.write_text(conf.read_text().replace("embed_dim: 32", "embed_dim: 16"))
+    out = subprocess.run(["unimlip-eval", "retrieval", "--checkpoint", str(tmp_path / "export"), "--data",
+                          data["index"]], env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "weights do not fit the model its config.yaml describes" in out.stderr
+    assert "image_proj.weight: [32, 32] in the checkpoint, [16, 32] now" in out.stderr
 
 
 def test_disk_full_while_checkpointing_is_one_message_and_leaves_latest(data, reference, tmp_path):
