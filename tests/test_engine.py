@@ -500,8 +500,39 @@ def test_nonfinite_losses_are_skipped_then_stop_with_a_clear_message(data):
            *overrides(data, 20, **{"train.lr": 1e30, "train.max_nonfinite_in_row": 3, "train.clip_grad": 0.0})]
     out = run(cmd)
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.stdout.count("non-finite loss on some rank; micro batch skipped") == 3
-    assert "3 non-finite losses in a row" in out.stderr and "train.max_nonfinite_in_row=3" in out.stderr
+    assert out.stdout.count("non-finite loss or gradients on some rank; optimizer step skipped") == 3
+    assert "3 non-finite steps in a row" in out.stderr and "train.max_nonfinite_in_row=3" in out.stderr
+
+
+def test_accumulated_negatives_equal_one_big_micro_batch_and_the_temperature_stays_clamped(data):
+    """Through the real engine on 2 ranks: grad_accum 2 x micro batch 8 with accumulated negatives gives the
+    loss and the gradient norm of micro batch 16 (the same samples: the stream cuts the same sequence), every
+    contrastive term on and deterministic towers. A temperature learning rate that drives log(1/T) below
+    ln 1 (random embeddings at a scale near 1 still prefer a higher temperature) shows the in-place clamp after
+each optimizer step: it holds at 1, and every step starts there.
+    With ``train.negatives=micro`` the terms see fewer negatives, so the loss differs."""
+    common = {"loss.mlm.weight": 0, "loss.itm.weight": 0, "model.text.dropout": 0.0, "model.image.token_drop": 0.0,
+              "loss.itc_feature.weight": 0, "loss.image_feature.weight": 0, "loss.text_feature.weight": 0,
+              "train.lr_temperature": 0.5, "model.init_temperature": 0.9,
+              "train.checkpoint_every": 0}
+    runs = {"big": {"train.micro_batch_size": 16}, "accumulated": {"train.micro_batch_size": 8, "train.grad_accum": 2},
+            "micro": {"train.micro_batch_size": 8, "train.grad_accum": 2, "train.negatives": "micro"}}
+    jobs = [[CONFIG, str(data["root"] / f"acc_{name}"), overrides(data, 3, **{**common, **extra})]
+            for name, extra in runs.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "engine_worker.py"), json.dumps(jobs)]
+    out = run(cmd)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    m = {name: metrics(data["root"] / f"acc_{name}") for name in runs}
+    for rank in (0, 1):  # the step's two micro batches are the big one's samples, in order
+        micro = [json.loads(line)["keys"] for line in
+                 (data["root"] / "acc_accumulated" / "debug" / f"sample_keys.rank{rank}.jsonl").read_text().splitlines()]
+        assert sample_keys(data["root"] / "acc_big")[(rank, 1)] == micro[0] + micro[1]
+    for key in ("loss", "itc", "image_ssl", "text_ssl", "grad_norm"):
+        assert m["accumulated"][1][key] == pytest.approx(m["big"][1][key], rel=1e-5), key
+    assert m["micro"][1]["itc"] < m["big"][1]["itc"] - 0.1  # 16 vs 32 candidates: a visibly easier task
+    scales = [m[name][s]["logit_scale"] for name in runs for s in (1, 2, 3)]
+    assert min(scales) == pytest.approx(1.0, rel=1e-6) and min(scales) >= 1.0 - 1e-6, scales
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -89,6 +89,7 @@ class ImageTowerConfig:
     pretrained: str = ""
     kwargs: dict = field(default_factory=dict)
     token_drop: float = 0.5  # FLIP patch dropout of the feature-level image pass (loss.feature_perturbation=encoder)
+    spatial_drop: float = 0.1  # the same pass's spatial dropout of CNN stage outputs (towers without patch tokens)
     lock: bool = False  # LiT: freeze the tower (eval mode, no optimizer state)
     lock_unlocked_groups: int = 0  # with lock: the last N blocks stay trainable
 
@@ -417,6 +418,10 @@ def validate(cfg: Config, origins: dict) -> None:
         "train.optimizer": ("adamw", "fused_adam", "cpu_adam"),
         "deepspeed.precision": ("fp32", "bf16", "fp16"),
         "deepspeed.backend": ("", "gloo", "nccl"),
+        "loss.positives": ("report", "report+group", "none"),
+        "loss.feature_perturbation": ("encoder", "pooled_dropout"),
+        "loss.itc.kind": ("infonce", "sigmoid"),
+        "train.negatives": ("accumulated", "micro"),
     }
     for key, allowed in choices.items():
         value = _get_dotted(cfg, key)
@@ -450,6 +455,7 @@ def validate(cfg: Config, origins: dict) -> None:
     if cfg.deepspeed.zero_stage == 3 and cfg.train.compile:
         _fail(origins, "train.compile", "torch.compile of the towers is not supported together with ZeRO-3",
               "deepspeed.zero_stage")
+    _validate_objective(cfg, origins)
     if cfg.data.resampled and not cfg.data.samples_per_epoch and not _is_index_source(cfg.data.train):
         _fail(origins, "data.samples_per_epoch", "resampled streaming needs samples_per_epoch or an index.json")
 
@@ -475,9 +481,6 @@ _RANGES = {
     "data.samples_per_epoch": (0, None, True, True),
     "data.max_skip_fraction": (0.0, 1.0, True, True),
     "model.init_temperature": (0.0, None, False, True),
-    "model.feature_dropout": (0.0, 1.0, True, False),
-    "model.text.dropout": (0.0, 1.0, True, False),
-    "model.image.token_drop": (0.0, 1.0, True, False),
 }
 
 
@@ -513,6 +516,47 @@ def _check_image_model(name: str, origins: dict) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         _fail(origins, "model.image.name", f"{name!r} is not a timm model{hint}")
+
+
+_FEATURE_TERMS = ("itc_feature", "image_feature", "text_feature")
+_CONTRASTIVE_TERMS = ("itc", "itc_feature", "image_ssl", "image_feature", "text_ssl", "text_feature")
+
+
+def launch_world_size() -> int:
+    """Processes of this launch as the launcher announces them (torchrun / deepspeed / srun), else 1."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def _validate_objective(cfg: Config, origins: dict) -> None:
+    """Objective combinations that would train nothing, or silently something else."""
+    loss, model = cfg.loss, cfg.model
+    enabled = loss.enabled()
+    for f in dataclasses.fields(loss):
+        term = getattr(loss, f.name)
+        if isinstance(term, TermConfig) and f.name != "itc" and term.kind != "infonce":
+            _fail(origins, f"loss.{f.name}.kind", "only loss.itc.kind chooses the image-text loss "
+                                                  "(itc_feature follows it)")
+    for key in ("model.image.token_drop", "model.image.spatial_drop", "model.text.dropout", "model.feature_dropout"):
+        if not 0.0 <= _get_dotted(cfg, key) < 1.0:
+            _fail(origins, key, "must be in [0, 1)")
+    on = [t for t in _FEATURE_TERMS if t in enabled]
+    if on and loss.feature_perturbation == "pooled_dropout" and model.feature_dropout == 0:
+        _fail(origins, f"loss.{on[0]}.weight", "a feature-level term is on but its perturbation is off",
+              "model.feature_dropout", "loss.feature_perturbation")
+    if on and loss.feature_perturbation == "encoder":
+        text_dropout = model.text.config.get("hidden_dropout_prob", model.text.dropout)
+        if {"itc_feature", "text_feature"} & set(on) and text_dropout == 0:
+            _fail(origins, f"loss.{on[0]}.weight", "a text feature-level term is on but the text encoder has "
+                  "no dropout", "model.text.dropout")
+        if {"itc_feature", "image_feature"} & set(on) and model.image.token_drop == 0 and model.image.spatial_drop == 0:
+            _fail(origins, f"loss.{on[0]}.weight", "an image feature-level term is on but the image tower has "
+                  "no perturbation", "model.image.token_drop", "model.image.spatial_drop")
+    contrastive = [t for t in _CONTRASTIVE_TERMS if t in enabled]
+    per_rank = cfg.train.micro_batch_size * (cfg.train.grad_accum if cfg.train.negatives == "accumulated" else 1)
+    if contrastive and per_rank * launch_world_size() < 2:
+        _fail(origins, f"loss.{contrastive[0]}.weight", f"contrastive terms need a global batch of at least 2 "
+              f"(micro batch x ranks{' x grad_accum' if cfg.train.negatives == 'accumulated' else ''} = "
+              f"{per_rank * launch_world_size()}): no negatives", "train.micro_batch_size", "train.grad_accum")
 
 
 def _is_index_source(train: Any) -> bool:

@@ -482,6 +482,11 @@ class TrainStream:
     def _fresh_cursor(self, epoch: int, skips: SkipCounter) -> dict:
         return {"epoch": epoch, "raw": 0, "taken": 0, "bufsize": self.cfg.data.shuffle_buffer, "skips": skips.state()}
 
+    @property
+    def skipped_samples(self) -> int:
+        """Corrupt samples this rank skipped so far (``skip_stats().skipped``)."""
+        return self.skip_stats().skipped
+
     def skip_stats(self) -> SkipStats:
         """Corrupt samples this rank skipped (per shard) and samples it read, cumulative over epochs and
         resumes, as of the last batch handed out (``global_skip_stats`` combines all ranks)."""
