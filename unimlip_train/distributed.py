@@ -6,6 +6,7 @@ one-process group on a free local port, so the same code path (DeepSpeed needs a
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -69,8 +70,8 @@ def quiet_cpu_run() -> None:
 def _announce_op_build(local_rank: int) -> threading.Event:
     """On the CPU accelerator DeepSpeed JIT-compiles a C++ op when the process group starts: 60-90 s of
     silence the first time (or after the venv or the ninja on PATH changed), cached afterwards. Whether it
-    will rebuild cannot be told beforehand, so a watcher says so (once per node) while torch's build lock
-    exists. Set the returned event when the process group is up."""
+    will rebuild cannot be told beforehand, so a watcher says so (once per node) while torch's build lock is
+    held (torch holds it with flock while it compiles). Set the returned event when the process group is up."""
     done = threading.Event()
     from deepspeed.accelerator import get_accelerator
 
@@ -84,9 +85,19 @@ def _announce_op_build(local_rank: int) -> threading.Event:
         return done
     folder = _get_build_directory(builder.NAME, verbose=False)
 
+    def compiling() -> bool:
+        try:
+            with open(os.path.join(folder, "lock"), "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when closed
+        except BlockingIOError:
+            return True
+        except OSError:  # no folder yet, or no flock on this file system
+            pass
+        return False
+
     def watch() -> None:
         while not done.wait(1.0):
-            if os.path.exists(os.path.join(folder, "lock")):
+            if compiling():
                 print(f"DeepSpeed is compiling its CPU communication op ({builder.NAME}) in {folder}: about 60-90 s, "
                       "once (again only after the venv or the ninja on PATH changes)", flush=True)
                 return
