@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     stop.install(signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
     import torch.distributed as dist
 
+    from unimlip_train.engine.trainer import NonFiniteLossError, train  # imports DeepSpeed only when it runs
+
     try:
         du.init_distributed(cfg.deepspeed.backend)
         with RunLock.acquire(cfg.run_dir):
-            from unimlip_train.engine.trainer import NonFiniteLossError, train
-
             result = train(cfg, cfg.run_dir, resume=args.resume, stop_requested=stop)
     except RunDirInUse as e:
         if main_rank:
