@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -411,7 +412,9 @@ def test_a_checkpoint_of_another_model_is_named_by_its_config_keys(data, referen
     # Evaluation: weights that do not fit the config.yaml beside them are one message, not a load traceback.
     export(tag, str(tmp_path / "export"))
     conf = tmp_path / "export" / "config.yaml"
-    conf.write_text(conf.read_text().replace("embed_dim: 32", "embed_dim: 16"))
+    edited = yaml.safe_load(conf.read_text())
+    edited["model"]["embed_dim"] = 16
+    conf.write_text(yaml.safe_dump(edited))
     out = subprocess.run(["unimlip-eval", "retrieval", "--checkpoint", str(tmp_path / "export"), "--data",
                           data["index"]], env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
