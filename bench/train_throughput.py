@@ -174,7 +174,9 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="GPU dense peak for MFU (default: H100/H200 SXM bf16 989); CPU measures its own")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = p.parse_args(argv)
+    from unimlip_train.cli.args import parse_with_overrides
+
+    args = parse_with_overrides(p, argv)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from unimlip_train import distributed as du
     from unimlip_train.config import load_config

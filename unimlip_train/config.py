@@ -447,6 +447,8 @@ def validate(cfg: Config, origins: dict) -> None:
         _fail(origins, "train.min_lr_ratio", "must be in [0, 1]")
     if not 0.0 <= cfg.data.mlm_probability < 1.0:
         _fail(origins, "data.mlm_probability", "must be in [0, 1)")
+    _check_ranges(cfg, origins)
+    _check_image_model(cfg.model.image.name, origins)
     enabled = cfg.loss.enabled()
     if not enabled:
         _fail(origins, "loss", "every loss term has weight 0: nothing to train")
@@ -464,6 +466,64 @@ def validate(cfg: Config, origins: dict) -> None:
         _fail(origins, "data.samples_per_epoch", "resampled streaming needs samples_per_epoch or an index.json")
     for key in sorted(set(cfg.monitor.wandb) - set(WANDB_SETTINGS)):
         _fail(origins, f"monitor.wandb.{key}", f"unknown Weights & Biases setting (known: {', '.join(WANDB_SETTINGS)})")
+
+
+# Numeric keys with a range: (low, high, low inclusive, high inclusive); None = unbounded on that side.
+_RANGES = {
+    "train.lr": (0.0, None, False, True),
+    "train.lr_image": (0.0, None, True, True),  # 0: use train.lr (likewise for the three below)
+    "train.lr_text": (0.0, None, True, True),
+    "train.lr_head": (0.0, None, True, True),
+    "train.lr_temperature": (0.0, None, True, True),
+    "train.weight_decay": (0.0, None, True, True),
+    "train.layer_decay": (0.0, 1.0, False, True),
+    "train.warmup_steps": (0, None, True, True),
+    "train.clip_grad": (0.0, None, True, True),
+    "train.checkpoint_every": (0, None, True, True),
+    "train.checkpoint_minutes": (0.0, None, True, True),
+    "train.image_every": (0, None, True, True),
+    "train.keep_checkpoints": (0, None, True, True),
+    "train.eval_every": (0, None, True, True),
+    "data.num_workers": (0, None, True, True),
+    "data.shuffle_buffer": (0, None, True, True),
+    "data.samples_per_epoch": (0, None, True, True),
+    "data.max_skip_fraction": (0.0, 1.0, True, True),
+    "model.init_temperature": (0.0, None, False, True),
+}
+
+
+def _check_ranges(cfg: Config, origins: dict) -> None:
+    for key, (low, high, low_incl, high_incl) in _RANGES.items():
+        value = _get_dotted(cfg, key)
+        too_low = low is not None and (value < low if low_incl else value <= low)
+        too_high = high is not None and (value > high if high_incl else value >= high)
+        if too_low or too_high:
+            lo = "-inf" if low is None else f"{'[' if low_incl else '('}{low}"
+            hi = "inf)" if high is None else f"{high}{']' if high_incl else ')'}"
+            _fail(origins, key, f"must be in {lo}, {hi}, got {value}")
+    betas = cfg.train.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0
+                                  for b in betas):
+        _fail(origins, "train.betas", f"must be two numbers in [0, 1), got {betas!r}")
+
+
+def _check_image_model(name: str, origins: dict) -> None:
+    """The timm registry answers without building anything; hub / local-dir names are checked when built."""
+    import timm
+    from timm.models import parse_model_name
+
+    try:
+        source, model_id = parse_model_name(name)
+    except ValueError as e:
+        _fail(origins, "model.image.name", str(e))
+    if source == "local-dir" and not os.path.isdir(model_id):
+        _fail(origins, "model.image.name", f"no folder {model_id}")
+    if source is None and not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        _fail(origins, "model.image.name", f"{name!r} is not a timm model{hint}")
 
 
 _FEATURE_TERMS = ("itc_feature", "image_feature", "text_feature")
@@ -529,6 +589,22 @@ def _get_dotted(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _flatten(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def config_diff(old: dict, new: dict) -> dict:
+    """Dotted keys whose values differ between two config mappings (e.g. two ``Config.to_dict()``), sorted:
+    ``{key: (old value, new value)}``; a key missing on one side has the value None there."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -19,10 +19,16 @@ Decoding reads only image (jpg/png, 8/16-bit), txt and json members: other membe
 images of one study) decodes only the images ``data.view`` picks, seeded by (seed, epoch, source, key):
 ``random`` one of them, ``frontal`` one of its PA/AP images (any when it has none), ``pair`` one for ``image``
 and a different one of the same study for ``image_view2`` (when the image SSL term is on; the augmented copy of
-the same image when the study has one image). Evaluation reads the first frontal image (else the first). Corrupt samples or tar members are
-skipped, counted (``skipped_samples``) and logged. Augmentation randomness is seeded per sample from
+the same image when the study has one image). Evaluation reads the first frontal image (else the first).
+Corrupt samples or tar members are skipped, logged, and counted per shard together with the samples read
+(``SkipCounter``, ``SkipStats``), cumulatively and exactly across resumes. Augmentation randomness is seeded
+per sample from
 (seed, epoch, source, key), so a resumed stream, which skips consumed raw samples before decoding,
 reproduces the uninterrupted one tensor for tensor.
+
+Resuming with another micro batch size continues exactly (the position is counted in samples); another
+shuffle buffer applies from the next epoch (the current one finishes in its saved order); another number of
+workers, ranks or another data plan restarts at the beginning of the next epoch, with a message.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import itertools
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -49,7 +55,7 @@ from unimlip_train.data.transforms import EvalTransform, TrainAugment, decode_im
 log = logging.getLogger(__name__)
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png")
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -83,16 +89,91 @@ def group_id(sample: dict) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-class SkipCounter:
-    """WebDataset-style handler (return True = continue) that also counts and logs what it skipped."""
+@dataclass
+class SkipStats:
+    """Corrupt samples skipped (per shard) and samples read by a stream: one worker's, one rank's
+    (``TrainStream.skip_stats``), or all ranks' (``global_skip_stats``)."""
 
-    def __init__(self, count: int = 0):
-        self.count = count
+    by_shard: dict = field(default_factory=dict)
+    read: int = 0
+
+    #: the fraction check counts over at least this many samples, so a bad sample early on stops nothing
+    MIN_READ = 1000
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.by_shard.values())
+
+    def worst(self, n: int = 3) -> list[tuple[str, int]]:
+        """The ``n`` shards with the most skipped samples, most first."""
+        return sorted(self.by_shard.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+    @classmethod
+    def combine(cls, parts: list["SkipStats"]) -> "SkipStats":
+        out = cls()
+        for part in parts:
+            out.read += part.read
+            for shard, n in part.by_shard.items():
+                out.by_shard[shard] = out.by_shard.get(shard, 0) + n
+        return out
+
+    def exceeded(self, max_fraction: float) -> str:
+        """'' while at most ``max_fraction`` of the samples read (over at least MIN_READ) were skipped, else a
+        message naming the worst shards (``data.max_skip_fraction``)."""
+        if self.skipped <= max_fraction * max(self.read, self.MIN_READ):
+            return ""
+        worst = ", ".join(f"{shard} ({n})" for shard, n in self.worst())
+        return (f"{self.skipped} of {self.read} samples read were corrupt and skipped "
+                f"({100 * self.skipped / max(self.read, 1):.1f}%, more than data.max_skip_fraction={max_fraction}); "
+                f"worst shards: {worst}. Check them with `unimlip-shard verify`, re-shard the data, or raise "
+                "data.max_skip_fraction")
+
+
+class SkipCounter:
+    """A worker's running ``SkipStats``, over all its epochs.
+
+    Each lost sample is counted once: a sample the decoder rejects (``skip``), or a sample a shard failed to
+    yield (``short``: a truncated tar or a corrupt member left the shard short of its index count). As a
+    WebDataset handler (return True = continue) it only logs tar-level errors, whose samples the shortfall
+    counts. While a resumed stream replays the raw samples it consumed before its checkpoint (``muted``),
+    nothing is counted or logged again, so the totals continue exactly.
+    """
+
+    def __init__(self, stats: SkipStats | None = None):
+        self.stats = SkipStats.combine([stats] if stats else [])  # a copy: the caller's stays as it was
+        self.muted = False
 
     def __call__(self, exn: BaseException) -> bool:
-        self.count += 1
-        log.warning("skipping corrupt sample or tar member (%d so far): %r", self.count, exn)
+        if not self.muted:
+            log.warning("skipping corrupt tar member: %r", exn)
         return True
+
+    def pulled(self) -> None:
+        if not self.muted:
+            self.stats.read += 1
+
+    def skip(self, shard: str, exn: BaseException) -> None:
+        """A sample read from ``shard`` that cannot be used."""
+        if not self.muted:
+            self.stats.by_shard[shard] = self.stats.by_shard.get(shard, 0) + 1
+            log.warning("skipping corrupt sample (%d so far in this worker): %r", self.stats.skipped, exn)
+
+    def short(self, shard: str, missing: int) -> None:
+        """``missing`` samples the index promised that ``shard`` did not yield."""
+        if not self.muted and missing > 0:
+            self.stats.by_shard[shard] = self.stats.by_shard.get(shard, 0) + missing
+            self.stats.read += missing
+            log.warning("shard %s ended %d sample(s) short of its index count (truncated or corrupt)", shard, missing)
+
+    def state(self) -> dict:
+        return asdict(self.stats)
+
+
+def global_skip_stats(stream: "TrainStream") -> SkipStats:
+    """Collective (every rank, same call order): the skip statistics of all ranks combined, the same on each."""
+    from unimlip_train import distributed as du
+
+    return SkipStats.combine(du.all_gather_object(stream.skip_stats()))
 
 
 def _pass_order(src: ShardSource, seed: int, epoch: int, sidx: int, pass_no: int) -> list:
@@ -122,14 +203,17 @@ def _resampled_pieces(src: ShardSource, seed: int, epoch: int, sidx: int, unit: 
 
 def _raw_samples(pieces: Iterator[tuple], handler: SkipCounter, n_shards: int) -> Iterator[dict]:
     """Raw samples of each piece, tagged with the piece's pass/draw: a sample read twice in one epoch
-    (a source repeated by its weight, a shard resampled) gets different augmentation each time."""
+    (a source repeated by its weight, a shard resampled) gets different augmentation each time. A piece that
+    ends early is counted short by what it lacked."""
     barren = 0
     for url, first, stop, draw in pieces:
-        got = False
+        got = 0
         for sample in itertools.islice(iter_raw_samples(url, handler), first, stop):
-            got = True
+            got += 1
+            handler.pulled()
             sample["__draw__"] = draw
             yield sample
+        handler.short(url, stop - first - got)
         barren = 0 if got else barren + 1
         if barren > 2 * n_shards:
             raise RuntimeError(f"no readable samples in {2 * n_shards} shards in a row (last: {url})")
@@ -213,7 +297,7 @@ def _decoded(raws: Iterator[dict], handler: SkipCounter, in_chans: int, target: 
         try:
             yield decode_sample(raw, in_chans, target, pick)
         except Exception as exn:  # noqa: BLE001 - any decoder error means a corrupt sample: skip it
-            handler(ValueError(f"{raw.get('__key__')!r} in {raw.get('__url__')}: {exn!r}"))
+            handler.skip(raw.get("__url__", "?"), ValueError(f"{raw.get('__key__')!r} in {raw.get('__url__')}: {exn!r}"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,6 +389,18 @@ def _batches(samples: Iterator[dict], size: int, collate, partial: bool) -> Iter
         yield collate(batch)
 
 
+def _after_replay(raws: Iterator[dict], consumed: int, handler: SkipCounter) -> Iterator[dict]:
+    """``raws`` after its first ``consumed`` items, which are pulled (undecoded) with the counter muted: they
+    were counted before the checkpoint this stream resumes from."""
+    handler.muted = True
+    try:
+        for _ in itertools.islice(raws, consumed):
+            pass
+    finally:
+        handler.muted = False
+    yield from raws
+
+
 def _windows(total: int, units: int, unit: int) -> tuple:
     return unit * total // units, (unit + 1) * total // units
 
@@ -322,14 +418,14 @@ class _TrainUnits(IterableDataset):
         self.augment = TrainAugment(cfg.data)
         self.mask_token = tokenizer.mask_token or "[MASK]"
 
-    def _mixed(self, epoch: int, unit: int, handler: SkipCounter) -> Iterator[dict]:
+    def _mixed(self, epoch: int, unit: int, bufsize: int, handler: SkipCounter) -> Iterator[dict]:
         """Deterministic weighted mix: a seeded permutation with exact per-source counts, then weighted draws."""
         units, d = self.world_size * self.workers, self.cfg.data
         streams, labels = [], []
         for sidx, (src, quota) in enumerate(zip(self.sources, self.quotas)):
             lo, hi = _windows(quota, units, unit)
             streams.append(_source_stream(src, sidx, lo, hi, seed=self.cfg.seed, epoch=epoch, unit=unit,
-                                          resampled=d.resampled, bufsize=d.shuffle_buffer, handler=handler))
+                                          resampled=d.resampled, bufsize=bufsize, handler=handler))
             labels += [sidx] * (quota // units)
         rng = random.Random(_seed(self.cfg.seed, "mix", epoch, unit))
         rng.shuffle(labels)
@@ -362,34 +458,39 @@ class _TrainUnits(IterableDataset):
         return sample
 
     def _epoch(self, worker: int, cursor: dict, handler: SkipCounter) -> Iterator[dict]:
-        """Batches of one epoch of one unit, starting after ``cursor`` (consumed raw samples skipped undecoded)."""
+        """Batches of one epoch of one unit, starting after ``cursor`` (consumed raw samples skipped undecoded,
+        and not counted again). An epoch takes ``batches_per_unit`` micro batches' worth of samples; a cursor
+        saved with another micro batch size may leave fewer than one batch at the end, dropped like the
+        epoch's remainder always is."""
         epoch, unit = cursor["epoch"], self.rank * self.workers + worker
         mb = self.cfg.train.micro_batch_size
         counter = {"raw": cursor["raw"]}
+        left = (self.batches_per_unit * mb - cursor["taken"]) // mb * mb
         pipeline = wds.DataPipeline(
-            lambda: self._mixed(epoch, unit, handler),
-            lambda raws: itertools.islice(raws, cursor["raw"], None),
+            lambda: self._mixed(epoch, unit, cursor["bufsize"], handler),
+            lambda raws: _after_replay(raws, cursor["raw"], handler),
             lambda raws: _decoded(raws, handler, self.cfg.data.in_chans, self.cfg.data.image_size, counter,
                                   self._pick(epoch)),
-            lambda samples: itertools.islice(samples, (self.batches_per_unit - cursor["batches"]) * mb),
+            lambda samples: itertools.islice(samples, left),
             lambda samples: (self._prepare(s, epoch) for s in samples),
             lambda samples: _batches(samples, mb, self.collate.train, partial=False),
         )
-        for done, batch in enumerate(pipeline, start=cursor["batches"] + 1):
-            batch["_cursor"] = {"worker": worker, "epoch": epoch, "raw": counter["raw"], "batches": done,
-                                "skipped": handler.count}
+        for done, batch in enumerate(pipeline, start=1):
+            batch["_cursor"] = {"worker": worker, "epoch": epoch, "raw": counter["raw"],
+                                "taken": cursor["taken"] + done * mb, "bufsize": cursor["bufsize"],
+                                "skips": handler.state()}
             yield batch
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = (self.first_worker + (info.id if info else 0)) % self.workers
         cursor = dict(self.cursors[worker])
-        handler = SkipCounter(cursor["skipped"])
-        if cursor["batches"] >= self.batches_per_unit:  # saved right after this unit's last batch of an epoch
-            cursor = {"epoch": cursor["epoch"] + 1, "raw": 0, "batches": 0}
+        handler = SkipCounter(SkipStats(**cursor["skips"]))
+        mb = self.cfg.train.micro_batch_size
         while True:  # the unit's stream never runs dry (top-up), so each epoch gives exactly its batches
-            yield from self._epoch(worker, cursor, handler)
-            cursor = {"epoch": cursor["epoch"] + 1, "raw": 0, "batches": 0}
+            if self.batches_per_unit * mb - cursor["taken"] >= mb:  # else: saved after its epoch's last batch
+                yield from self._epoch(worker, cursor, handler)
+            cursor = {"epoch": cursor["epoch"] + 1, "raw": 0, "taken": 0, "bufsize": self.cfg.data.shuffle_buffer}
 
 
 class TrainStream:
@@ -425,23 +526,35 @@ class TrainStream:
                      "%d steps/epoch per rank", len(self.sources), self.samples_per_epoch, per_epoch,
                      per_epoch - self.samples_per_epoch, self.steps_per_epoch)
         # What saved raw positions refer to; shard names, not paths, so a data set moved elsewhere still resumes.
+        # The shuffle buffer is not part of it: each cursor carries the buffer its epoch was started with.
         shard_lists = [([u.rsplit("/", 1)[-1] for u in s.urls], s.counts, s.weight) for s in self.sources]
-        self._plan = _seed(shard_lists, self.quotas, cfg.data.resampled, cfg.data.shuffle_buffer)
+        self._plan = _seed(shard_lists, self.quotas, cfg.data.resampled)
         self._delivered = 0
-        self._cursors = [{"epoch": 0, "raw": 0, "batches": 0, "skipped": 0} for _ in range(self.workers)]
+        self._cursors = [self._fresh_cursor(0, SkipCounter()) for _ in range(self.workers)]
+
+    def _fresh_cursor(self, epoch: int, skips: SkipCounter) -> dict:
+        return {"epoch": epoch, "raw": 0, "taken": 0, "bufsize": self.cfg.data.shuffle_buffer, "skips": skips.state()}
 
     @property
     def skipped_samples(self) -> int:
-        """Corrupt samples / tar members this rank skipped so far (as reported with delivered batches)."""
-        return sum(c["skipped"] for c in self._cursors)
+        """Corrupt samples this rank skipped so far (``skip_stats().skipped``)."""
+        return self.skip_stats().skipped
+
+    def skip_stats(self) -> SkipStats:
+        """Corrupt samples this rank skipped (per shard) and samples it read, cumulative over epochs and
+        resumes, as of the last batch handed out (``global_skip_stats`` combines all ranks)."""
+        return SkipStats.combine([SkipStats(**c["skips"]) for c in self._cursors])
 
     @property
     def epoch(self) -> int:
-        return self._delivered // self.steps_per_epoch
+        """The epoch the next batch belongs to."""
+        c = self._cursors[self._delivered % self.workers]
+        done = self.batches_per_unit * self.micro_batch_size - c["taken"] < self.micro_batch_size
+        return c["epoch"] + 1 if done else c["epoch"]
 
     def state_dict(self) -> dict:
         return {"version": _STATE_VERSION, "delivered": self._delivered,
-                "cursors": [dict(c) for c in self._cursors], **self._layout()}
+                "cursors": [json.loads(json.dumps(c)) for c in self._cursors], **self._layout()}
 
     def _layout(self) -> dict:
         return {"rank": self.rank, "workers": self.workers, "world_size": self.world_size, "seed": self.cfg.seed,
@@ -449,26 +562,48 @@ class TrainStream:
                 "plan": self._plan}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Resume at ``state``. A different layout (world size, workers, seed, micro batch, shard sources,
-        weights, epoch size, shuffle buffer) cannot continue mid-epoch: ``strict`` raises ValueError;
-        otherwise the stream restarts at the beginning of the next epoch."""
-        diff = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r}, expected {_STATE_VERSION}")
-        if not diff:
+        """Resume at ``state`` (a ``state_dict()`` from a checkpoint), before iterating.
+
+        * The same layout, or another micro batch size (positions count samples): exactly where it stopped.
+          Another shuffle buffer: the current epoch finishes in its saved order; the new one applies from the
+          next epoch.
+        * Another number of workers, seed or data plan (sources, weights, epoch size), another loader version,
+          or (``strict=False``) another rank / world size: positions inside an epoch do not map, so the stream
+          restarts at the beginning of the next epoch, with a message.
+        ``strict`` refuses (ValueError) a state saved by another rank or world size: that happens only when the
+        caller passes one knowingly (a world-size change, with ``strict=False``)."""
+        now = self._layout()
+        diff = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+        if strict and ("rank" in diff or "world_size" in diff):
+            raise ValueError(f"loader state of rank {state.get('rank')} of {state.get('world_size')} ranks given "
+                             f"to rank {self.rank} of {self.world_size}")
+        if state.get("version") == _STATE_VERSION and set(diff) <= {"micro_batch_size", "steps_per_epoch"}:
             self._delivered = int(state["delivered"])
-            self._cursors = [dict(c) for c in state["cursors"]]
+            self._cursors = [json.loads(json.dumps(c)) for c in state["cursors"]]
+            if "micro_batch_size" in diff:
+                self._note("micro batch %d -> %d: the data stream continues exactly where it stopped",
+                           *diff["micro_batch_size"])
+            old = {c["bufsize"] for c in self._cursors} - {self.cfg.data.shuffle_buffer}
+            if old:
+                self._note("shuffle buffer %s -> %d: the current epoch finishes in its saved order, the new buffer "
+                           "applies from epoch %d", "/".join(map(str, sorted(old))), self.cfg.data.shuffle_buffer,
+                           max(c["epoch"] for c in self._cursors) + 1)
             return
-        message = "loader state does not match this run's data layout (" + ", ".join(
-            f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items()) + ")"
-        if strict:
-            raise ValueError(message + ": cannot resume the data stream mid-epoch")
-        next_epoch = int(state["delivered"]) // int(state["steps_per_epoch"]) + 1
-        log.warning("%s: the data stream restarts at the beginning of epoch %d", message, next_epoch)
+        if state.get("version") != _STATE_VERSION:
+            diff["loader state version"] = (state.get("version"), _STATE_VERSION)
+        cursors = state.get("cursors", [])
+        next_epoch = max((c["epoch"] + (1 if c.get("raw", 0) else 0) for c in cursors), default=0)
+        own = state.get("rank") == self.rank  # another rank's counts stay with that rank (world-size change)
+        carried = SkipStats.combine([SkipStats(**c["skips"]) for c in cursors if own and "skips" in c])
         self._delivered = next_epoch * self.steps_per_epoch
-        skipped = sum(c.get("skipped", 0) for c in state["cursors"])
-        self._cursors = [{"epoch": next_epoch, "raw": 0, "batches": 0, "skipped": skipped if i == 0 else 0}
+        self._cursors = [self._fresh_cursor(next_epoch, SkipCounter(carried if i == 0 else None))
                          for i in range(self.workers)]
+        self._note("data stream: %s: positions inside an epoch do not carry over, so it restarts at the beginning "
+                   "of epoch %d", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items()), next_epoch)
+
+    def _note(self, message: str, *args) -> None:
+        if self.rank == 0:
+            log.warning(message, *args)
 
     def __iter__(self) -> Iterator[dict]:
         dataset = _TrainUnits(self.cfg, self.tokenizer, self.needs, self.sources, self.quotas, self.rank,

@@ -79,6 +79,10 @@ def example_markdown(example: Any) -> str:
     return "\n".join(lines)
 
 
+class MissingPackageError(RuntimeError):
+    """An optional feature is configured but its package is not installed."""
+
+
 def import_wandb(settings: dict) -> Any:
     """The ``wandb`` module when ``monitor.wandb`` is set (None otherwise); a clear error when it is missing."""
     if not settings:
@@ -86,7 +90,7 @@ def import_wandb(settings: dict) -> Any:
     try:
         import wandb
     except ImportError:
-        raise RuntimeError("monitor.wandb is set but the 'wandb' package is not installed: "
+        raise MissingPackageError("monitor.wandb is set but the 'wandb' package is not installed: "
                            "pip install wandb (or remove monitor.wandb from the config)") from None
     return wandb
 
@@ -183,6 +187,16 @@ class Monitor:
         if self._wandb is not None:
             self._wandb.log(step, {f"val/{k}": v for k, v in metrics.items()})
         print(f"val step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+
+    def log_summary(self, step: int, summary: dict) -> None:
+        """The last line of a launch in metrics.jsonl (``"split": "summary"``) and on the console."""
+        if not self.enabled:
+            return
+        self._write_jsonl({"split": "summary", "step": step, **summary})
+        worst = ", ".join(f"{os.path.basename(s)} ({n})" for s, n in list(summary["skipped_by_shard"].items())[:3])
+        print(f"summary: {summary['status']} at step {step}; {summary['skipped_steps']} non-finite steps skipped; "
+              f"{summary['skipped_samples']} corrupt samples skipped of {summary['samples_read']} read"
+              + (f" (worst shards: {worst})" if worst else ""), flush=True)
 
     def log_views(self, step: int, batch: dict, max_rows: int = 8) -> None:
         """TensorBoard image ``images/augmented_views``: the first ``max_rows`` samples of a training batch,

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from unimlip_train import distributed as du
 from unimlip_train.config import Config, dump_yaml
+from unimlip_train.data.loader import global_skip_stats
 from unimlip_train.engine import checkpoint as ck
 from unimlip_train.engine.ds_config import build_ds_config
 from unimlip_train.engine.monitor import Monitor, gpu_memory_gib
@@ -42,6 +43,11 @@ class TrainResult:
 
 class NonFiniteLossError(RuntimeError):
     """Raised (on every rank) after ``train.max_nonfinite_in_row`` consecutive skipped (non-finite) steps."""
+
+
+class CorruptDataError(RuntimeError):
+    """Raised (on every rank, after a checkpoint) when more than ``data.max_skip_fraction`` of the samples read
+    were corrupt."""
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -186,6 +192,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical init on every rank (ZeRO-3 partitions each rank's own copy)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.text.name)
         self.model = build_model(cfg, self.tokenizer)
+        if self.saved is not None:
+            ck.check_compatible(self.source, cfg, self.model)  # one message naming the keys, not a size mismatch
         step_module = TrainStep(self.model, UniMlipObjective(cfg))
         self.same_layout = (self.saved is not None and self.saved.world_size == self.world
                             and self.saved.zero_stage == cfg.deepspeed.zero_stage)
@@ -227,8 +235,7 @@ class Trainer:
             rank_state = ck.read_rank_state(source, self.rank)
             self.stream.load_state_dict(rank_state["stream"])
             ck.set_rng_state(rank_state["rng"])
-            self.monitor.event(f"resumed from {source} at step {state.step} ({state.samples_seen} samples seen); "
-                               "data stream continues where it stopped")
+            self.monitor.event(f"resumed from {source} at step {state.step} ({state.samples_seen} samples seen)")
         else:
             _fast_forward(self.scheduler, state.step)
             self.stream.load_state_dict(ck.read_rank_state(source, 0)["stream"], strict=False)
@@ -268,6 +275,7 @@ class Trainer:
                 if stop or state.step >= cfg.train.steps:
                     if state.step != self.last_saved:
                         self.checkpoint_step(force=True)
+                    self._summary("preempted" if stop else "finished")
                     if stop:
                         self.monitor.event(f"stop requested: checkpointed at step {state.step}, exiting as preempted")
                         return TrainResult("preempted", state.step)
@@ -399,6 +407,7 @@ class Trainer:
         if state.step % cfg.train.log_every and state.step != cfg.train.steps:
             return
         scalars = _mean_over_ranks({k: v / self.steps_in_window for k, v in self.sums.items()})
+        skips = global_skip_stats(self.stream)
         elapsed = max(time.time() - self.window["t0"], 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
         scalars.update({f"lr/{g}": lr for g, lr in group_lrs(self.optimizer).items()})
@@ -406,15 +415,26 @@ class Trainer:
                        samples_per_s_per_gpu=self.window["samples"] / elapsed / self.world,
                        data_wait_frac=min(1.0, self.window["wait"] / elapsed),
                        skipped_steps=float(state.nonfinite_total),
-                       skipped_samples=float(self.stream.skipped_samples),
+                       skipped_samples=float(skips.skipped),
                        samples_seen=float(state.samples_seen))
         if grad_norm is not None:
             scalars["grad_norm"] = float(grad_norm)
         if (mem := gpu_memory_gib()) is not None:
             scalars["gpu_mem_gib"] = mem
+        scalars.update({f"skipped_by_shard/{os.path.basename(shard)}": float(n) for shard, n in skips.by_shard.items()})
         self.monitor.log_train(state.step, scalars, self.start_step)
         self.window = {"t0": time.time(), "wait": 0.0, "samples": 0}
         self.sums, self.steps_in_window = {}, 0
+        if message := skips.exceeded(cfg.data.max_skip_fraction):
+            self.checkpoint_step(force=True)
+            raise CorruptDataError(f"{message}; checkpointed at step {state.step}")
+
+    def _summary(self, status: str) -> None:
+        """The run's last line in metrics.jsonl (and the console): status, step, the skipped steps and samples."""
+        skips = global_skip_stats(self.stream)
+        self.monitor.log_summary(self.state.step, {
+            "status": status, "skipped_steps": self.state.nonfinite_total, "skipped_samples": skips.skipped,
+            "samples_read": skips.read, "skipped_by_shard": dict(skips.worst(len(skips.by_shard)))})
 
     def picture_step(self) -> None:
         """TensorBoard grid of the augmented view pairs: at the first step of a launch and every
