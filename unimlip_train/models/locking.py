@@ -43,7 +43,7 @@ class LockableTower(nn.Module):
         for name, p in self.named_parameters():
             if name in frozen:
                 p.requires_grad_(False)
-        self._frozen = fully_frozen(self)
+        self._frozen = [m for child in self.children() for m in fully_frozen(child)]
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "LockableTower":
