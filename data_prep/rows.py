@@ -21,3 +21,4 @@ class Row:
     group: str = ""  # patient / study id: the unit of the train/val/test split ('' -> the id)
     labels: list = field(default_factory=list)
     metadata: dict = field(default_factory=dict)  # source, view, original path, anything else kept
+    split: str = ""  # an official split to keep (train / val / test); '' = by group hash (--val/--test-fraction)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data_prep.images import ImageError, process_image
 from data_prep.rows import InputError, Row
-from data_prep.splits import active_splits, assign_groups
+from data_prep.splits import SPLITS, active_splits, assign_groups
 
 TOOL_NAME = "unimlip-shard"
 JOURNAL = ".unimlip-shard-journal.jsonl"
@@ -147,13 +147,17 @@ def plan(rows: Iterable[Row], options: WriterOptions, progress: bool) -> tuple[d
         else:
             seen[key] = row.id
             kept.append(_Planned(key, row, str(row.group) if row.group else key))
-    split_of = assign_groups((p.group for p in kept), options.seed, options.val_fraction, options.test_fraction)
-    by_split: dict[str, list[_Planned]] = {s: [] for s in active_splits(options.val_fraction, options.test_fraction)}
+    hashed = [p for p in kept if not p.row.split]  # rows without an official split: split by group hash
+    split_of = assign_groups((p.group for p in hashed), options.seed, options.val_fraction, options.test_fraction)
+    by_split: dict[str, list[_Planned]] = (
+        {s: [] for s in active_splits(options.val_fraction, options.test_fraction)} if hashed or not kept else {})
     for p in kept:
-        by_split[split_of[p.group]].append(p)
+        if p.row.split and p.row.split not in SPLITS:
+            raise InputError(f"row {p.row.id!r}: split {p.row.split!r} is not one of {', '.join(SPLITS)}")
+        by_split.setdefault(p.row.split or split_of[p.group], []).append(p)
     for items in by_split.values():
         items.sort(key=lambda p: p.key)
-    return by_split, errors
+    return {s: by_split[s] for s in SPLITS if s in by_split}, errors
 
 
 def _fingerprint(by_split: dict[str, list[_Planned]], options: WriterOptions) -> str:

@@ -45,18 +45,18 @@ def parse_labels(value) -> list[str]:
     return [part.strip() for part in _LABEL_SEP.split(text) if part.strip()]
 
 
-def _records(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) pairs; raises InputError for structural problems."""
+def records(path: Path, required: tuple = REQUIRED) -> Iterator[tuple[int, dict]]:
+    """(line number, record) pairs with the ``required`` fields; raises InputError for structural problems."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        yield from _jsonl_records(path)
+        yield from _jsonl_records(path, required)
     elif suffix in (".csv", ".tsv"):
-        yield from _csv_records(path, "\t" if suffix == ".tsv" else ",")
+        yield from _csv_records(path, "\t" if suffix == ".tsv" else ",", required)
     else:
         raise InputError(f"{path}: unknown manifest type {suffix!r} (use .csv, .tsv or .jsonl)")
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+def _jsonl_records(path: Path, required: tuple) -> Iterator[tuple[int, dict]]:
     with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported with its line
         for lineno, raw in enumerate(f, 1):
             try:
@@ -71,13 +71,13 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
                 raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            missing = [c for c in REQUIRED if c not in record]
+            missing = [c for c in required if c not in record]
             if missing:
                 raise InputError(f"{path}:{lineno}: missing required field(s) {', '.join(missing)}")
             yield lineno, record
 
 
-def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
+def _csv_records(path: Path, delimiter: str, required: tuple) -> Iterator[tuple[int, dict]]:
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter, strict=True)
         try:
@@ -85,7 +85,7 @@ def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
             if header is None:
                 raise InputError(f"{path}: empty manifest (no header line)")
             header = [h.strip() for h in header]
-            missing = [c for c in REQUIRED if c not in header]
+            missing = [c for c in required if c not in header]
             if missing:
                 raise InputError(f"{path}:1: missing required column(s) {', '.join(missing)}; header is {header}")
             for values in reader:
@@ -109,7 +109,7 @@ def iter_rows(args: argparse.Namespace) -> Iterator[Row]:
     if not root.is_dir():
         raise InputError(f"--images-root {root}: no such directory")
     count = 0
-    for lineno, record in _records(path):
+    for lineno, record in records(path):
         count += 1
         image = record["image"]
         if not isinstance(image, str) or not image.strip():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -36,12 +37,12 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim < 2 or "logit_scale" in name
 
 
-def layer_scales(model: nn.Module, layer_decay: float) -> dict[int, float]:
-    """Parameter id -> lr multiplier ``layer_decay ** (top + 1 - layer)`` for both towers (empty at 1: off)."""
+def layer_scales(towers: Iterable[nn.Module], layer_decay: float) -> dict[int, float]:
+    """Parameter id -> lr multiplier ``layer_decay ** (top + 1 - layer)`` within each tower (empty at 1: off)."""
     if layer_decay == 1.0:
         return {}
     scales: dict[int, float] = {}
-    for tower in (model.image_tower, model.text_tower):
+    for tower in towers:
         ids = tower.layer_ids()
         top = max(ids.values())
         for name, p in tower.named_parameters():
@@ -57,7 +58,7 @@ def param_groups(module: nn.Module, model: nn.Module, cfg: Config) -> list[dict]
     lrs = {"image": t.lr_image or t.lr, "text": t.lr_text or t.lr, "head": t.lr_head or t.lr,
            "temperature": t.lr_temperature or t.lr}
     owner = _group_of(model)
-    scales = layer_scales(model, t.layer_decay)
+    scales = layer_scales((model.image_tower, model.text_tower), t.layer_decay)
     buckets: dict[tuple[str, bool, float], list] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:

@@ -8,6 +8,7 @@ submodules outside their own ``forward``, which ZeRO-3's fetch hooks do not see.
 """
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 
@@ -103,41 +104,52 @@ def gather_embedded(local: EmbeddedSet, world_size: int, error: str = "") -> Emb
                        [list(labels[i]) for i in order], [groups[i] for i in order])
 
 
-def batch_labels(batch: dict, label_key: str) -> list[list[str]]:
-    """Per-sample label lists: the batch's ``labels`` (metadata ``labels``), or another metadata field.
+def meta_labels(meta: dict, label_key: str) -> list[str]:
+    """A sample's labels from its metadata field ``label_key``: a string becomes a one-element list, a missing
+    field an empty one."""
+    v = meta.get(label_key)
+    return [] if v is None else [str(v)] if isinstance(v, (str, int, float)) else [str(x) for x in v]
 
-    A string value becomes a one-element list, a missing one an empty list.
-    """
+
+def batch_labels(batch: dict, label_key: str) -> list[list[str]]:
+    """Per-sample label lists: the batch's ``labels`` (metadata ``labels``), or another metadata field."""
     if label_key == "labels":
         return batch["labels"]
     if "meta" not in batch:
         raise ValueError(f"label key {label_key!r}: eval batches carry only the 'labels' metadata field")
-    values = [m.get(label_key) for m in batch["meta"]]
-    return [[] if v is None else [str(v)] if isinstance(v, (str, int, float)) else [str(x) for x in v]
-            for v in values]
+    return [meta_labels(m, label_key) for m in batch["meta"]]
 
 
-def split_keys(sources: list[ShardSource]) -> list[list[str]]:
-    """Every sample key of each source, in the order the eval loader reads them (image bytes not decoded)."""
-    return [[raw["__key__"] for url in src.urls for raw in iter_raw_samples(url, wds.ignore_and_continue)]
+def _metadata(raw: dict) -> dict:
+    try:
+        meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # a corrupt sample: the loader skips it too
+    return meta if isinstance(meta, dict) else {}
+
+
+def list_samples(sources: list[ShardSource]) -> list[list[tuple[str, dict]]]:
+    """``(key, metadata)`` of every sample of each source, in the order the eval loader reads them (the images
+    are not decoded)."""
+    return [[(raw["__key__"], _metadata(raw)) for url in src.urls for raw in iter_raw_samples(url, wds.ignore_and_continue)]
             for src in sources]
 
 
-def sample_keys(listed: list[list[str]], n: int, seed: int) -> frozenset:
+def sample_keys(listed: list[list[tuple[str, dict]]], n: int, seed: int) -> frozenset:
     """A seeded random subset of ``n`` keys (all of them when there are fewer), the same on every rank."""
-    keys = sorted(k for src in listed for k in src)
+    keys = sorted(k for src in listed for k, _ in src)
     return frozenset(keys if n >= len(keys) else random.Random(seed).sample(keys, n))
 
 
 def rank_share(sources: list[ShardSource], rank: int, world_size: int, workers: int,
-               listed: list[list[str]] | None = None, keys: frozenset | None = None) -> int:
+               listed: list[list[tuple[str, dict]]] | None = None, keys: frozenset | None = None) -> int:
     """How many samples the eval loader gives this rank (its workers' windows; only ``keys`` when given)."""
     units = world_size * workers
     total = 0
     for i, src in enumerate(sources):
         for unit in range(rank * workers, (rank + 1) * workers):
             lo, hi = _windows(src.total, units, unit)
-            total += hi - lo if keys is None else sum(k in keys for k in listed[i][lo:hi])
+            total += hi - lo if keys is None else sum(k in keys for k, _ in listed[i][lo:hi])
     return total
 
 
@@ -153,7 +165,7 @@ def embed_split(model: torch.nn.Module, cfg, tokenizer, source: str, split: str,
     """
     device = model_device(model)
     sources = resolve_sources(source, split)
-    listed = split_keys(sources) if sample > 0 else None
+    listed = list_samples(sources) if sample > 0 else None
     keys = sample_keys(listed, sample, seed) if listed is not None else None
     loader = build_eval_loader(cfg, source, tokenizer, batch_size, rank, world_size, split=split, keys=keys)
     share = rank_share(sources, rank, world_size, max(1, cfg.data.num_workers), listed, keys) if progress else None

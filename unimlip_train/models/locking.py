@@ -46,6 +46,12 @@ class LockableTower(nn.Module):
         self._frozen = [m for child in self.children() for m in fully_frozen(child)]
         self.train(self.training)
 
+    def unlock(self) -> None:
+        """Everything trainable again (a fine-tuning run decides afresh what to lock)."""
+        for p in self.parameters():
+            p.requires_grad_(True)
+        self._frozen = []
+
     def train(self, mode: bool = True) -> "LockableTower":
         super().train(mode)
         for module in self._frozen:
