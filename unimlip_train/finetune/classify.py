@@ -83,7 +83,8 @@ def selection_score(m: dict) -> float:
 
 
 def run(args, model, cfg, tokenizer, device: torch.device, out: str) -> dict:
-    """Fine-tune, select, test; writes ``model.safetensors`` and ``classes.json`` into ``out``."""
+    """Fine-tune, select, test; writes ``model.safetensors``, ``classes.json`` and ``samples.json`` (the keys
+    trained and validated on) into ``out``."""
     train_all = split_samples(args.data, args.train_split)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else default_classes(
         train_all, args.label_key, args.multi_label)
@@ -150,6 +151,8 @@ def run(args, model, cfg, tokenizer, device: torch.device, out: str) -> dict:
               os.path.join(out, "model.safetensors"))
     with open(os.path.join(out, "classes.json"), "w", encoding="utf-8") as f:
         json.dump({"classes": classes, "multi_label": args.multi_label, "label_key": args.label_key}, f, indent=1)
+    with open(os.path.join(out, "samples.json"), "w", encoding="utf-8") as f:  # which labels the fraction used
+        json.dump({"train": train.keys, "val": val.keys}, f)
     return {"metrics": result, "epochs": history,
             "splits": {"train": args.train_split, "val": val_name, "test": args.test_split},
             "samples": {"train": len(train.keys), "val": len(val.keys), "test": int(result["num_samples"])}}

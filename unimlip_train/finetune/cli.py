@@ -4,7 +4,8 @@ One process (a GPU when there is one). Each command prints per-epoch lines and a
 line one JSON object: classify with ``accuracy``, ``balanced_accuracy``, ``auroc`` (+ per-class AUROC), vqa with
 ``closed_accuracy``, ``open_accuracy``, ``overall_accuracy``, ``majority_baseline``; both with the provenance
 ``card``. ``--out DIR`` receives ``metrics.json`` (that object), ``card.json``, the fine-tuned
-``model.safetensors`` and ``classes.json`` / ``answers.json`` + ``predictions.jsonl``.
+``model.safetensors`` and ``classes.json`` + ``samples.json`` (the keys trained and validated on) /
+``answers.json`` + ``predictions.jsonl`` (every test question with its predicted answer).
 """
 from __future__ import annotations
 
