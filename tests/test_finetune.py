@@ -37,7 +37,7 @@ def _run(*cmd: str, timeout: int = 900) -> str:
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("transfer")
     shard = ["data_prep.cli", "--workers", "1", "--no-progress", "--image-size", "64", "--max-size", "64"]
-    _run(*shard[:1], "synthetic", *shard[1:], "--n", "240", "--val-fraction", "0.25", "--out", str(root / "pre"))
+    _run(*shard[:1], "synthetic", *shard[1:], "--n", "400", "--val-fraction", "0.25", "--out", str(root / "pre"))
     _run(*shard[:1], "synthetic-vqa", *shard[1:], "--n", "400", "--seed", "1", "--out", str(root / "vqa"))
     torch.manual_seed(1)
     net = timm.create_model("resnet10t", num_classes=0, in_chans=1)
@@ -93,8 +93,8 @@ def test_finetune_classify_on_a_label_fraction_sampled_by_patient(work, tmp_path
     out = tmp_path / "cls"
     stdout = _run("unimlip_train.finetune.cli", "classify", "--checkpoint", str(work / "run"), "--data",
                   str(work / "pre"), "--label-key", "labels", "--classes", "No Finding,Opacity", "--fraction", "0.5",
-                  "--epochs", "4", "--lr", "3e-4", "--val-split", "", "--test-split", "val", "--workers", "0",
-                  "--out", str(out))
+                  "--epochs", "10", "--lr", "5e-4", "--batch-size", "16", "--val-split", "", "--test-split", "val",
+                  "--workers", "0", "--out", str(out))
     doc = json.loads(stdout.strip().splitlines()[-1])
     assert {"accuracy", "balanced_accuracy", "auroc", "auroc/No Finding", "auroc/Opacity", "card"} <= set(doc)
     assert doc == json.loads((out / "metrics.json").read_text())
@@ -138,13 +138,13 @@ def test_finetune_classify_on_a_label_fraction_sampled_by_patient(work, tmp_path
     accuracy = 100 * np.mean([(p > 0.5) == t for p, t in zip(probs, truth)])
     assert doc["accuracy"] == pytest.approx(accuracy)
     assert doc["auroc/Opacity"] == pytest.approx(100 * _naive_auroc(probs, truth), abs=1e-6)
-    assert doc["auroc"] > 70, doc  # chance is 50
+    assert doc["auroc"] > 80, doc  # chance is 50
 
 
 def test_finetune_vqa_beats_the_question_only_baseline_by_15_points(work, tmp_path):
     out = tmp_path / "vqa"
     stdout = _run("unimlip_train.finetune.cli", "vqa", "--checkpoint", str(work / "run"), "--data", str(work / "vqa"),
-                  "--epochs", "6", "--lr", "1e-4", "--workers", "0", "--out", str(out))
+                  "--epochs", "12", "--lr", "2e-4", "--workers", "0", "--out", str(out))
     doc = json.loads(stdout.strip().splitlines()[-1])
     assert {"closed_accuracy", "open_accuracy", "overall_accuracy", "majority_baseline", "card"} <= set(doc)
     assert doc["card"]["tool"] == "unimlip-finetune vqa" and doc["card"]["data"]["splits"]["test"] == "test"

@@ -197,17 +197,23 @@ def load_engine(engine, path: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _module_states(path: str) -> dict[str, torch.Tensor]:
+    """The full module of rank 0's model-states file (stages 0-2; DeepSpeed's own file format), as fp32."""
+    blob = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=True)
+    return {k: v.float() if v.is_floating_point() else v for k, v in blob["module"].items()}
+
+
 def consolidated_state_dict(path: str) -> dict[str, torch.Tensor]:
     """fp32 UniMlip weights of a tag, independent of the ZeRO stage and world size that wrote it."""
     state = read_state(path)
     if state.zero_stage == 0:
-        # Stage 0 keeps the full module in rank 0's model-states file (DeepSpeed's own file format).
-        blob = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=True)
-        full = {k: v.float() if v.is_floating_point() else v for k, v in blob["module"].items()}
+        full = _module_states(path)
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         full = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
+        if state.zero_stage == 1:  # ZeRO-1 records frozen (locked) parameters only in the module states
+            full.update({k: v for k, v in _module_states(path).items() if k not in full})
     p = state.model_prefix
     return {k[len(p):]: v for k, v in full.items() if k.startswith(p)}
 
