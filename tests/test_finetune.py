@@ -140,6 +140,19 @@ def test_finetune_classify_on_a_label_fraction_sampled_by_patient(work, tmp_path
     assert doc["auroc/Opacity"] == pytest.approx(100 * _naive_auroc(probs, truth), abs=1e-6)
     assert doc["auroc"] > 80, doc  # chance is 50
 
+    # multi-label, image tower locked but for its last group: the locked part comes out as it went in
+    stdout = _run("unimlip_train.finetune.cli", "classify", "--checkpoint", str(work / "run"), "--data",
+                  str(work / "pre"), "--label-key", "labels", "--classes", "Opacity,Pleural Effusion,Cardiomegaly",
+                  "--multi-label", "--lock-image", "--unlocked-groups", "1", "--epochs", "1", "--test-split", "val",
+                  "--workers", "0", "--out", str(tmp_path / "ml"))
+    ml = json.loads(stdout.strip().splitlines()[-1])
+    per_class = [ml[f"auroc/{c}"] for c in ("Opacity", "Pleural Effusion", "Cardiomegaly")]
+    assert ml["auroc"] == pytest.approx(np.mean(per_class)) and ml["card"]["data"]["splits"]["val"] == "val"
+    tuned = load_file(str(tmp_path / "ml" / "model.safetensors"))
+    before = load_for_eval(str(work / "run"))[0].image_tower.state_dict()  # `model` holds the first fine-tune now
+    for k, v in before.items():
+        assert torch.equal(tuned[f"image_tower.{k}"], v) != k.startswith("model.layer4.") or "num_batches" in k, k
+
 
 def test_finetune_vqa_beats_the_question_only_baseline_by_15_points(work, tmp_path):
     out = tmp_path / "vqa"

@@ -69,7 +69,6 @@ def test_a_timm_folder_brings_its_weights_normalisation_and_input_size(tokenizer
 
 
 def test_a_weights_file_takes_the_tag_config_and_bad_values_fail_at_load_naming_the_key(tmp_path):
-    timm.create_model("resnet10t", num_classes=0)
     torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), tmp_path / "r10.pth")
     cfg = load_config(None, ["model.image.name=resnet10t.c3_in1k", f"model.image.pretrained={tmp_path / 'r10.pth'}",
                              "data.in_chans=3"])

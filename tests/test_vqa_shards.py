@@ -9,7 +9,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from data_prep import synthetic, synthetic_vqa
