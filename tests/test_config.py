@@ -75,11 +75,31 @@ def test_overrides_apply_and_are_blamed_on_the_command_line(tmp_path):
     ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size"),
     ({"loss": {t: {"weight": 0} for t in ("itc", "itc_feature", "image_ssl", "image_feature", "text_ssl",
                                           "text_feature", "mlm", "itm")}}, "loss"),
+    ({"loss": {"positives": "patient"}}, "loss.positives"),
+    ({"loss": {"feature_perturbation": "noise"}}, "loss.feature_perturbation"),
+    ({"loss": {"itc": {"kind": "hinge"}}}, "loss.itc.kind"),
+    ({"loss": {"itc_feature": {"kind": "sigmoid"}}}, "loss.itc_feature.kind"),
+    ({"train": {"negatives": "all"}}, "train.negatives"),
+    ({"model": {"image": {"token_drop": 1.0}}}, "model.image.token_drop"),
+    # a feature-level term whose perturbation is off would silently equal its data-level twin
+    ({"model": {"text": {"dropout": 0.0}}}, "loss.itc_feature.weight"),
+    ({"model": {"image": {"token_drop": 0.0, "spatial_drop": 0.0}}}, "loss.itc_feature.weight"),
+    ({"loss": {"feature_perturbation": "pooled_dropout"}, "model": {"feature_dropout": 0.0}}, "loss.itc_feature.weight"),
+    # one sample per process and no accumulation: no negatives at all
+    ({"train": {"micro_batch_size": 1}}, "loss.itc.weight"),
+    ({"train": {"micro_batch_size": 1, "grad_accum": 4, "negatives": "micro"}}, "loss.itc.weight"),
 ])
 def test_impossible_combinations(tmp_path, data, key):
     f = _write(tmp_path / "bad.yaml", data)
     msg = _error(f)
     assert f"key '{key}'" in msg and f in msg
+
+
+def test_a_global_contrastive_batch_of_two_is_enough(tmp_path, monkeypatch):
+    """Micro batch 1 trains with accumulated negatives (K >= 2), or with several processes."""
+    load_config(None, ["train.micro_batch_size=1", "train.grad_accum=2"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    load_config(None, ["train.micro_batch_size=1"])
 
 
 def test_shipped_configs_load_with_the_expected_terms():
@@ -123,3 +143,6 @@ def test_generated_deepspeed_config(stage, precision, offload):
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == stage
     assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
     assert ("offload_optimizer" in ds["zero_optimization"]) == offload
+    fp32_reduction = {"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}}
+    assert {k: ds.get(k) for k in fp32_reduction} == (fp32_reduction if precision == "bf16" else {
+        "communication_data_type": None, "data_types": None})

@@ -76,7 +76,8 @@ def test_retrieval_on_a_seeded_subset_embeds_only_the_subset(setup, monkeypatch,
     assert sub.keys == expected and sub.keys != full.keys[:7]
     rows = torch.tensor([full.keys.index(k) for k in expected])
     # the same samples' embeddings (batch composition changes float rounding only)
-    assert torch.allclose(sub.image, full.image[rows], atol=1e-5) and torch.allclose(sub.text, full.text[rows], atol=1e-5)
+    assert torch.allclose(sub.image, full.image[rows], atol=1e-5)
+    assert torch.allclose(sub.text, full.text[rows], atol=1e-5)
     assert retrieval_metrics(sub.image, sub.text, sub.texts) == pytest.approx(retrieval_metrics(
         full.image[rows], full.text[rows], [full.texts[i] for i in rows]))
     assert sub.groups == [full.groups[i] for i in rows] and all(g.startswith("synpat-") for g in sub.groups)
@@ -93,9 +94,10 @@ def test_every_result_carries_its_card_also_beside_out(setup, tmp_path):
     doc = json.loads(run.stdout.strip().splitlines()[-1])
     card = doc["card"]
     index_sha = hashlib.sha256((setup["shards"] / "index.json").read_bytes()).hexdigest()
+    import yaml
+
     from unimlip_train import __version__
     from unimlip_train.config import config_from_dict
-    import yaml
 
     cfg = config_from_dict(yaml.safe_load((setup["export"] / "config.yaml").read_text()))
     assert card == {"tool": "unimlip-eval retrieval", "version": __version__,
@@ -129,7 +131,8 @@ def test_validation_is_carved_by_whole_groups_and_label_fractions_sample_groups(
     per_class = [sum(strata[i] == c for i in val) for c in range(3)]
     assert all(15 <= n <= 24 for n in per_class), per_class  # about 20 % of each class's 34/33/33 patients
     again = eval_groups.carve_groups(strata, groups, 0.2, seed=0)
-    assert np.array_equal(again[1], val) and not np.array_equal(eval_groups.carve_groups(strata, groups, 0.2, 1)[1], val)
+    assert np.array_equal(again[1], val)
+    assert not np.array_equal(eval_groups.carve_groups(strata, groups, 0.2, seed=1)[1], val)
 
     shuffled = rng.permutation(300)  # the result does not depend on the order samples arrive in
     perm_val = eval_groups.carve_groups([strata[i] for i in shuffled], [groups[i] for i in shuffled], 0.2)[1]
@@ -141,4 +144,5 @@ def test_validation_is_carved_by_whole_groups_and_label_fractions_sample_groups(
         assert len(idx) == 3 * len(chosen)  # whole patients
         counts = [len({g for g in chosen if strata[groups.index(g)] == c}) for c in range(3)]
         assert max(counts) == per_stratum and min(counts) >= 1, (fraction, counts)
-    assert set(eval_groups.sample_groups(strata, groups, 0.1, 7)) <= set(eval_groups.sample_groups(strata, groups, 0.5, 7))
+    smaller, larger = (set(eval_groups.sample_groups(strata, groups, f, 7)) for f in (0.1, 0.5))
+    assert smaller <= larger

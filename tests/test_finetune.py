@@ -55,11 +55,12 @@ def work(tmp_path_factory):
 
 
 def test_a_locked_tower_stays_bit_identical_to_its_file_and_has_no_optimizer_state(work):
-    from unimlip_train.config import config_from_dict
-    from unimlip_train.engine.checkpoint import consolidated_state_dict, resolve_checkpoint
-    from unimlip_train.data.tokenizer import load_tokenizer
-    from unimlip_train.models import build_model
     import yaml
+
+    from unimlip_train.config import config_from_dict
+    from unimlip_train.data.tokenizer import load_tokenizer
+    from unimlip_train.engine.checkpoint import consolidated_state_dict, resolve_checkpoint
+    from unimlip_train.models import build_model
 
     tag = resolve_checkpoint(str(work / "run"))
     assert tag.endswith(f"step_{PRETRAIN_STEPS:07d}")
@@ -74,7 +75,8 @@ def test_a_locked_tower_stays_bit_identical_to_its_file_and_has_no_optimizer_sta
 
     cfg = config_from_dict(yaml.safe_load((Path(tag) / "config.yaml").read_text()))
     tag_cfg = timm.models.get_pretrained_cfg("resnet10t")
-    assert cfg.data.mean == pytest.approx([np.mean(tag_cfg.mean)]) and cfg.data.image_size == 64  # the config file sets the size
+    assert cfg.data.mean == pytest.approx([np.mean(tag_cfg.mean)])
+    assert cfg.data.image_size == 64  # the config file sets the size
     model = build_model(cfg, load_tokenizer())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)

@@ -297,3 +297,52 @@ def test_eval_loader_exactly_once(clean_dir, tokenizer):
     again = next(iter(build_eval_loader(cfg, clean_dir, tokenizer, 7, 0, 3, split="train")))
     assert torch.equal(again["image"], next(iter(build_eval_loader(cfg, clean_dir, tokenizer, 7, 0, 3,
                                                                     split="train")))["image"])
+
+
+def test_each_epoch_draws_new_views_and_masks(tmp_path, tokenizer):
+    """Augmentation is seeded per sample *and epoch*: epoch 2 must not replay epoch 1's views and MLM masks."""
+    write_shards(str(tmp_path), sizes=(24,))
+    stream = TrainStream(make_cfg(str(tmp_path), workers=0, mb=6), tokenizer, ALL, rank=0, world_size=1)
+    spe = stream.steps_per_epoch
+    batches = take(stream, 2 * spe)
+    epochs = [{key: {name: b[name][i] for name in ("image", "image_view2", "text_view2_ids", "mlm_input_ids")}
+               for b in batches[e * spe:(e + 1) * spe] for i, key in enumerate(b["key"])} for e in range(2)]
+    assert epochs[0].keys() == epochs[1].keys() and len(epochs[0]) == 24  # the same samples, both epochs
+    for name in ("image", "image_view2"):  # random crops: a repeated view would be a replayed seed
+        assert not any(torch.equal(epochs[0][k][name], epochs[1][k][name]) for k in epochs[0]), name
+    for name in ("text_view2_ids", "mlm_input_ids"):  # short reports: some may coincide by chance, not most
+        same = sum(torch.equal(epochs[0][k][name], epochs[1][k][name]) for k in epochs[0])
+        assert same < len(epochs[0]) // 2, (name, same)
+
+
+def test_each_epoch_reshuffles_which_shards_a_rank_reads(tmp_path, tokenizer):
+    """Shard order is seeded per epoch: a rank must not read the same shards (samples) every epoch."""
+    write_shards(str(tmp_path), sizes=(8,) * 10)
+    cfg = make_cfg(str(tmp_path), workers=1, mb=4)
+    streams = [TrainStream(cfg, tokenizer, BatchNeeds(), rank=r, world_size=2) for r in range(2)]
+    spe = streams[0].steps_per_epoch
+    seen = [[set(keys(run[e * spe:(e + 1) * spe])) for e in range(3)] for run in (take(s, 3 * spe) for s in streams)]
+    for e in range(3):
+        assert not seen[0][e] & seen[1][e] and len(seen[0][e] | seen[1][e]) == 80  # each epoch: all, once
+    assert seen[0][0] != seen[0][1] and seen[0][1] != seen[0][2], "rank 0 reads the same samples every epoch"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_twice_is_exact(tmp_path, tokenizer, workers):
+    """Two resumes in one epoch (a requeued job requeued again): the saved raw-sample position must count
+    from the epoch start, not from the last resume, or the second resume replays samples."""
+    write_shards(str(tmp_path), sizes=(30, 26, 40))
+    cfg = make_cfg(str(tmp_path), workers=workers, mb=6)
+    full_stream = TrainStream(cfg, tokenizer, ALL, rank=0, world_size=2)
+    spe = full_stream.steps_per_epoch
+    full = take(full_stream, spe)
+    pieces, state = [], None
+    for n in (2, 3, spe - 5):  # resume after batch 2 and again after batch 5, both mid-epoch
+        stream = TrainStream(cfg, tokenizer, ALL, rank=0, world_size=2)
+        if state is not None:
+            stream.load_state_dict(state)
+        pieces += take(stream, n)
+        state = json.loads(json.dumps(stream.state_dict()))
+    assert keys(pieces) == keys(full)
+    assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["mlm_input_ids"], b["mlm_input_ids"])
+               for a, b in zip(full, pieces))

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from conftest import IU_REPORTS_TGZ, PNEUMONIAMNIST_NPZ
+
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
 PER_CLASS = {"train": 200, "val": 50}  # PneumoniaMNIST images per class taken from each of its arrays
 PNEUMONIA_TAGS = ("pneumonia", "consolidation", "infiltrate")
@@ -27,7 +28,7 @@ PNEUMONIA_TAGS = ("pneumonia", "consolidation", "infiltrate")
 def iu_reports_by_class() -> dict[str, list[str]]:
     """IU X-ray reports ('FINDINGS: ... IMPRESSION: ...') whose MeSH major tags say normal / pneumonia."""
     out: dict[str, list[str]] = {"normal": [], "pneumonia": []}
-    with tarfile.open(DATA / "iu_xray_reports" / "NLMCXR_reports.tgz") as tar:
+    with tarfile.open(IU_REPORTS_TGZ) as tar:
         members = sorted((m for m in tar.getmembers() if m.name.endswith(".xml")), key=lambda m: int(Path(m.name).stem))
         for member in members:
             root = ET.fromstring(tar.extractfile(member).read())
@@ -48,7 +49,7 @@ def write_manifest(root: Path) -> Path:
     """PNGs of a balanced PneumoniaMNIST subset and a CSV manifest pairing each with a report of its class."""
     from PIL import Image
 
-    npz = np.load(DATA / "pneumoniamnist" / "pneumoniamnist_trainval.npz")
+    npz = np.load(PNEUMONIAMNIST_NPZ)
     reports = iu_reports_by_class()
     (root / "png").mkdir(parents=True)
     rows, used = [], {"normal": 0, "pneumonia": 0}
@@ -122,7 +123,9 @@ def test_real_chest_xrays_with_real_reports(tmp_path):
 
     assert zs == json.loads((tmp_path / "zs.json").read_text())
     assert zs["num_samples"] == splits["val"]["samples"] and zs["skipped"] == 0
-    assert 0 <= zs["accuracy"] <= 100 and 0 <= zs["auroc"] <= 100
+    # Chance is 50% (balanced classes, AUROC 50 for an uninformative score); briefly trained, zero-shot measured
+    # 68-82% balanced accuracy and 79-88 AUROC. 60 leaves room for run-to-run variation, none for chance.
+    assert zs["balanced_accuracy"] >= 60 and zs["auroc"] >= 60
     assert probe["num_test"] == splits["val"]["samples"]
     # Chance is 50% on these balanced classes; frozen features of even a briefly trained tiny model separate
     # pneumonia from normal far better.

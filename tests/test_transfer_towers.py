@@ -22,7 +22,8 @@ from unimlip_train.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 VIT = {"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
-TEXT = "{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 64}"
+TEXT = ("{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, "
+        "max_position_embeddings: 64}")
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,8 @@ for build in (lambda: ImageTower(cfg), lambda: TextTower(cfg, load_tokenizer()))
 """
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     image_line, text_line = out.stdout.strip().splitlines()
-    assert image_line.startswith("model.image.pretrained=hub: cannot load timm resnet10t (hub id timm/resnet10t.c3_in1k)")
+    assert image_line.startswith(
+        "model.image.pretrained=hub: cannot load timm resnet10t (hub id timm/resnet10t.c3_in1k)")
     assert text_line.startswith("model.text.name=microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext: ")
     for line in (image_line, text_line):
         assert "unimlip-fetch-weights CONFIG --out DIR" in line and "Hugging Face cache" in line
@@ -174,7 +176,8 @@ def test_partial_locks_follow_open_clip_groups(tokenizer):
     model = build_model(cfg, tokenizer).train()
     image, text = model.image_tower, model.text_tower
     # timm's ViT groups: stem, blocks.0 .. blocks.2 with the final norm joining the last block
-    assert _trainable(image) == {n for n, _ in image.named_parameters() if n.startswith(("model.blocks.2.", "model.norm."))}
+    last = ("model.blocks.2.", "model.norm.")
+    assert _trainable(image) == {n for n, _ in image.named_parameters() if n.startswith(last)}
     assert not image.model.blocks[0].training and not image.model.patch_embed.training
     assert image.model.blocks[2].training
     # open_clip's text rule: embeddings and all but the last N encoder layers frozen

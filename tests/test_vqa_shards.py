@@ -99,21 +99,29 @@ def test_slake_keeps_train_validate_test_and_english_by_default(tmp_path):
 
 def test_vqa_manifest_keeps_given_splits_and_names_the_bad_line(tmp_path, capsys):
     for i in range(4):
-        _image(tmp_path / "img" / f"{i}.png", 50 * i)
+        _image(tmp_path / "root" / "img" / f"{i}.png", 50 * i)
+    _image(tmp_path / "elsewhere.png", 7)
     rows = [["image", "question", "answer", "answer_type", "split", "modality"],
-            ["img/0.png", "Is it normal?", "yes", "", "train", "CT"], ["img/0.png", "Which organ?", "lung", "OPEN", "train", "CT"],
-            ["img/1.png", "Is it normal?", "no", "CLOSED", "test", "MRI"], ["img/2.png", "Is it normal?", "yes", "", "val", "X"],
-            ["img/3.png", "Is it normal?", "no", "", "", "X"]]
+            ["img/0.png", "Is it normal?", "yes", "", "train", "CT"],
+            ["img/0.png", "Which organ?", "lung", "OPEN", "train", "CT"],
+            ["img/1.png", "Is it normal?", "no", "CLOSED", "test", "MRI"],
+            ["img/2.png", "Is it normal?", "yes", "", "validate", "X"],
+            ["img/3.png", "Is it normal?", "no", "", "train", "X"],
+            ["../elsewhere.png", "Is it normal?", "no", "", "test", "X"]]
     path = tmp_path / "vqa.csv"
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows(rows)
-    assert _shard("vqa-manifest", "--manifest", str(path), "--out", str(tmp_path / "out"), "--val-fraction", "0") == 0
+    assert _shard("vqa-manifest", "--manifest", str(path), "--images-root", str(tmp_path / "root"),
+                  "--out", str(tmp_path / "out")) == 0
     got = _samples(tmp_path / "out")
     by_image = {s["orig_path"]: (split, s) for split, v in got.items() for s in v}
     assert {k: v[0] for k, v in by_image.items()} == {"img/0.png": "train", "img/1.png": "test", "img/2.png": "val",
-                                                       "img/3.png": "train"}  # '' split: by hash, here train
+                                                       "img/3.png": "train"}
     first = by_image["img/0.png"][1]["vqa"]
-    assert [(q["answer"], q["answer_type"], q["modality"]) for q in first] == [("yes", "CLOSED", "CT"), ("lung", "OPEN", "CT")]
+    assert [(q["answer"], q["answer_type"], q["modality"]) for q in first] == [("yes", "CLOSED", "CT"),
+                                                                               ("lung", "OPEN", "CT")]
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 1 and "outside --images-root" in errors[0]["reason"]  # the path never left its root
 
     rows[3][3] = "SOMETIMES"
     with open(path, "w", newline="") as f:
@@ -167,4 +175,5 @@ def test_synthetic_vqa_answers_are_decided_by_the_image(tmp_path):
     for question, counts in asked.items():
         if set(counts) <= {"yes", "no"}:
             assert 0.44 < counts["yes"] / sum(counts.values()) < 0.56, (question, counts)
-    assert max(asked["How many devices are visible?"].values()) / sum(asked["How many devices are visible?"].values()) < 0.45
+    counts = asked["How many devices are visible?"]
+    assert max(counts.values()) / sum(counts.values()) < 0.45

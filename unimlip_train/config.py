@@ -56,7 +56,8 @@ class AugmentConfig:
 class TextConfig:
     """Report handling before tokenization, and the light text augmentation for the second view."""
 
-    sections: list = field(default_factory=lambda: ["findings", "impression"])
+    # findings+impression | impression | findings | random, or a list of section names (read in its own order)
+    sections: Union[str, list] = "findings+impression"
     order: str = "impression_first"  # impression_first | findings_first: truncation drops findings first
     max_length: int = 64
     sentence_shuffle_p: float = 0.5
@@ -95,6 +96,7 @@ class ImageTowerConfig:
     pretrained: str = ""
     kwargs: dict = field(default_factory=dict)
     token_drop: float = 0.5  # FLIP patch dropout of the feature-level image pass (loss.feature_perturbation=encoder)
+    spatial_drop: float = 0.1  # the same pass's spatial dropout of CNN stage outputs (towers without patch tokens)
     lock: bool = False  # LiT: freeze the tower (eval mode, no optimizer state)
     lock_unlocked_groups: int = 0  # with lock: the last N blocks stay trainable
 
@@ -206,6 +208,10 @@ class EvalConfig:
     label_key: str = "labels"
     prompts: str = ""  # prompt YAML for zero-shot; empty: the packaged chest X-ray set
     multi_label: bool = False
+
+
+#: ``monitor.wandb`` keys, passed to ``wandb.init`` (the run id, resume mode and folder come from the run dir).
+WANDB_SETTINGS = ("project", "entity", "name", "group", "tags", "notes", "mode", "job_type")
 
 
 @dataclass
@@ -424,6 +430,10 @@ def validate(cfg: Config, origins: dict) -> None:
         "train.optimizer": ("adamw", "fused_adam", "cpu_adam"),
         "deepspeed.precision": ("fp32", "bf16", "fp16"),
         "deepspeed.backend": ("", "gloo", "nccl"),
+        "loss.positives": ("report", "report+group", "none"),
+        "loss.feature_perturbation": ("encoder", "pooled_dropout"),
+        "loss.itc.kind": ("infonce", "sigmoid"),
+        "train.negatives": ("accumulated", "micro"),
     }
     for key, allowed in choices.items():
         value = _get_dotted(cfg, key)
@@ -435,6 +445,7 @@ def validate(cfg: Config, origins: dict) -> None:
                 "train.max_nonfinite_in_row", "data.image_size", "model.embed_dim", "data.text.max_length"):
         if _get_dotted(cfg, key) <= 0:
             _fail(origins, key, "must be positive")
+    _validate_data_choices(cfg.data, origins)
     if cfg.data.in_chans not in (1, 3):
         _fail(origins, "data.in_chans", f"must be 1 or 3, got {cfg.data.in_chans}")
     if not 0.0 < cfg.data.augment.min_scale <= cfg.data.augment.max_scale <= 1.0:
@@ -455,8 +466,11 @@ def validate(cfg: Config, origins: dict) -> None:
     if cfg.deepspeed.zero_stage == 3 and cfg.train.compile:
         _fail(origins, "train.compile", "torch.compile of the towers is not supported together with ZeRO-3",
               "deepspeed.zero_stage")
+    _validate_objective(cfg, origins)
     if cfg.data.resampled and not cfg.data.samples_per_epoch and not _is_index_source(cfg.data.train):
         _fail(origins, "data.samples_per_epoch", "resampled streaming needs samples_per_epoch or an index.json")
+    for key in sorted(set(cfg.monitor.wandb) - set(WANDB_SETTINGS)):
+        _fail(origins, f"monitor.wandb.{key}", f"unknown Weights & Biases setting (known: {', '.join(WANDB_SETTINGS)})")
     _validate_transfer(cfg, origins)
 
 
@@ -500,6 +514,61 @@ def _resolve_pretrained(cfg: Config, origins: dict) -> None:
         d.mean, d.std = mean, std
     if not size_set:
         d.image_size = size
+
+
+_FEATURE_TERMS = ("itc_feature", "image_feature", "text_feature")
+_CONTRASTIVE_TERMS = ("itc", "itc_feature", "image_ssl", "image_feature", "text_ssl", "text_feature")
+
+
+def launch_world_size() -> int:
+    """Processes of this launch as the launcher announces them (torchrun / deepspeed / srun), else 1."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def _validate_objective(cfg: Config, origins: dict) -> None:
+    """Objective combinations that would train nothing, or silently something else."""
+    loss, model = cfg.loss, cfg.model
+    enabled = loss.enabled()
+    for f in dataclasses.fields(loss):
+        term = getattr(loss, f.name)
+        if isinstance(term, TermConfig) and f.name != "itc" and term.kind != "infonce":
+            _fail(origins, f"loss.{f.name}.kind", "only loss.itc.kind chooses the image-text loss "
+                                                  "(itc_feature follows it)")
+    for key in ("model.image.token_drop", "model.image.spatial_drop", "model.text.dropout", "model.feature_dropout"):
+        if not 0.0 <= _get_dotted(cfg, key) < 1.0:
+            _fail(origins, key, "must be in [0, 1)")
+    on = [t for t in _FEATURE_TERMS if t in enabled]
+    if on and loss.feature_perturbation == "pooled_dropout" and model.feature_dropout == 0:
+        _fail(origins, f"loss.{on[0]}.weight", "a feature-level term is on but its perturbation is off",
+              "model.feature_dropout", "loss.feature_perturbation")
+    if on and loss.feature_perturbation == "encoder":
+        text_dropout = model.text.config.get("hidden_dropout_prob", model.text.dropout)
+        if {"itc_feature", "text_feature"} & set(on) and text_dropout == 0:
+            _fail(origins, f"loss.{on[0]}.weight", "a text feature-level term is on but the text encoder has "
+                  "no dropout", "model.text.dropout")
+        if {"itc_feature", "image_feature"} & set(on) and model.image.token_drop == 0 and model.image.spatial_drop == 0:
+            _fail(origins, f"loss.{on[0]}.weight", "an image feature-level term is on but the image tower has "
+                  "no perturbation", "model.image.token_drop", "model.image.spatial_drop")
+    contrastive = [t for t in _CONTRASTIVE_TERMS if t in enabled]
+    per_rank = cfg.train.micro_batch_size * (cfg.train.grad_accum if cfg.train.negatives == "accumulated" else 1)
+    if contrastive and per_rank * launch_world_size() < 2:
+        _fail(origins, f"loss.{contrastive[0]}.weight", f"contrastive terms need a global batch of at least 2 "
+              f"(micro batch x ranks{' x grad_accum' if cfg.train.negatives == 'accumulated' else ''} = "
+              f"{per_rank * launch_world_size()}): no negatives", "train.micro_batch_size", "train.grad_accum")
+
+
+def _validate_data_choices(data: DataConfig, origins: dict) -> None:
+    """The data keys with fixed choices (names as ``unimlip_train.data.text`` and the loader read them)."""
+    sections = data.text.sections
+    if isinstance(sections, str) and sections not in ("findings+impression", "impression", "findings", "random"):
+        _fail(origins, "data.text.sections", "must be findings+impression, impression, findings or random "
+              f"(or a list of section names), got {sections!r}")
+    if isinstance(sections, list) and (not sections or not all(isinstance(x, str) and x for x in sections)):
+        _fail(origins, "data.text.sections", f"a list must hold section names, got {sections!r}")
+    if data.text.order not in ("impression_first", "findings_first"):
+        _fail(origins, "data.text.order", f"must be impression_first or findings_first, got {data.text.order!r}")
+    if data.view not in ("random", "frontal", "pair"):
+        _fail(origins, "data.view", f"must be random, frontal or pair, got {data.view!r}")
 
 
 def _is_index_source(train: Any) -> bool:

@@ -92,10 +92,30 @@ def barrier() -> None:
 
 
 def all_reduce_max(value: float) -> float:
-    """Max of a scalar over all ranks: every rank gets the same answer (used for stop / finiteness agreement)."""
+    """Max of a host scalar over all ranks, through the CPU control group (no GPU synchronisation): every
+    rank gets the same answer (stop agreement, padding lengths)."""
+    return all_reduce_max_many([value])[0]
+
+
+_CONTROL_GROUP = None
+
+
+def control_group():
+    """A gloo group over the same ranks for small host-side agreements (stop flags, padding lengths): on a
+    CUDA run these then never wait for the GPU's queue. The default group when that is already gloo.
+    Created on first use, which every rank reaches at the same point of the loop."""
+    global _CONTROL_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _CONTROL_GROUP is None:
+        _CONTROL_GROUP = dist.new_group(backend="gloo")
+    return _CONTROL_GROUP
+
+
+def all_reduce_max_many(values: list[float]) -> list[float]:
+    """``all_reduce_max`` of several host scalars in one collective."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return float(value)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
+    return t.tolist()

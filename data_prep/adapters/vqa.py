@@ -32,21 +32,22 @@ def answer_type(value, answer: str, where: str) -> str:
 def pack_rows(records: Iterable[tuple[str, dict]], source: str) -> Iterator[Row]:
     """Rows from ``(where, record)`` pairs. A record has ``image`` (path), ``image_name`` (its name in the set),
     ``question``, ``answer``, ``answer_type``, optionally ``split`` ('' = by group hash), ``group`` (default:
-    the image) and ``image_meta`` (kept in the sample's metadata); any other field is kept with its question."""
+    the image), ``image_meta`` (kept in the sample's metadata) and ``skip`` (why the image cannot be used); any
+    other field is kept with its question."""
     images: dict[tuple[str, str], dict] = {}
     for where, r in records:
         question, answer = str(r.get("question", "")).strip(), str(r.get("answer", "")).strip()
         if not question or not answer:
             raise InputError(f"{where}: empty question or answer")
-        qa = {k: v for k, v in r.items() if k not in ("image", "image_name", "split", "group", "image_meta")}
+        qa = {k: v for k, v in r.items() if k not in ("image", "image_name", "split", "group", "image_meta", "skip")}
         qa.update(question=question, answer=answer, answer_type=answer_type(r.get("answer_type"), answer, where))
         entry = images.setdefault((r["image_name"], r.get("split", "")),
                                   {"image": r["image"], "group": r.get("group") or r["image_name"], "qa": [],
-                                   "meta": r.get("image_meta", {})})
+                                   "meta": r.get("image_meta", {}), "skip": r.get("skip", "")})
         entry["qa"].append(qa)
     for (name, split), entry in sorted(images.items()):
         stem = _UNSAFE.sub("-", str(Path(name).with_suffix(""))).strip("-")
         text = "\n".join(f"{qa['question']} {qa['answer']}" for qa in entry["qa"])
         yield Row(id="-".join(p for p in (source, stem, split) if p), image=entry["image"], text=text,
-                  group=str(entry["group"]), split=split,
+                  group=str(entry["group"]), split=split, skip=entry["skip"],
                   metadata={**entry["meta"], "source": source, "orig_path": name, "vqa": entry["qa"]})

@@ -15,7 +15,11 @@ Epoch plan (why every rank yields exactly ``steps_per_epoch`` batches, and what 
     rotate across epochs because the shard order is reshuffled. A worker that comes up short because
     samples were corrupt tops up from the samples that follow its window, so no rank ever runs dry.
 Decoding reads only image (jpg/png, 8/16-bit), txt and json members: other members (``.pickle``,
-``.pyd``...) are never read, so untrusted shards cannot run code. Corrupt samples or tar members are
+``.pyd``...) are never read, so untrusted shards cannot run code. A study sample (json ``views``: several
+images of one study) decodes only the images ``data.view`` picks, seeded by (seed, epoch, source, key):
+``random`` one of them, ``frontal`` one of its PA/AP images (any when it has none), ``pair`` one for ``image``
+and a different one of the same study for ``image_view2`` (when the image SSL term is on; the augmented copy of
+the same image when the study has one image). Evaluation reads the first frontal image (else the first). Corrupt samples or tar members are
 skipped, counted (``skipped_samples``) and logged. Augmentation randomness is seeded per sample from
 (seed, epoch, source, key), so a resumed stream, which skips consumed raw samples before decoding,
 reproduces the uninterrupted one tensor for tensor.
@@ -36,6 +40,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.report_text import report_id
+from data_prep.rows import is_frontal
 from unimlip_train.config import Config, LossConfig
 from unimlip_train.data.shards import ShardSource, iter_raw_samples, resolve_sources
 from unimlip_train.data.text import augment_report, model_text
@@ -149,26 +154,64 @@ def _source_stream(src: ShardSource, sidx: int, lo: int, hi: int, *, seed: int, 
 # ---------------------------------------------------------------------------------------------------
 
 
-def decode_sample(raw: dict, in_chans: int, target: int) -> dict:
-    """Image, report and metadata from a raw sample; raises ValueError on anything unusable."""
+def image_members(raw: dict, meta: dict) -> tuple[list, list]:
+    """(member names, view positions) of a sample's images: its json ``views``, else its one jpg/png."""
+    views = meta.get("views")
+    if isinstance(views, list) and views:
+        members = [v.get("member") if isinstance(v, dict) else None for v in views]
+        missing = [m for m in members if m not in raw]
+        if missing:
+            raise ValueError(f"sample {raw.get('__key__')!r}: view member(s) {missing} listed in json but absent")
+        return members, [str(v.get("view") or "") for v in views]
     ext = next((e for e in _IMAGE_EXTS if e in raw), None)
     if ext is None:
         raise ValueError(f"sample {raw.get('__key__')!r} has no image (jpg/png)")
+    return [ext], [str(meta.get("view") or "")]
+
+
+def choose_views(positions: list, rule: str, two: bool, rng: random.Random) -> list:
+    """Indices of the images a training sample uses (see the module doc); one or, for ``pair``, two."""
+    n = len(positions)
+    if n == 1:
+        return [0]
+    if rule == "frontal":
+        return [rng.choice([i for i, p in enumerate(positions) if is_frontal(p)] or list(range(n)))]
+    first = rng.randrange(n)
+    if rule == "pair" and two:
+        return [first, rng.choice([i for i in range(n) if i != first])]
+    return [first]
+
+
+def eval_view(positions: list) -> list:
+    """The image evaluation reads: the first frontal one, else the first."""
+    return [next((i for i, p in enumerate(positions) if is_frontal(p)), 0)]
+
+
+def decode_sample(raw: dict, in_chans: int, target: int, pick=None) -> dict:
+    """Images, report and metadata from a raw sample; raises ValueError on anything unusable.
+
+    ``pick(raw, view positions)`` gives the indices of the images to decode (default: the first); they come
+    back in ``images``, in that order.
+    """
     if "txt" not in raw:
         raise ValueError(f"sample {raw.get('__key__')!r} has no report (txt)")
     meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}
     if not isinstance(meta, dict):
         raise ValueError(f"sample {raw.get('__key__')!r}: json member is not an object")
+    members, positions = image_members(raw, meta)
+    chosen = pick(raw, positions) if pick is not None else [0]
     return {"key": raw["__key__"], "origin": (raw.get("__source__"), raw.get("__draw__")),
-            "image": decode_image(raw[ext], in_chans, target), "text": raw["txt"].decode("utf-8"), "meta": meta}
+            "images": [decode_image(raw[members[i]], in_chans, target) for i in chosen],
+            "text": raw["txt"].decode("utf-8"), "meta": meta}
 
 
-def _decoded(raws: Iterator[dict], handler: SkipCounter, in_chans: int, target: int, counter: dict) -> Iterator[dict]:
+def _decoded(raws: Iterator[dict], handler: SkipCounter, in_chans: int, target: int, counter: dict,
+             pick=None) -> Iterator[dict]:
     """Decode, counting raw samples pulled (the resume position) and skipping the undecodable."""
     for raw in raws:
         counter["raw"] += 1
         try:
-            yield decode_sample(raw, in_chans, target)
+            yield decode_sample(raw, in_chans, target, pick)
         except Exception as exn:  # noqa: BLE001 - any decoder error means a corrupt sample: skip it
             handler(ValueError(f"{raw.get('__key__')!r} in {raw.get('__url__')}: {exn!r}"))
 
@@ -219,7 +262,8 @@ class _Collate:
 
     def train(self, samples: list) -> dict:
         chans = self.cfg.data.in_chans
-        batch = {"image": to_tensor([s["view1"] for s in samples], chans, self.mean, self.std), "key": [s["key"] for s in samples],
+        batch = {"image": to_tensor([s["view1"] for s in samples], chans, self.mean, self.std),
+                 "key": [s["key"] for s in samples],
                  "report_id": torch.tensor([report_id(s["text"]) for s in samples], dtype=torch.long),
                  "group_id": torch.tensor([group_id(s) for s in samples], dtype=torch.long)}
         if self.needs.image_view2:
@@ -296,19 +340,27 @@ class _TrainUnits(IterableDataset):
         for sidx in itertools.chain(labels, top_up):
             yield next(streams[sidx])
 
+    def _pick(self, epoch: int):
+        """The training view choice for ``decode_sample``, seeded per sample and epoch (exact on resume)."""
+        def pick(raw: dict, positions: list) -> list:
+            origin = (raw.get("__source__"), raw.get("__draw__"))
+            rng = random.Random(_seed(self.cfg.seed, "view", epoch, origin, raw["__key__"]))
+            return choose_views(positions, self.cfg.data.view, self.needs.image_view2, rng)
+        return pick
+
     def _prepare(self, sample: dict, epoch: int) -> dict:
         d, seed = self.cfg.data, _seed(self.cfg.seed, "sample", epoch, sample["origin"], sample["key"])
         rng, py_rng = np.random.default_rng(seed), random.Random(seed)
-        sample["view1"] = self.augment(sample["image"], rng, py_rng)
-        if self.needs.image_view2:
-            sample["view2"] = self.augment(sample["image"], rng, py_rng)
-        sample["text"] = model_text(sample["text"], d.text.sections)
+        images = sample.pop("images")
+        sample["view1"] = self.augment(images[0], rng)
+        if self.needs.image_view2:  # a second image of the study with data.view=pair, else the same one
+            sample["view2"] = self.augment(images[-1], rng)
+        sample["text"] = model_text(sample["text"], d.text.sections, d.text.order, random.Random(seed ^ 0x5EC7))
         if self.needs.text_view2:
             sample["text2"] = augment_report(sample["text"], py_rng, d.text.sentence_shuffle_p,
                                              d.text.sentence_drop_p, d.text.span_mask_p, self.mask_token)
         if self.needs.mlm:
             sample["mlm_draws"] = rng.random((3, d.text.max_length), dtype=np.float32)
-        del sample["image"]
         return sample
 
     def _epoch(self, worker: int, cursor: dict, handler: SkipCounter) -> Iterator[dict]:
@@ -319,7 +371,8 @@ class _TrainUnits(IterableDataset):
         pipeline = wds.DataPipeline(
             lambda: self._mixed(epoch, unit, handler),
             lambda raws: itertools.islice(raws, cursor["raw"], None),
-            lambda raws: _decoded(raws, handler, self.cfg.data.in_chans, self.cfg.data.image_size, counter),
+            lambda raws: _decoded(raws, handler, self.cfg.data.in_chans, self.cfg.data.image_size, counter,
+                                  self._pick(epoch)),
             lambda samples: itertools.islice(samples, (self.batches_per_unit - cursor["batches"]) * mb),
             lambda samples: (self._prepare(s, epoch) for s in samples),
             lambda samples: _batches(samples, mb, self.collate.train, partial=False),
@@ -451,8 +504,8 @@ class _EvalUnits(IterableDataset):
         self.transform = EvalTransform(cfg.data)
 
     def _prepare(self, sample: dict) -> dict:
-        sample["view1"] = self.transform(sample.pop("image"))
-        sample["text"] = model_text(sample["text"], self.cfg.data.text.sections)
+        sample["view1"] = self.transform(sample.pop("images")[0])
+        sample["text"] = model_text(sample["text"], self.cfg.data.text.sections, self.cfg.data.text.order)
         return sample
 
     def _raws(self, unit: int, handler: SkipCounter) -> Iterator[dict]:
@@ -474,7 +527,7 @@ class _EvalUnits(IterableDataset):
         pipeline = wds.DataPipeline(
             lambda: self._raws(unit, handler),
             lambda raws: (r for r in raws if self.keys is None or r["__key__"] in self.keys),  # before decoding
-            lambda raws: _decoded(raws, handler, d.in_chans, d.image_size, {"raw": 0}),
+            lambda raws: _decoded(raws, handler, d.in_chans, d.image_size, {"raw": 0}, lambda _, v: eval_view(v)),
             lambda samples: (self._prepare(s) for s in samples),
             lambda samples: _batches(samples, self.batch_size, self.collate.eval, partial=True),
         )

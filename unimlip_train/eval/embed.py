@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -30,12 +30,15 @@ class EmbeddedSet:
     text: torch.Tensor  # N x D
     texts: list[str]  # the cleaned reports the text embeddings came from
     labels: list[list[str]]
-    groups: list[str]  # patient / study of each sample (the shard metadata's group; its key without one)
+    groups: list[str] = field(default_factory=list)  # each sample's patient / study (metadata group, else key)
+    previews: dict = field(default_factory=dict)  # key -> C x H x W input image, a few of this rank's only
 
     def subset(self, n: int) -> "EmbeddedSet":
         """The first ``n`` samples in key order (deterministic for any world size)."""
-        return EmbeddedSet(self.keys[:n], self.image[:n], self.text[:n], self.texts[:n], self.labels[:n],
-                           self.groups[:n])
+        keys = self.keys[:n]
+        kept = set(keys)
+        return EmbeddedSet(keys, self.image[:n], self.text[:n], self.texts[:n], self.labels[:n], self.groups[:n],
+                           {k: v for k, v in self.previews.items() if k in kept})
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -131,8 +134,8 @@ def _metadata(raw: dict) -> dict:
 def list_samples(sources: list[ShardSource]) -> list[list[tuple[str, dict]]]:
     """``(key, metadata)`` of every sample of each source, in the order the eval loader reads them (the images
     are not decoded)."""
-    return [[(raw["__key__"], _metadata(raw)) for url in src.urls for raw in iter_raw_samples(url, wds.ignore_and_continue)]
-            for src in sources]
+    return [[(raw["__key__"], _metadata(raw))
+             for url in src.urls for raw in iter_raw_samples(url, wds.ignore_and_continue)] for src in sources]
 
 
 def sample_keys(listed: list[list[tuple[str, dict]]], n: int, seed: int) -> frozenset:
@@ -155,13 +158,14 @@ def rank_share(sources: list[ShardSource], rank: int, world_size: int, workers: 
 
 def embed_split(model: torch.nn.Module, cfg, tokenizer, source: str, split: str, rank: int, world_size: int,
                 batch_size: int = 64, max_samples: int = 0, progress: bool = False,
-                label_key: str = "labels", sample: int = 0, seed: int = 0) -> EmbeddedSet:
+                label_key: str = "labels", previews: int = 0, sample: int = 0, seed: int = 0) -> EmbeddedSet:
     """Embed every sample of ``source``/``split`` across all ranks; the result is identical on every rank.
 
     ``sample`` > 0 embeds only a seeded random subset of that many samples (PMC-CLIP's 2,000-pair ROCO
     protocol), skipping the others before decoding, so the cost follows the subset. ``max_samples`` > 0 keeps the
     first samples in key order after gathering (it bounds the metric cost, not the embedding cost).
-    ``label_key`` picks the metadata field read as labels. The model must be in eval mode.
+    ``label_key`` picks the metadata field read as labels. ``previews`` > 0 keeps the input images of the first
+    samples this rank embedded (not gathered), for pictures of retrieval examples. The model must be in eval mode.
     """
     device = model_device(model)
     sources = resolve_sources(source, split)
@@ -170,6 +174,7 @@ def embed_split(model: torch.nn.Module, cfg, tokenizer, source: str, split: str,
     loader = build_eval_loader(cfg, source, tokenizer, batch_size, rank, world_size, split=split, keys=keys)
     share = rank_share(sources, rank, world_size, max(1, cfg.data.num_workers), listed, keys) if progress else None
     ids, texts, labels, groups, images, reports = [], [], [], [], [], []
+    kept: dict = {}
     error = ""
     bar = tqdm(desc=f"embed {split}", total=share, unit="sample", disable=not progress, dynamic_ncols=True)
     try:
@@ -181,6 +186,8 @@ def embed_split(model: torch.nn.Module, cfg, tokenizer, source: str, split: str,
             texts.extend(batch["text"])
             labels.extend(batch_labels(batch, label_key))
             groups.extend(str(m.get("group") or k) for m, k in zip(batch["meta"], batch["key"]))
+            for key, picture in zip(batch["key"][: previews - len(kept)], batch["image"]):
+                kept[key] = picture.clone()
             bar.update(len(batch["key"]))
     except Exception as e:
         if not _distributed(world_size):
@@ -192,6 +199,7 @@ def embed_split(model: torch.nn.Module, cfg, tokenizer, source: str, split: str,
     local = EmbeddedSet(ids, torch.cat(images) if images else torch.zeros(0, dim),
                         torch.cat(reports) if reports else torch.zeros(0, dim), texts, labels, groups)
     gathered = gather_embedded(local, world_size, error)
+    gathered.previews = kept
     if not gathered.keys:
         raise ValueError(f"no samples in eval source {source!r} (split {split!r})")
     return gathered.subset(max_samples) if max_samples > 0 else gathered

@@ -19,7 +19,7 @@ def fully_frozen(module: nn.Module) -> list[nn.Module]:
 
 
 class LockableTower(nn.Module):
-    """Base class of the towers: ``layer_ids`` (subclasses), ``lock``, and a ``train`` that keeps frozen parts in eval."""
+    """Base of the towers: ``layer_ids`` (per subclass), ``lock``, and a ``train`` that keeps frozen parts in eval."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -35,7 +35,8 @@ class ImageWeights:
         cfg = dict(self.pretrained_cfg)
         if self.file:
             # timm's custom loaders read the original .npz releases; any other file is a plain state dict
-            cfg.update(file=self.file, source="", custom_load=bool(cfg.get("custom_load")) and self.file.endswith(".npz"))
+            npz = self.file.endswith(".npz")
+            cfg.update(file=self.file, source="", custom_load=bool(cfg.get("custom_load")) and npz)
         return {"pretrained": True, "pretrained_cfg": cfg}
 
     def describe(self) -> str:

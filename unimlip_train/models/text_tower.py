@@ -17,7 +17,8 @@ class TextTower(LockableTower):
     """``forward(input_ids, attention_mask) -> (pooled B x H, tokens B x L x H)``.
 
     ``cfg.model.text.name`` set: ``AutoModel.from_pretrained(name, **cfg.model.text.config)`` (a hub id in
-    the cache or a local folder; ``config`` then overrides fields such as dropout).
+    the cache or a local folder; ``config`` then overrides fields). ``model.text.dropout`` sets the encoder's
+    own dropout in every layer: the noise SimCSE's feature-level term contrasts.
     Empty: ``BertConfig(**cfg.model.text.config)`` with vocabulary size and pad id from the tokenizer,
     randomly initialised (CPU tests, from-scratch runs). Pooling is the first token (``cls``) or the
     attention-masked mean (``mean``). ``model.text.lock`` freezes the encoder except its last
@@ -27,10 +28,12 @@ class TextTower(LockableTower):
     def __init__(self, cfg: Config, tokenizer):
         super().__init__()
         tcfg = cfg.model.text
+        # model.text.dropout in every layer (BERT-family names); an explicit model.text.config entry wins.
+        options = {"hidden_dropout_prob": tcfg.dropout, "attention_probs_dropout_prob": tcfg.dropout, **tcfg.config}
         if tcfg.name:
-            self.model = load_text_model(tcfg.name, tcfg.config)
+            self.model = load_text_model(tcfg.name, options)
         else:
-            config = BertConfig(**{**tcfg.config, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id})
+            config = BertConfig(**{**options, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id})
             self.model = BertModel(config, add_pooling_layer=False)
         vocab = self.model.get_input_embeddings().num_embeddings
         if len(tokenizer) > vocab:
