@@ -174,8 +174,9 @@ def test_finetune_vqa_beats_the_question_only_baseline_by_15_points(work, tmp_pa
     for _, m in split_samples(str(work / "vqa"), "train"):
         for qa in m["vqa"]:
             by_question[qa["question"]][qa["answer"]] += 1
-    for kind, key, base_key in (("CLOSED", "closed_accuracy", "majority_closed"), ("OPEN", "open_accuracy", "majority_open"),
-                                (None, "overall_accuracy", "majority_baseline")):
+    parts = (("CLOSED", "closed_accuracy", "majority_closed"), ("OPEN", "open_accuracy", "majority_open"),
+             (None, "overall_accuracy", "majority_baseline"))
+    for kind, key, base_key in parts:
         chosen = [p for p in predictions if kind in (None, p["answer_type"])]
         assert doc[key] == pytest.approx(100 * np.mean([p["predicted"] == p["answer"] for p in chosen]))
         majority = [min(by_question[p["question"]].items(), key=lambda kv: (-kv[1], kv[0]))[0] for p in chosen]
