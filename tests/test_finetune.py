@@ -140,6 +140,8 @@ def test_finetune_classify_on_a_label_fraction_sampled_by_patient(work, tmp_path
     accuracy = 100 * np.mean([(p > 0.5) == t for p, t in zip(probs, truth)])
     assert doc["accuracy"] == pytest.approx(accuracy)
     assert doc["auroc/Opacity"] == pytest.approx(100 * _naive_auroc(probs, truth), abs=1e-6)
+    print(f"classify test: AUROC {doc['auroc']:.1f}, accuracy {doc['accuracy']:.1f}, balanced accuracy "
+          f"{doc['balanced_accuracy']:.1f} on {doc['num_samples']:.0f} images, {doc['num_train']:.0f} training labels")
     assert doc["auroc"] > 80, doc  # chance is 50
 
     # multi-label, image tower locked but for its last group: the locked part comes out as it went in
