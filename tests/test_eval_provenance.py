@@ -107,7 +107,7 @@ def test_every_result_carries_its_card_also_beside_out(setup, tmp_path):
                     "samples": 9, "seed": 5}
     assert doc["num_samples"] == 9
     assert json.loads(out.read_text()) == doc
-    assert json.loads((tmp_path / "res" / "retrieval.card.json").read_text()) == card
+    assert json.loads((tmp_path / "res" / "card-retrieval.json").read_text()) == card
     assert "embed val: 100%" in run.stderr and "9/9" in run.stderr
 
     zs = subprocess.run([sys.executable, "-m", "unimlip_train.eval.cli", "zeroshot", "--checkpoint",

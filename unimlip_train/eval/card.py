@@ -1,7 +1,7 @@
 """The provenance card every ``unimlip-eval`` / ``unimlip-finetune`` result carries: which checkpoint (path and
 step), config, data (sha256 of its index.json and the split used), prompt file, sample count, seed and tool
 version produced it, so a published number can be traced back and reproduced. The same card is written beside
-any ``--out`` file.
+any ``--out`` file (``card-NAME``).
 """
 from __future__ import annotations
 
@@ -60,11 +60,12 @@ def build_card(tool: str, checkpoint: str, cfg, data: dict[str, Any], samples: A
 
 
 def card_path(out: str) -> str:
-    """Where the card of a result goes: ``DIR/card.json`` for an output folder, ``NAME.card.json`` beside a file."""
+    """Where the card of a result goes: ``DIR/card.json`` for an output folder, ``card-NAME`` beside a file
+    (a prefix, so globs for the results, e.g. ``retrieval-*.json``, do not pick the cards up)."""
     if os.path.isdir(out):
         return os.path.join(out, "card.json")
-    root, _ = os.path.splitext(out)
-    return root + ".card.json"
+    folder, name = os.path.split(out)
+    return os.path.join(folder, f"card-{name}")
 
 
 def write_card(out: str, card: dict[str, Any]) -> str:

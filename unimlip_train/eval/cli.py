@@ -2,7 +2,7 @@
 
 Runs alone or under ``torchrun`` / ``srun`` (every rank embeds its share, rank 0 prints). Each command prints a
 readable table and, as its last stdout line, one JSON object of metrics (percent) with its provenance ``card``;
-``--out`` writes it to a file and the card beside it (``NAME.card.json``).
+``--out`` writes it to a file and the card beside it (``card-NAME``).
 """
 from __future__ import annotations
 

@@ -136,7 +136,7 @@ def run(args, model, cfg, tokenizer, device: torch.device, out: str) -> dict:
         return scores_and_metrics(torch.stack([got[k] for k in order]), np.stack([targets[k] for k in order]),
                                   classes, args.multi_label)
 
-    groups = param_groups(classifier, [tower], args.lr, args.lr_head or args.lr, args.weight_decay, args.layer_decay)
+    groups = param_groups(classifier, [tower], args.lr, args.lr_head, args.weight_decay, args.layer_decay)
     history = train_epochs(classifier, groups, args.epochs, -(-len(train.keys) // args.batch_size), batches, loss_fn,
                            lambda: selection_score(predict(val_split, val)))
     with torch.no_grad():

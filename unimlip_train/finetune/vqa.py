@@ -136,7 +136,7 @@ def run(args, model, cfg, tokenizer, device: torch.device, out: str) -> dict:
             asked += [q for _, q in batch]
         return predicted, asked
 
-    groups = param_groups(vqa, [vqa.image_tower, vqa.text_tower], args.lr, args.lr_head or args.lr,
+    groups = param_groups(vqa, [vqa.image_tower, vqa.text_tower], args.lr, args.lr_head,
                           args.weight_decay, args.layer_decay)
     steps = -(-sum(normalise(q["answer"]) in answer_id for q in train_q) // args.batch_size)
     history = train_epochs(vqa, groups, args.epochs, steps, batches, loss_fn,
