@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from data_prep import audit, synthetic
+from data_prep import audit, synthetic, synthetic_vqa
 from data_prep.rows import InputError
 from data_prep.writer import OutOfSpace, add_writer_arguments, encode_results, options_from_args, write_shards
 
@@ -26,12 +26,18 @@ ADAPTERS = {
     "iu-xray": "data_prep.adapters.iu_xray",
     "mimic-cxr": "data_prep.adapters.mimic_cxr",
     "roco": "data_prep.adapters.roco",
+    "vqa-rad": "data_prep.adapters.vqa_rad",
+    "slake": "data_prep.adapters.slake",
+    "vqa-manifest": "data_prep.adapters.vqa_manifest",
 }
 _HELP = {
     "manifest": "CSV/TSV/JSONL manifest with columns image, text (+ id, group, labels, view, ...)",
     "iu-xray": "IU X-ray / Open-I: report XMLs joined to a PNG folder",
     "mimic-cxr": "MIMIC-CXR style: DICOM files + one report .txt per study",
     "roco": "ROCO style: image folder + captions file",
+    "vqa-rad": "VQA-RAD: its question JSON + image folder (official train/test kept)",
+    "slake": "SLAKE: train/validate/test.json + imgs/ (official splits kept, English)",
+    "vqa-manifest": "VQA manifest (CSV/TSV/JSONL): image, question, answer, answer_type, split",
 }
 # Recorded in index.json: options that shape the output, not where it went or how fast it was made.
 _NOT_RECORDED = {"out", "workers", "no_progress", "overwrite", "no_audit", "func", "command"}
@@ -72,13 +78,16 @@ def _run_adapter(name: str, adapter) -> Callable[[argparse.Namespace], int]:
     return lambda args: run_adapter(name, adapter, args)
 
 
-def _run_synthetic(args: argparse.Namespace) -> int:
-    if args.n < 1 or args.image_size < 16:
-        raise InputError(f"--n must be >= 1 and --image-size >= 16 (got {args.n}, {args.image_size})")
-    try:
-        return run_adapter("synthetic", synthetic, args)
-    finally:  # also after a failure: a rerun generates the (deterministic) images again
-        shutil.rmtree(Path(args.out) / synthetic.SOURCE_DIR, ignore_errors=True)
+def _run_generated(name: str, module) -> Callable[[argparse.Namespace], int]:
+    """A generated set (synthetic, synthetic-vqa): shard it, then drop the generated source images."""
+    def run(args: argparse.Namespace) -> int:
+        if args.n < 1 or args.image_size < 16:
+            raise InputError(f"--n must be >= 1 and --image-size >= 16 (got {args.n}, {args.image_size})")
+        try:
+            return run_adapter(name, module, args)
+        finally:  # also after a failure: a rerun generates the (deterministic) images again
+            shutil.rmtree(Path(args.out) / synthetic.SOURCE_DIR, ignore_errors=True)
+    return run
 
 
 def _run_verify(args: argparse.Namespace) -> int:
@@ -131,12 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_writer_arguments(p)
         p.set_defaults(func=_run_adapter(name, adapter))
 
-    p = sub.add_parser("synthetic", help="generate and shard the synthetic chest X-ray-like dataset",
-                       description=(synthetic.__doc__ or "").strip(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    synthetic.add_arguments(p)
-    add_writer_arguments(p, val_fraction=0.1)
-    p.set_defaults(func=_run_synthetic)
+    for name, module, test_fraction, what in (
+            ("synthetic", synthetic, 0.0, "the synthetic chest X-ray-like dataset"),
+            ("synthetic-vqa", synthetic_vqa, 0.2, "synthetic VQA on those images (answers decided by the image)")):
+        p = sub.add_parser(name, help=f"generate and shard {what}", description=(module.__doc__ or "").strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        add_writer_arguments(p, val_fraction=0.1)
+        p.set_defaults(func=_run_generated(name, module), test_fraction=test_fraction)
 
     p = sub.add_parser("verify", help="check shards against index.json (sizes, sha256, counts, duplicate keys)")
     p.add_argument("dir", help="shard directory (with index.json)")

@@ -142,8 +142,8 @@ def test_shipped_configs_load_with_the_expected_terms():
                                         "text_feature", "mlm", "itm"}
     assert (tiny.deepspeed.zero_stage, tiny.deepspeed.precision, tiny.deepspeed.backend) == (1, "fp32", "gloo")
     prod = load_config(str(CONFIGS / "vitb16_biomedbert.yaml"))
-    assert (prod.deepspeed.zero_stage, prod.deepspeed.precision, prod.model.image.name) == (2, "bf16",
-                                                                                            "vit_base_patch16_224")
+    assert (prod.deepspeed.zero_stage, prod.deepspeed.precision, prod.model.image.name) == (
+        2, "bf16", "vit_base_patch16_224.augreg2_in21k_ft_in1k")
     assert "BiomedBERT" in prod.model.text.name and prod.train.micro_batch_size == 256
     expected = {"clip_only": {"itc"}, "image_ssl": {"itc", "image_ssl", "image_feature"},
                 "text_ssl": {"itc", "text_ssl", "text_feature"}, "fused": {"itc", "mlm", "itm"},

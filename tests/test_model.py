@@ -211,3 +211,25 @@ def test_feature_level_perturbation_is_not_a_uniformity_penalty():
     for term in ("image_feature", "text_feature"):
         assert results["encoder", term][1] < results["pooled_dropout", term][1] - 0.3, term
     assert results["encoder", "image_feature"][0] < results["pooled_dropout", "image_feature"][0] - 0.1
+
+
+@pytest.mark.parametrize("name, kwargs, size", [("vit_tiny_patch16_224", dict(depth=2, embed_dim=64, num_heads=2,
+                                                                             patch_size=8), 32),
+                                               ("resnet10t", {}, 64)])
+def test_feature_perturbation_only_in_the_pass_that_asks_for_it(tokenizer, name, kwargs, size):
+    """Patch dropout (ViT) / spatial dropout (CNN) changes the perturbed pass only, in train and in eval mode
+    (a locked tower stays in eval mode), and ordinary passes before and after it are identical."""
+    from unimlip_train.models.image_tower import ImageTower
+
+    cfg = tiny_config(dropout=0.0)
+    cfg.model.image.name, cfg.model.image.kwargs, cfg.data.image_size = name, kwargs, size
+    cfg.model.image.token_drop, cfg.model.image.spatial_drop = 0.5, 0.3
+    tower = ImageTower(cfg)
+    x = torch.randn(4, 1, size, size, generator=torch.Generator().manual_seed(0))
+    for mode in (True, False):
+        tower.train(mode)
+        with torch.no_grad():
+            clean = tower(x)[0]
+            perturbed = tower(x, perturb=True)[0]
+            again = tower(x)[0]
+        assert torch.equal(clean, again) and not torch.allclose(clean, perturbed, atol=1e-3), (name, mode)

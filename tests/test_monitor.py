@@ -33,13 +33,15 @@ def _png(event) -> np.ndarray:
     return np.asarray(Image.open(BytesIO(event.encoded_image_string)).convert("RGB"))
 
 
-@pytest.mark.parametrize("chans", [1, 3])
-def test_view_pairs_grid_reads_back_as_the_augmented_pixels(tmp_path, chans):
+@pytest.mark.parametrize("chans, stats", [(1, None), (3, None), (3, ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)))])
+def test_view_pairs_grid_reads_back_as_the_augmented_pixels(tmp_path, chans, stats):
+    """Pixels normalised with CLIP's constants, or with a pretrained tower's own (data.mean / data.std)."""
     rng = np.random.default_rng(chans)
     shape = (5, 8, 8) + ((3,) if chans == 3 else ())
     views = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(2)]  # what augmentation produced
-    batch = {"image": to_tensor(list(views[0]), chans), "image_view2": to_tensor(list(views[1]), chans)}
-    monitor = Monitor(str(tmp_path), True, total_steps=10)
+    batch = {"image": to_tensor(list(views[0]), chans, *(stats or ())),
+             "image_view2": to_tensor(list(views[1]), chans, *(stats or ()))}
+    monitor = Monitor(str(tmp_path), True, total_steps=10, normalisation=stats)
     monitor.log_views(7, batch, max_rows=4)
     monitor.close()
 

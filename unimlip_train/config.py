@@ -78,13 +78,19 @@ class DataConfig:
     mlm_probability: float = 0.15
     view: str = "random"  # random | frontal | pair: which image of a multi-view (study) sample
     max_skip_fraction: float = 0.01  # corrupt samples skipped / samples read, above which training stops
+    # Per-channel normalisation. Empty: CLIP's constants for a random-init image tower; with
+    # model.image.pretrained, the timm pretrained config of those weights (filled in when the config loads).
+    mean: list = field(default_factory=list)
+    std: list = field(default_factory=list)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
 
 @dataclass
 class ImageTowerConfig:
-    """A timm model by name; ``pretrained`` is a local weights file/folder (never a hub download)."""
+    """A timm model by name (a tag such as ``vit_base_patch16_224.augreg2_in21k_ft_in1k`` picks its weights);
+    ``pretrained``: '' (random init), ``hub`` (timm's weights of that tag, from the hub or the Hugging Face
+    cache) or a local weights file / folder."""
 
     name: str = "vit_tiny_patch16_224"
     pretrained: str = ""
@@ -399,6 +405,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
         _record_origins(value, key, origins, "command line")
     cfg = _build(Config, data, "", origins, path or "defaults")
     validate(cfg, origins)
+    _resolve_pretrained(cfg, origins)
     return cfg
 
 
@@ -466,6 +473,49 @@ def validate(cfg: Config, origins: dict) -> None:
         _fail(origins, "data.samples_per_epoch", "resampled streaming needs samples_per_epoch or an index.json")
     for key in sorted(set(cfg.monitor.wandb) - set(WANDB_SETTINGS)):
         _fail(origins, f"monitor.wandb.{key}", f"unknown Weights & Biases setting (known: {', '.join(WANDB_SETTINGS)})")
+    _validate_transfer(cfg, origins)
+
+
+def _validate_transfer(cfg: Config, origins: dict) -> None:
+    """Locking, layer decay and normalisation keys (LiT / open_clip semantics)."""
+    for tower in ("image", "text"):
+        key = f"model.{tower}.lock_unlocked_groups"
+        groups = _get_dotted(cfg, key)
+        if groups < 0:
+            _fail(origins, key, f"must be >= 0, got {groups}")
+        if groups and not _get_dotted(cfg, f"model.{tower}.lock"):
+            _fail(origins, key, "only applies to a locked tower", f"model.{tower}.lock")
+    if not 0.0 < cfg.train.layer_decay <= 1.0:
+        _fail(origins, "train.layer_decay", f"must be in (0, 1] (1: off), got {cfg.train.layer_decay}")
+    d = cfg.data
+    if bool(d.mean) != bool(d.std):
+        _fail(origins, "data.mean", "data.mean and data.std are set together", "data.std")
+    for key, values in (("data.mean", d.mean), ("data.std", d.std)):
+        if values and (len(values) != d.in_chans or not all(isinstance(v, (int, float)) for v in values)):
+            _fail(origins, key, f"needs {d.in_chans} numbers (data.in_chans), got {values!r}")
+    if d.std and min(d.std) <= 0:
+        _fail(origins, "data.std", f"must be positive, got {d.std}")
+
+
+def _resolve_pretrained(cfg: Config, origins: dict) -> None:
+    """A pretrained image tower brings its normalisation and input size (timm's pretrained config of its weights):
+    they fill ``data.mean`` / ``data.std`` when empty and ``data.image_size`` when no file or override sets it, so
+    config.yaml records what training used and evaluation reuses it. A missing local weights file fails here,
+    before any process starts."""
+    icfg, d = cfg.model.image, cfg.data
+    size_set = dict.__contains__(origins, "data.image_size")
+    if not icfg.pretrained or (d.mean and size_set):
+        return
+    from unimlip_train.models.pretrained import image_input_config
+
+    try:
+        mean, std, size = image_input_config(icfg.name, icfg.pretrained, d.in_chans)
+    except (OSError, ValueError) as e:  # the message names the key and what to download
+        raise ConfigError(f"{origins.get('model.image.pretrained', 'defaults')}: {e}") from None
+    if not d.mean:
+        d.mean, d.std = mean, std
+    if not size_set:
+        d.image_size = size
 
 
 # Numeric keys with a range: (low, high, low inclusive, high inclusive); None = unbounded on that side.

@@ -65,18 +65,18 @@ def parse_labels(value) -> list[str]:
     return [part.strip() for part in _LABEL_SEP.split(text) if part.strip()]
 
 
-def _records(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) pairs; raises InputError for structural problems."""
+def _records(path: Path, required: tuple = REQUIRED) -> Iterator[tuple[int, dict]]:
+    """(line number, record) pairs with the ``required`` fields; raises InputError for structural problems."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        yield from _jsonl_records(path)
+        yield from _jsonl_records(path, required)
     elif suffix in (".csv", ".tsv"):
-        yield from _csv_records(path, "\t" if suffix == ".tsv" else ",")
+        yield from _csv_records(path, "\t" if suffix == ".tsv" else ",", required)
     else:
         raise InputError(f"{path}: unknown manifest type {suffix!r} (use .csv, .tsv or .jsonl)")
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+def _jsonl_records(path: Path, required: tuple) -> Iterator[tuple[int, dict]]:
     with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported with its line
         for lineno, raw in enumerate(f, 1):
             try:
@@ -91,7 +91,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
                 raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            missing = [c for c in REQUIRED if c not in record]
+            missing = [c for c in required if c not in record]
             if missing:
                 raise InputError(f"{path}:{lineno}: missing required field(s) {', '.join(missing)}")
             yield lineno, record
@@ -106,7 +106,7 @@ def _utf8_lines(path: Path, handle) -> Iterator[str]:
             raise InputError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start + 1} of the line)") from None
 
 
-def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
+def _csv_records(path: Path, delimiter: str, required: tuple) -> Iterator[tuple[int, dict]]:
     with open(path, "rb") as f:
         reader = csv.reader(_utf8_lines(path, f), delimiter=delimiter, strict=True)
         try:
@@ -114,7 +114,7 @@ def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
             if header is None:
                 raise InputError(f"{path}: empty manifest (no header line)")
             header = [h.strip() for h in header]
-            missing = [c for c in REQUIRED if c not in header]
+            missing = [c for c in required if c not in header]
             if missing:
                 raise InputError(f"{path}:1: missing required column(s) {', '.join(missing)}; header is {header}")
             for values in reader:

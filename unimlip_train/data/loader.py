@@ -50,7 +50,7 @@ from data_prep.rows import is_frontal
 from unimlip_train.config import Config, LossConfig
 from unimlip_train.data.shards import ShardSource, iter_raw_samples, resolve_sources
 from unimlip_train.data.text import augment_report, model_text
-from unimlip_train.data.transforms import EvalTransform, TrainAugment, decode_image, to_tensor
+from unimlip_train.data.transforms import EvalTransform, TrainAugment, decode_image, normalisation, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +337,7 @@ class _Collate:
     def __init__(self, cfg: Config, tokenizer, needs: BatchNeeds):
         self.cfg, self.tokenizer, self.needs = cfg, tokenizer, needs
         self.max_length = cfg.data.text.max_length
+        self.mean, self.std = normalisation(cfg.data)
         if needs.mlm:
             if tokenizer.mask_token_id is None:
                 raise ValueError("masked language modelling needs a tokenizer with a mask token")
@@ -345,11 +346,12 @@ class _Collate:
 
     def train(self, samples: list) -> dict:
         chans = self.cfg.data.in_chans
-        batch = {"image": to_tensor([s["view1"] for s in samples], chans), "key": [s["key"] for s in samples],
+        batch = {"image": to_tensor([s["view1"] for s in samples], chans, self.mean, self.std),
+                 "key": [s["key"] for s in samples],
                  "report_id": torch.tensor([report_id(s["text"]) for s in samples], dtype=torch.long),
                  "group_id": torch.tensor([group_id(s) for s in samples], dtype=torch.long)}
         if self.needs.image_view2:
-            batch["image_view2"] = to_tensor([s["view2"] for s in samples], chans)
+            batch["image_view2"] = to_tensor([s["view2"] for s in samples], chans, self.mean, self.std)
         tok = _tokenize(self.tokenizer, [s["text"] for s in samples], self.max_length)
         batch["input_ids"], batch["attention_mask"] = tok["input_ids"], tok["attention_mask"]
         if self.needs.text_view2:
@@ -364,7 +366,7 @@ class _Collate:
 
     def eval(self, samples: list) -> dict:
         tok = _tokenize(self.tokenizer, [s["text"] for s in samples], self.max_length)
-        return {"image": to_tensor([s["view1"] for s in samples], self.cfg.data.in_chans),
+        return {"image": to_tensor([s["view1"] for s in samples], self.cfg.data.in_chans, self.mean, self.std),
                 "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
                 "key": [s["key"] for s in samples], "text": [s["text"] for s in samples],
                 "labels": [list(s["meta"].get("labels", [])) for s in samples],
@@ -629,10 +631,10 @@ class _EvalUnits(IterableDataset):
     """One unit's contiguous share of the unshuffled samples, deterministic transform, partial last batch."""
 
     def __init__(self, cfg: Config, tokenizer, sources: list, rank: int, world_size: int, workers: int,
-                 batch_size: int):
+                 batch_size: int, keys: frozenset | None = None):
         super().__init__()
         self.cfg, self.sources, self.rank, self.world_size = cfg, sources, rank, world_size
-        self.workers, self.batch_size = workers, batch_size
+        self.workers, self.batch_size, self.keys = workers, batch_size, keys
         self.collate = _Collate(cfg, tokenizer, BatchNeeds())
         self.transform = EvalTransform(cfg.data)
 
@@ -659,6 +661,7 @@ class _EvalUnits(IterableDataset):
         d = self.cfg.data
         pipeline = wds.DataPipeline(
             lambda: self._raws(unit, handler),
+            lambda raws: (r for r in raws if self.keys is None or r["__key__"] in self.keys),  # before decoding
             lambda raws: _decoded(raws, handler, d.in_chans, d.image_size, {"raw": 0}, lambda _, v: eval_view(v)),
             lambda samples: (self._prepare(s) for s in samples),
             lambda samples: _batches(samples, self.batch_size, self.collate.eval, partial=True),
@@ -667,11 +670,12 @@ class _EvalUnits(IterableDataset):
 
 
 def build_eval_loader(cfg: Config, source: Any, tokenizer, batch_size: int, rank: int, world_size: int,
-                      split: str = "val") -> Any:
-    """Eval batches of ``source`` (pattern / dir / index.json / list): every sample exactly once across ranks."""
+                      split: str = "val", keys: frozenset | None = None) -> Any:
+    """Eval batches of ``source`` (pattern / dir / index.json / list): every sample exactly once across ranks;
+    with ``keys``, only those samples (the others are skipped undecoded)."""
     sources = resolve_sources(source, split)
     workers = max(1, cfg.data.num_workers)
-    dataset = _EvalUnits(cfg, tokenizer, sources, rank, world_size, workers, batch_size)
+    dataset = _EvalUnits(cfg, tokenizer, sources, rank, world_size, workers, batch_size, keys)
     if cfg.data.num_workers == 0:
         return dataset
     return DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers)

@@ -25,9 +25,17 @@ from PIL import Image
 
 from unimlip_train.config import DataConfig
 
-# CLIP's normalisation constants: a common starting point for towers initialised from CLIP-like weights.
+# CLIP's normalisation constants: the default for a random-init tower (a pretrained one brings its own, data.mean/std).
 MEAN = {1: (0.48145466,), 3: (0.48145466, 0.4578275, 0.40821073)}
 STD = {1: (0.26862954,), 3: (0.26862954, 0.26130258, 0.27577711)}
+
+
+def normalisation(cfg: DataConfig) -> tuple[tuple, tuple]:
+    """Per-channel (mean, std): ``data.mean`` / ``data.std`` when set, else CLIP's constants."""
+    if cfg.mean:
+        return tuple(cfg.mean), tuple(cfg.std)
+    return MEAN[cfg.in_chans], STD[cfg.in_chans]
+
 
 #: Images are pre-resized so their short side is about this factor times the training size: the random
 #: crop and everything after it then works at low resolution.
@@ -242,10 +250,11 @@ class EvalTransform:
         return image[top:top + self.size, left:left + self.size]
 
 
-def to_tensor(images: list, in_chans: int) -> torch.Tensor:
+def to_tensor(images: list, in_chans: int, mean: tuple | None = None, std: tuple | None = None) -> torch.Tensor:
     """Stack augmented HxW / HxWx3 arrays (uint8 or float32 in [0, 1]) into a normalised float32 BxCxHxW.
 
     One stack and one fused scale-and-shift for the whole batch; grayscale broadcasts to 3 channels.
+    ``mean`` / ``std`` default to CLIP's constants (see ``normalisation``).
     """
     if any(im.ndim == 3 for im in images):
         images = [np.broadcast_to(im[..., None], im.shape + (3,)) if im.ndim == 2 else im for im in images]
@@ -256,8 +265,8 @@ def to_tensor(images: list, in_chans: int) -> torch.Tensor:
                                            for im in images]))
         scale = 1.0
     batch = batch.unsqueeze(1) if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
-    std = torch.tensor(STD[in_chans]).view(1, in_chans, 1, 1)
-    mean = torch.tensor(MEAN[in_chans]).view(1, in_chans, 1, 1)
+    std = torch.tensor(std or STD[in_chans]).view(1, in_chans, 1, 1)
+    mean = torch.tensor(mean or MEAN[in_chans]).view(1, in_chans, 1, 1)
     if batch.shape[1] == in_chans:
         return batch.float().mul_(scale / std).sub_(mean / std).contiguous()
     return batch.float() * (scale / std) - mean / std  # 1 -> 3 channels by broadcasting

@@ -471,6 +471,8 @@ def consolidated_state_dict(path: str) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         full = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
+        if state.zero_stage == 1:  # ZeRO-1 records frozen (locked) parameters only in the module states
+            full.update({k: v for k, v in _module_states(path).items() if k not in full})
     p = state.model_prefix
     return {k[len(p):]: v for k, v in full.items() if k.startswith(p)}
 

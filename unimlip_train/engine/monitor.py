@@ -49,22 +49,24 @@ def _drop_lines_from(path: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def denormalised(images: torch.Tensor) -> torch.Tensor:
-    """B x C x H x W model inputs (normalised with the loader's MEAN/STD for C channels) back to uint8 pixels."""
+def denormalised(images: torch.Tensor, normalisation: Optional[tuple] = None) -> torch.Tensor:
+    """B x C x H x W model inputs back to uint8 pixels; ``normalisation``: the (mean, std) the loader used
+    (``transforms.normalisation(cfg.data)``), CLIP's constants for C channels when None."""
     chans = images.shape[1]
-    mean = torch.tensor(MEAN[chans]).view(1, chans, 1, 1)
-    std = torch.tensor(STD[chans]).view(1, chans, 1, 1)
+    mean, std = normalisation or (MEAN[chans], STD[chans])
+    mean = torch.tensor(mean).view(1, chans, 1, 1)
+    std = torch.tensor(std).view(1, chans, 1, 1)
     pixels = images.detach().float().cpu() * std + mean
     return (pixels * 255.0).round().clamp(0, 255).to(torch.uint8)
 
 
-def view_grid(batch: dict, max_rows: int = 8, padding: int = 2) -> torch.Tensor:
+def view_grid(batch: dict, max_rows: int = 8, padding: int = 2, normalisation: Optional[tuple] = None) -> torch.Tensor:
     """3 x H x W uint8 grid: one row per sample, its augmented views side by side (``image``, then
     ``image_view2`` when the batch has one), de-normalised to the pixels the augmentation produced."""
     from torchvision.utils import make_grid
 
     views = [batch[k][:max_rows] for k in ("image", "image_view2") if k in batch]
-    pixels = [denormalised(v) for v in views]
+    pixels = [denormalised(v, normalisation) for v in views]
     tiles = torch.stack(pixels, dim=1).flatten(0, 1)  # row-major: sample 0 views, sample 1 views, ...
     return make_grid(tiles, nrow=len(views), padding=padding, pad_value=255)
 
@@ -139,8 +141,10 @@ class Monitor:
     """
 
     def __init__(self, run_dir: str, enabled: bool, total_steps: int, purge_step: Optional[int] = None,
-                 wandb_settings: Optional[dict] = None, run_config: Optional[dict] = None):
+                 wandb_settings: Optional[dict] = None, run_config: Optional[dict] = None,
+                 normalisation: Optional[tuple] = None):
         self.enabled = enabled
+        self.normalisation = normalisation  # the loader's (mean, std), to show pictures as they were
         self.total_steps = total_steps
         self.start = time.time()
         self._writer = None
@@ -203,7 +207,7 @@ class Monitor:
         each row its augmented views side by side, de-normalised (see ``view_grid``)."""
         if not self.enabled:
             return
-        grid = view_grid(batch, max_rows)
+        grid = view_grid(batch, max_rows, normalisation=self.normalisation)
         self._writer.add_image(VIEWS_TAG, grid, step)
         self._writer.flush()
         if self._wandb is not None:
@@ -216,7 +220,7 @@ class Monitor:
             return
         for i, example in enumerate(examples):
             tag = f"{EXAMPLES_TAG}/{example.set_name + '/' if example.set_name else ''}{i}"
-            pixels = denormalised(example.image[None])[0]
+            pixels = denormalised(example.image[None], self.normalisation)[0]
             text = example_markdown(example)
             self._writer.add_image(tag, pixels, step)
             self._writer.add_text(tag, text, step)

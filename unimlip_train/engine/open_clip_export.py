@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from unimlip_train.config import Config
-from unimlip_train.data.transforms import MEAN, STD
+from unimlip_train.data.transforms import normalisation
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -159,6 +159,7 @@ def export_open_clip(checkpoint: str, out: str) -> dict:
     hf_config.pad_token_id = tokenizer.pad_token_id  # open_clip derives the attention mask from it
     weights, left = open_clip_weights(model, cfg, hf_config)
     chans = cfg.data.in_chans
+    mean, std = normalisation(cfg.data)  # a pretrained tower's own statistics, else CLIP's
     config = {
         "model_cfg": {
             "embed_dim": cfg.model.embed_dim,
@@ -169,8 +170,8 @@ def export_open_clip(checkpoint: str, out: str) -> dict:
                          "context_length": cfg.data.text.max_length},
             "init_logit_scale": float(weights["logit_scale"]),
         },
-        "preprocess_cfg": {"size": cfg.data.image_size, "mean": list(MEAN[chans] * (3 // chans)),
-                           "std": list(STD[chans] * (3 // chans)), "interpolation": "bicubic", "resize_mode": "shortest"},
+        "preprocess_cfg": {"size": cfg.data.image_size, "mean": list(mean * (3 // chans)),
+                           "std": list(std * (3 // chans)), "interpolation": "bicubic", "resize_mode": "shortest"},
         "unimlip": {"source": os.path.abspath(checkpoint), "config_hash": cfg.hash(), "in_chans": chans,
                     "left_behind": left},
     }

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from unimlip_train import distributed as du
 from unimlip_train.config import Config, dump_yaml
 from unimlip_train.data.loader import global_skip_stats
+from unimlip_train.data.transforms import normalisation
 from unimlip_train.engine import checkpoint as ck
 from unimlip_train.engine.ds_config import build_ds_config
 from unimlip_train.engine.monitor import Monitor, gpu_memory_gib
@@ -187,7 +188,8 @@ class Trainer:
         # Steps after the checkpoint that a killed run already logged are hidden in TensorBoard (purge_step).
         self.monitor = Monitor(run_dir, self.rank == 0, cfg.train.steps,
                                purge_step=self.saved.step + 1 if self.saved else None,
-                               wandb_settings=cfg.monitor.wandb, run_config=cfg.to_dict())
+                               wandb_settings=cfg.monitor.wandb, run_config=cfg.to_dict(),
+                               normalisation=normalisation(cfg.data))
 
         torch.manual_seed(cfg.seed)  # identical init on every rank (ZeRO-3 partitions each rank's own copy)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.text.name)
