@@ -7,8 +7,8 @@
 #   2. pytest -m gpu (tests/test_gpu.py): bf16 terms, ZeRO-2/3 resume, compiled towers, fused kernels, and with
 #      2+ GPUs NCCL runs of ZeRO-2/3 and of the gathered negatives;
 #   3. throughput (bench/gpu_throughput.py): open_clip's ViT-B-16 step, CLIP-only and full Uni-Mlip through the
-#      engine, eager and compiled, then the full step fed by the real loader; one JSON line per case and a
-#      `goals` line in OUT/gpu_suite.jsonl;
+#      engine, the full step fed by the real loader, then both compiled; one JSON line per case and a `goals`
+#      line in OUT/gpu_suite.jsonl;
 #   4. with 2+ GPUs, the synchronous against the functional autograd all-gather (bench/gather_bench.py).
 # Everything goes to OUT (default $OUT, else bench/results/latest): gpu_suite.log, gpu_suite.jsonl,
 # gpu_tests.xml. Exits non-zero when a step failed.
@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
     --out) out="$2"; shift ;;
     --wheels) wheels="$2"; shift ;;
     --no-install) install=0 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
