@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,6 +115,7 @@ class Suite:
             result = fn()
         except Exception as e:  # noqa: BLE001  one broken case must not cost the rest of a scarce GPU window
             self.errors.append(name)
+            traceback.print_exc()  # into the suite's log: the GPU window may be the only one
             self.emit({"case": name, "error": f"{type(e).__name__}: {e}"[:2000]})
             if self.args.fail_fast:
                 raise
