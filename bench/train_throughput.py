@@ -12,11 +12,13 @@ between them is meaningful on a noisy machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -70,14 +72,28 @@ def synthetic_batch(cfg, tokenizer, needs, device) -> dict:
 
 
 def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of ``fn()``. On CPU attention runs through the math backend while counting: the CPU's fused SDPA
+    kernel is not in the counter's registry and would count as zero (CUDA's flash / efficient kernels are)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    math_attention = sdpa_kernel(SDPBackend.MATH) if not torch.cuda.is_available() else contextlib.nullcontext()
+    with math_attention, FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
 
-def bench_engine(cfg, tokenizer, args, device, dtype, name: str) -> dict:
+def pinned(batch: dict) -> dict:
+    """The batch in page-locked host memory on CUDA (what the loader's ``pin_memory`` yields), so the
+    trainer's non-blocking copies are asynchronous."""
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def bench_engine(cfg, tokenizer, args, device, dtype, name: str, flops: Optional[int] = None) -> dict:
     """Our path: the real ``Trainer.train_step`` (every enabled term, the DeepSpeed engine, accumulation as
-    configured), fed by the real stream or by one fixed synthetic batch."""
+    configured), fed by the real stream or by one fixed synthetic batch (pinned on CUDA, as the loader's).
+    ``flops`` of one step: counted here on a first step when not given (a compiled step cannot be counted)."""
     import itertools
     import tempfile
 
@@ -87,10 +103,9 @@ def bench_engine(cfg, tokenizer, args, device, dtype, name: str) -> dict:
     trainer = Trainer(cfg, tempfile.mkdtemp(prefix="unimlip-bench-"), resume="none")
     trainer.start()
     if args.data == "synthetic":
-        trainer.batches = itertools.repeat(synthetic_batch(cfg, tokenizer, batch_needs(cfg.loss), "cpu"))
-    with FlopCounterMode(display=False) as counter:
-        trainer.train_step()
-    flops = counter.get_total_flops()
+        trainer.batches = itertools.repeat(pinned(synthetic_batch(cfg, tokenizer, batch_needs(cfg.loss), "cpu")))
+    if flops is None:
+        flops = count_flops(trainer.train_step)
     split = dict(data=0.0, compute=0.0)
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
@@ -104,6 +119,8 @@ def bench_engine(cfg, tokenizer, args, device, dtype, name: str) -> dict:
         split["compute"] += time.perf_counter() - t0
     split["data"] = trainer.window["wait"]
     split["compute"] -= split["data"]
+    trainer.batches = None  # stops the loader's workers
+    trainer.monitor.close()
     samples = cfg.train.micro_batch_size * cfg.train.grad_accum
     return _result(name, samples, args, split, flops)
 
@@ -156,6 +173,7 @@ def _result(name, b, args, split, flops) -> dict:
     step_s = sum(split.values()) / args.steps
     return {"name": name, "batch": b, "samples_per_s": round(b / step_s, 2), "step_ms": round(step_s * 1e3, 2),
             **{f"{k}_ms": round(v / args.steps * 1e3, 2) for k, v in split.items()},
+            "data_wait_frac": round(split.get("data", 0.0) / args.steps / step_s, 4),
             "gflop_per_sample": round(flops / b / 1e9, 3), "achieved_tflops": round(flops / step_s / 1e12, 4),
             "peak_mem_gib": round(peak_memory_gib(), 3)}
 

@@ -187,6 +187,7 @@ class TrainConfig:
     log_every: int = 10
     max_nonfinite_in_row: int = 5
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend of the towers (aot_eager: graph capture only)
     eval_every: int = 0
 
 

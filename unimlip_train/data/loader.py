@@ -612,7 +612,8 @@ class TrainStream:
                               self.workers, self.world_size, self.batches_per_unit, self._cursors,
                               first_worker=self._delivered % self.workers)
         if self.num_workers > 0:
-            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
+            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                      pin_memory=torch.cuda.is_available()))  # async host-to-GPU copies
         else:
             batches = iter(dataset)
         for batch in batches:

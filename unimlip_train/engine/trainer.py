@@ -203,8 +203,8 @@ class Trainer:
         if self.saved is not None and not self.same_layout:
             self.model.load_state_dict(ck.consolidated_state_dict(self.source), strict=True)
         if cfg.train.compile:
-            self.model.image_tower.compile()
-            self.model.text_tower.compile()
+            self.model.image_tower.compile(backend=cfg.train.compile_backend)
+            self.model.text_tower.compile(backend=cfg.train.compile_backend)
         self.fresh_param_groups = lambda: param_groups(step_module, self.model, cfg)
         self.optimizer = build_optimizer(self.fresh_param_groups(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)

@@ -91,6 +91,8 @@ class ImageTower(LockableTower):
         if cfg.model.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.perturbation = FeaturePerturbation(self.model, icfg.token_drop, icfg.spatial_drop)
+        # CNN towers on CUDA take NHWC inputs: cuDNN's tensor-core convolutions run channels_last natively.
+        self.channels_last = torch.cuda.is_available() and self.perturbation.kind == "spatial dropout"
         if icfg.lock:
             self.lock(icfg.lock_unlocked_groups, "model.image.lock_unlocked_groups")
 
@@ -109,6 +111,8 @@ class ImageTower(LockableTower):
     def forward(self, x: torch.Tensor, perturb: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``perturb``: this pass with the feature-level perturbation on (see ``FeaturePerturbation``)."""
         x = x.to(next(self.model.parameters()).dtype)  # bf16/fp16 engines hold low-precision weights
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with self.perturbation.active(perturb):
             feats = self.model.forward_features(x)
         pooled = self.model.forward_head(feats, pre_logits=True)

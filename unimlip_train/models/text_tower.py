@@ -30,6 +30,7 @@ class TextTower(LockableTower):
         tcfg = cfg.model.text
         # model.text.dropout in every layer (BERT-family names); an explicit model.text.config entry wins.
         options = {"hidden_dropout_prob": tcfg.dropout, "attention_probs_dropout_prob": tcfg.dropout, **tcfg.config}
+        options.setdefault("attn_implementation", "sdpa")  # fused attention kernels (flash / memory-efficient)
         if tcfg.name:
             self.model = load_text_model(tcfg.name, options)
         else:
