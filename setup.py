@@ -29,6 +29,7 @@ setup(
             "unimlip-export=unimlip_train.cli.export:main",
             "unimlip-eval=unimlip_train.eval.cli:main",
             "unimlip-submit=launch.submit:main",
+            "unimlip-ablate=unimlip_train.cli.ablate:main",
         ]
     },
 )
