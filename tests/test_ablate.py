@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from test_slurm import cluster, sacct_state  # noqa: F401  (cluster: the session fixture that starts local SLURM)
+
 REPO = Path(__file__).resolve().parent.parent
 ABLATIONS = REPO / "configs" / "ablations"
 TIMEOUT = 600
@@ -200,3 +202,27 @@ def test_bad_input_stops_before_training(data, tmp_path, capsys):
     help_text = build_parser().format_help()
     for text in ("--configs", "--run-root", "--seeds", "--submit", "ablation.json", "ablation.md", "key.sub=value"):
         assert text in help_text
+
+
+@pytest.mark.slurm
+def test_submit_runs_an_array_on_slurm(data, cluster, tmp_path):
+    """Two configs as one array of 2-rank CPU tasks; each task trains and evaluates, the table is built after."""
+    cmd = [sys.executable, "-m", "unimlip_train.cli.ablate", "--configs", ABLATIONS / "clip_only.yaml",
+           ABLATIONS / "all.yaml", "--data", data["shards"], "--run-root", tmp_path / "abl", "--steps", "2",
+           "--submit", "--wait", "--partition", cluster, "--time", "00:15:00", "--tasks-per-node", "2",
+           "--cpus-per-task", "1", f"model.tokenizer={data['tok']}", "model.embed_dim=32", *TINY]
+    out = run(cmd)
+    ids = re.findall(r"job_id (\d+_\d+)", out)
+    assert len(ids) == 2 and len({i.split("_")[0] for i in ids}) == 1  # one array, two tasks
+    assert [sacct_state(i) for i in ids] == ["COMPLETED", "COMPLETED"]
+    rows = last_json(out)
+    assert [(r["config"], r["status"], r["step"]) for r in rows] == [("clip_only", "ok", 2), ("all", "ok", 2)]
+    # The array tasks trained and evaluated; the table read their results.
+    assert all(r["trained"] and not r["evaluated"] for r in rows)
+    reference = last_json(run([sys.executable, "-m", "unimlip_train.eval.cli", "retrieval", "--checkpoint",
+                               rows[1]["checkpoint"], "--data", data["shards"], "--workers", "1"]))
+    assert all(rows[1][k] == pytest.approx(v, rel=1e-9, abs=1e-9) for k, v in reference.items())
+
+    again = run(cmd)  # everything finished: nothing is submitted, the table is the same
+    assert "nothing to submit" in again and "job_id" not in again
+    assert [{**r, "trained": True} for r in last_json(again)] == rows

@@ -349,8 +349,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"unimlip-ablate: error: {e}", file=sys.stderr)
         return 2
     run_root.mkdir(parents=True, exist_ok=True)
-    print(f"[ablate] {len(runs)} runs ({len(args.configs)} configs x {len(runs) // len(args.configs)} seeds) "
-          f"in {run_root}", flush=True)
+    seeds = ", ".join(str(s) for s in sorted({r.seed for r in runs}))
+    print(f"[ablate] {len(runs)} runs ({len(args.configs)} configs, seeds {seeds}) in {run_root}", flush=True)
 
     if args.dry_run and not args.submit:
         for run in runs:
