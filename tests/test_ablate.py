@@ -7,7 +7,6 @@ fails to train is a row with its status while the other rows are complete; a cha
 re-evaluated; bad input stops before anything trains.
 """
 import json
-import os
 import re
 import subprocess
 import sys

@@ -129,8 +129,10 @@ def cached_metrics(run_dir: Path, checkpoint: str, spec: EvalSpec) -> Optional[d
 
 def store_metrics(run_dir: Path, checkpoint: str, spec: EvalSpec, metrics: dict) -> None:
     """Write the cache atomically (a crash never leaves a half file that would be trusted)."""
+    from .table import json_safe
+
     doc = {"checkpoint": checkpoint_identity(checkpoint), "spec": spec.fingerprint(),
-           "metrics": {k: None if v != v else v for k, v in metrics.items()}}
+           "metrics": json_safe([metrics])[0]}
     tmp = run_dir / f"{CACHE}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, run_dir / CACHE)

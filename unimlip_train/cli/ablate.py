@@ -14,7 +14,6 @@ config (before anything trains).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -162,6 +161,10 @@ def run_locally(i: int, n: int, run, spec, args) -> dict:
     """Train unless finished, then evaluate unless cached; never raises for one run's failure."""
     done = run.finished(args.force)
     trained = False
+    record = _last_job(run) if done is None else None
+    if state := _job_state(record):
+        _progress(i, n, run, f"a SLURM job ({record['job_id']}) is {state} for this run: not training it here")
+        return {**base_row(run), "status": f"pending: job {record['job_id']} {state}"}
     if done is None:
         ck = run.checkpoint()
         start = f"resuming from step {ck.step}" if ck else "training"
@@ -186,13 +189,12 @@ def run_locally(i: int, n: int, run, spec, args) -> dict:
 # ---------------------------------------------------------------------------------------------- SLURM
 
 def _last_job(run) -> Optional[dict]:
-    from launch.runs import SUBMISSIONS
+    """The run's newest ``unimlip-ablate --submit`` record in its submissions.jsonl, if any."""
+    from launch.runs import SUBMISSIONS, submissions
 
-    path = run.run_dir / SUBMISSIONS
-    if not path.is_file():
+    if not (run.run_dir / SUBMISSIONS).is_file():
         return None
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    records = [r for r in records if r.get("kind") == "ablate"]
+    records = [r for r in submissions(run.run_dir) if r.get("kind") == "ablate"]
     return records[-1] if records else None
 
 
