@@ -12,7 +12,7 @@ on the 270 held-out images with prompts written here (not the packaged ones), a 
 
 Everything derived from the IU reports (CC BY-NC-ND 4.0) stays in ``--out``: never commit or share it.
 Rerunning continues where it stopped (finished runs are neither retrained nor re-evaluated). The last line
-printed is unimlip-ablate's JSON. On the 2-core CPU machine the whole run takes about 20-40 minutes.
+printed is unimlip-ablate's JSON. On the shared 2-core CPU machine the four trainings took 2 h 15 min (20-35 min each).
 """
 from __future__ import annotations
 
