@@ -3,7 +3,6 @@
 FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 
 ENV PYTHONUNBUFFERED=1 \
-    NO_ALBUMENTATIONS_UPDATE=1 \
     TOKENIZERS_PARALLELISM=false \
     TORCH_EXTENSIONS_DIR=/opt/torch_extensions
 

@@ -28,6 +28,8 @@ setup(
             "unimlip-demo=unimlip_train.cli.demo:main",
             "unimlip-export=unimlip_train.cli.export:main",
             "unimlip-eval=unimlip_train.eval.cli:main",
+            "unimlip-finetune=unimlip_train.finetune.cli:main",
+            "unimlip-fetch-weights=unimlip_train.cli.fetch_weights:main",
             "unimlip-submit=launch.submit:main",
             "unimlip-ablate=unimlip_train.cli.ablate:main",
         ]

@@ -24,7 +24,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data"
+# All of PneumoniaMNIST's balanced train/val arrays (the repo's tests/data holds only a 400 + 100 subset).
+NPZ = REPO.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist_trainval.npz"
+REPORTS = REPO / "tests" / "data" / "iu_xray_reports" / "NLMCXR_reports.tgz"
 CONFIGS = [REPO / "configs" / "ablations" / "clip_only.yaml", REPO / "configs" / "ablations" / "all.yaml"]
 # Zero-shot prompts the project does not ship (unimlip_train/resources/prompts/ has other wordings).
 PROMPTS = """\
@@ -72,8 +74,13 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
     p.add_argument("--seeds", default="0,1", help="seeds (default 0,1)")
     p.add_argument("--nproc", type=int, default=1, help="training processes per run (default 1)")
+    p.add_argument("--npz", default=str(NPZ), help=f"PneumoniaMNIST train/val arrays (default {NPZ})")
+    p.add_argument("--reports", default=str(REPORTS), help=f"IU X-ray report XMLs, .tgz (default {REPORTS})")
     p.add_argument("extra", nargs="*", help="more unimlip-ablate options or key.sub=value overrides")
     args, unknown = p.parse_known_args()
+    for path in (args.npz, args.reports):
+        if not Path(path).is_file():
+            p.error(f"not found: {path}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
@@ -85,8 +92,7 @@ def main() -> int:
     if not (pairs / "manifest.csv").is_file():
         print("[real-ablation] pairing every PneumoniaMNIST train/val image with an IU X-ray report of its class",
               flush=True)
-        write_class_paired_manifest(pairs, DATA / "pneumoniamnist" / "pneumoniamnist_trainval.npz",
-                                    DATA / "iu_xray_reports" / "NLMCXR_reports.tgz")
+        write_class_paired_manifest(pairs, Path(args.npz), Path(args.reports))
     manifests = split_manifest(pairs / "manifest.csv", pairs)
     shards = {part: out / f"shards_{part}" for part in manifests}
     for part, manifest in manifests.items():

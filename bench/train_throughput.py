@@ -57,7 +57,7 @@ def synthetic_batch(cfg, tokenizer, needs, device) -> dict:
     ids[:, 0] = tokenizer.cls_token_id or 0
     mask = torch.ones(b, length, dtype=torch.long)
     batch = {"image": torch.randn(b, cfg.data.in_chans, size, size), "input_ids": ids, "attention_mask": mask,
-             "key": [str(i) for i in range(b)]}
+             "key": [str(i) for i in range(b)], "report_id": torch.arange(b), "group_id": torch.arange(b)}
     if needs.image_view2:
         batch["image_view2"] = torch.randn_like(batch["image"])
     if needs.text_view2:
@@ -75,50 +75,37 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def bench_engine(cfg, tokenizer, args, device, dtype) -> dict:
-    """Our path: TrainStep (all enabled terms) in the DeepSpeed engine, fed by the real stream or synthetic."""
-    import deepspeed
+def bench_engine(cfg, tokenizer, args, device, dtype, name: str) -> dict:
+    """Our path: the real ``Trainer.train_step`` (every enabled term, the DeepSpeed engine, accumulation as
+    configured), fed by the real stream or by one fixed synthetic batch."""
+    import itertools
+    import tempfile
 
-    from unimlip_train.data.loader import TrainStream, batch_needs
-    from unimlip_train.engine.ds_config import build_ds_config
-    from unimlip_train.engine.optim import build_optimizer, build_scheduler, param_groups
-    from unimlip_train.engine.trainer import _to_device
-    from unimlip_train.losses import UniMlipObjective
-    from unimlip_train.models import TrainStep, build_model
+    from unimlip_train.data.loader import batch_needs
+    from unimlip_train.engine.trainer import Trainer
 
-    needs = batch_needs(cfg.loss)
-    model = build_model(cfg, tokenizer)
-    step_module = TrainStep(model, UniMlipObjective(cfg)).to(device)
-    fixed = synthetic_batch(cfg, tokenizer, needs, device)
-    flops = count_flops(lambda: step_module(_to_device(fixed, device, torch.float32), 0)[0].backward())
-    step_module.zero_grad(set_to_none=True)
-    optimizer = build_optimizer(param_groups(step_module, model, cfg), cfg)
-    engine, *_ = deepspeed.initialize(model=step_module, optimizer=optimizer,
-                                      lr_scheduler=build_scheduler(optimizer, cfg),
-                                      config=build_ds_config(cfg, 1), dist_init_required=False)
-    batches = iter(TrainStream(cfg, tokenizer, needs, 0, 1)) if args.data == "stream" else None
-    split = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0)
+    trainer = Trainer(cfg, tempfile.mkdtemp(prefix="unimlip-bench-"), resume="none")
+    trainer.start()
+    if args.data == "synthetic":
+        trainer.batches = itertools.repeat(synthetic_batch(cfg, tokenizer, batch_needs(cfg.loss), "cpu"))
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step()
+    flops = counter.get_total_flops()
+    split = dict(data=0.0, compute=0.0)
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             split = dict.fromkeys(split, 0.0)
+            trainer.window["wait"] = 0.0
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        batch = _to_device(next(batches), device, dtype) if batches else _to_device(fixed, device, dtype)
+        trainer.train_step()
         sync()
-        t1 = time.perf_counter()
-        loss, _ = engine(batch, i)
-        sync()
-        t2 = time.perf_counter()
-        engine.backward(loss)
-        sync()
-        t3 = time.perf_counter()
-        engine.step()
-        sync()
-        t4 = time.perf_counter()
-        for k, dt in zip(split, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            split[k] += dt
-    return _result("engine (all enabled terms, DeepSpeed)", cfg, args, split, flops)
+        split["compute"] += time.perf_counter() - t0
+    split["data"] = trainer.window["wait"]
+    split["compute"] -= split["data"]
+    samples = cfg.train.micro_batch_size * cfg.train.grad_accum
+    return _result(name, samples, args, split, flops)
 
 
 def bench_plain_clip(cfg, tokenizer, args, device, dtype) -> dict:
@@ -161,12 +148,12 @@ def bench_plain_clip(cfg, tokenizer, args, device, dtype) -> dict:
         t4 = time.perf_counter()
         for k, dt in zip(("forward", "backward", "optimizer"), (t2 - t1, t3 - t2, t4 - t3)):
             split[k] += dt
-    return _result("plain PyTorch CLIP step (same towers)", cfg, args, split, flops)
+    return _result("plain PyTorch CLIP step (same towers)", cfg.train.micro_batch_size, args, split, flops)
 
 
-def _result(name, cfg, args, split, flops) -> dict:
+def _result(name, b, args, split, flops) -> dict:
+    """``b``: samples per timed step; ``flops``: of one step."""
     step_s = sum(split.values()) / args.steps
-    b = cfg.train.micro_batch_size
     return {"name": name, "batch": b, "samples_per_s": round(b / step_s, 2), "step_ms": round(step_s * 1e3, 2),
             **{f"{k}_ms": round(v / args.steps * 1e3, 2) for k, v in split.items()},
             "gflop_per_sample": round(flops / b / 1e9, 3), "achieved_tflops": round(flops / step_s / 1e12, 4),
@@ -180,10 +167,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--data", choices=("stream", "synthetic"), default="stream",
                    help="engine input: the real training stream (data wait measured) or random tensors")
+    p.add_argument("--compare-negatives", type=int, default=0, metavar="K",
+                   help="instead: the engine at train.grad_accum=K with train.negatives=micro vs accumulated "
+                        "(the cost of the extra embedding pass that makes every micro batch's negatives span the "
+                        "whole optimizer step)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="GPU dense peak for MFU (default: H100/H200 SXM bf16 989); CPU measures its own")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = p.parse_args(argv)
+    from unimlip_train.cli.args import parse_with_overrides
+
+    args = parse_with_overrides(p, argv)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from unimlip_train import distributed as du
     from unimlip_train.config import load_config
@@ -199,23 +192,34 @@ def main(argv=None) -> int:
     peak = args.peak_tflops * 1e12 if torch.cuda.is_available() else measured_peak_flops(torch.float32)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.text.name)
     torch.manual_seed(cfg.seed)
-    results = [bench_plain_clip(cfg, tokenizer, args, device, dtype), bench_engine(cfg, tokenizer, args, device, dtype)]
+    if args.compare_negatives:
+        from unimlip_train.config import load_config as reload
+
+        results = []
+        for negatives in ("micro", "accumulated"):
+            k_cfg = reload(args.config, [*args.overrides, f"train.grad_accum={args.compare_negatives}",
+                                         f"train.negatives={negatives}"])
+            results.append(bench_engine(k_cfg, tokenizer, args, device, dtype,
+                                        f"engine, K={args.compare_negatives}, negatives={negatives}"))
+        baseline, what = "micro", "accumulated / micro"
+    else:
+        results = [bench_plain_clip(cfg, tokenizer, args, device, dtype),
+                   bench_engine(cfg, tokenizer, args, device, dtype, "engine (all enabled terms, DeepSpeed)")]
+        baseline, what = "plain", "engine / plain CLIP"
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device_name}; MFU denominator {peak / 1e12:.3f} TFLOP/s "
           f"({'spec' if torch.cuda.is_available() else 'measured fp32 matmul'})")
-    print(f"{'':40s} {'samples/s':>10s} {'data':>8s} {'fwd':>8s} {'bwd':>8s} {'optim':>8s} {'GFLOP/s':>8s} "
-          f"{'MFU':>6s} {'peak GiB':>8s}")
+    print(f"{'':44s} {'samples/s':>10s} {'data ms':>8s} {'compute':>8s} {'GFLOP/smp':>9s} {'MFU':>6s} {'peak GiB':>8s}")
     for r in results:
         r["mfu"] = round(r["achieved_tflops"] * 1e12 / peak, 4)
-        print(f"{r['name']:40s} {r['samples_per_s']:10.1f} {r['data_ms']:7.1f}m {r['forward_ms']:7.1f}m "
-              f"{r['backward_ms']:7.1f}m {r['optimizer_ms']:7.1f}m {r['achieved_tflops'] * 1e3:8.2f} "
-              f"{r['mfu']:6.3f} {r['peak_mem_gib']:8.2f}")
+        print(f"{r['name']:44s} {r['samples_per_s']:10.1f} {r['data_ms']:8.1f} "
+              f"{r['step_ms'] - r['data_ms']:8.1f} "
+              f"{r['gflop_per_sample']:9.3f} {r['mfu']:6.3f} {r['peak_mem_gib']:8.2f}")
     ratio = results[1]["samples_per_s"] / results[0]["samples_per_s"]
-    print(f"engine / plain CLIP samples/s: {ratio:.3f} (the engine runs every enabled Uni-Mlip term: two views, "
-          f"dropout passes, fusion encoder)")
+    print(f"{what} samples/s: {ratio:.3f}")
     for r in results:
         print(json.dumps({"device": device_name, **r}))
-    print(json.dumps({"engine_over_plain_clip": round(ratio, 4)}))
+    print(json.dumps({f"samples_per_s_over_{baseline}": round(ratio, 4)}))
     return 0
 
 

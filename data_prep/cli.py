@@ -1,22 +1,23 @@
 """``unimlip-shard``: shard image-report datasets into WebDataset tars, verify them, build a tokenizer.
 
 Exit status: 0 the run finished (skipped rows are listed in errors.jsonl, not failures); 2 unusable input
-(bad manifest, missing column, missing input path); 1 anything else (including an interrupted run, which
-the same command finishes when rerun).
+(bad manifest, missing column, missing input path); 1 anything else (including an interrupted run or a full
+disk, which the same command finishes when rerun). ``audit --fail-on-leak`` exits 1 when it finds a leak.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import shutil
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from data_prep import synthetic
+from data_prep import audit, synthetic, synthetic_vqa
 from data_prep.rows import InputError
-from data_prep.writer import add_writer_arguments, encode_results, options_from_args, write_shards
+from data_prep.writer import OutOfSpace, add_writer_arguments, encode_results, options_from_args, write_shards
 
 # Subcommand -> adapter module name (each module offers add_arguments(parser) and iter_rows(args)).
 # launch/sharding.py imports adapters through this mapping too.
@@ -25,15 +26,21 @@ ADAPTERS = {
     "iu-xray": "data_prep.adapters.iu_xray",
     "mimic-cxr": "data_prep.adapters.mimic_cxr",
     "roco": "data_prep.adapters.roco",
+    "vqa-rad": "data_prep.adapters.vqa_rad",
+    "slake": "data_prep.adapters.slake",
+    "vqa-manifest": "data_prep.adapters.vqa_manifest",
 }
 _HELP = {
     "manifest": "CSV/TSV/JSONL manifest with columns image, text (+ id, group, labels, view, ...)",
     "iu-xray": "IU X-ray / Open-I: report XMLs joined to a PNG folder",
     "mimic-cxr": "MIMIC-CXR style: DICOM files + one report .txt per study",
     "roco": "ROCO style: image folder + captions file",
+    "vqa-rad": "VQA-RAD: its question JSON + image folder (official train/test kept)",
+    "slake": "SLAKE: train/validate/test.json + imgs/ (official splits kept, English)",
+    "vqa-manifest": "VQA manifest (CSV/TSV/JSONL): image, question, answer, answer_type, split",
 }
 # Recorded in index.json: options that shape the output, not where it went or how fast it was made.
-_NOT_RECORDED = {"out", "workers", "no_progress", "overwrite", "func", "command"}
+_NOT_RECORDED = {"out", "workers", "no_progress", "overwrite", "no_audit", "func", "command"}
 
 
 def _args_record(args: argparse.Namespace) -> dict:
@@ -44,8 +51,14 @@ def _args_record(args: argparse.Namespace) -> dict:
 def _summary(index: dict, out: str) -> str:
     parts = ", ".join(f"{split} {info['samples']} in {len(info['shards'])} shards"
                       for split, info in index["splits"].items())
-    return (f"wrote {index['samples']} samples to {out} ({parts}); {index['errors']} rows skipped"
-            + (f" (reasons in {Path(out) / 'errors.jsonl'})" if index["errors"] else ""))
+    dropped = f", {index['dropped_views']} study views dropped" if index.get("dropped_views") else ""
+    line = (f"wrote {index['samples']} samples to {out} ({parts}); {index['errors']} rows skipped{dropped}"
+            + (f" (reasons in {Path(out) / 'errors.jsonl'})" if index["errors"] or dropped else ""))
+    found = index.get("audit")
+    if found:
+        line += ("\naudit: " + ", ".join(f"{k.replace('_', ' ')} {found[k]}" for k in audit.KINDS)
+                 + f"; {found['leaks']} cross-split leaks" + (" (index.json 'audit' lists them)" if found["leaks"] else ""))
+    return line
 
 
 def run_adapter(name: str, adapter, args: argparse.Namespace, encoder=encode_results) -> int:
@@ -65,12 +78,16 @@ def _run_adapter(name: str, adapter) -> Callable[[argparse.Namespace], int]:
     return lambda args: run_adapter(name, adapter, args)
 
 
-def _run_synthetic(args: argparse.Namespace) -> int:
-    if args.n < 1 or args.image_size < 16:
-        raise InputError(f"--n must be >= 1 and --image-size >= 16 (got {args.n}, {args.image_size})")
-    code = run_adapter("synthetic", synthetic, args)
-    shutil.rmtree(Path(args.out) / synthetic.SOURCE_DIR, ignore_errors=True)
-    return code
+def _run_generated(name: str, module) -> Callable[[argparse.Namespace], int]:
+    """A generated set (synthetic, synthetic-vqa): shard it, then drop the generated source images."""
+    def run(args: argparse.Namespace) -> int:
+        if args.n < 1 or args.image_size < 16:
+            raise InputError(f"--n must be >= 1 and --image-size >= 16 (got {args.n}, {args.image_size})")
+        try:
+            return run_adapter(name, module, args)
+        finally:  # also after a failure: a rerun generates the (deterministic) images again
+            shutil.rmtree(Path(args.out) / synthetic.SOURCE_DIR, ignore_errors=True)
+    return run
 
 
 def _run_verify(args: argparse.Namespace) -> int:
@@ -84,6 +101,23 @@ def _run_verify(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.dir}: OK")
     return 0
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    if args.near_threshold < 0 or args.near_threshold > 32:
+        raise InputError(f"--near-threshold {args.near_threshold}: must be 0..32 bits")
+    try:
+        sets = [audit.read_set(d, progress=not args.no_progress) for d in args.sets]
+        against = [audit.read_set(d, progress=not args.no_progress) for d in args.against]
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    result = audit.audit(sets, against, args.near_threshold)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(finding, ensure_ascii=False) + "\n" for finding in result["findings"])
+    print(audit.table(result["summary"], result["findings"]))
+    print(json.dumps(result["summary"], ensure_ascii=False))
+    return 1 if args.fail_on_leak and result["summary"]["leaks"] else 0
 
 
 def _run_tokenizer(args: argparse.Namespace) -> int:
@@ -106,18 +140,33 @@ def build_parser() -> argparse.ArgumentParser:
         add_writer_arguments(p)
         p.set_defaults(func=_run_adapter(name, adapter))
 
-    p = sub.add_parser("synthetic", help="generate and shard the synthetic chest X-ray-like dataset",
-                       description=(synthetic.__doc__ or "").strip(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    synthetic.add_arguments(p)
-    add_writer_arguments(p, val_fraction=0.1)
-    p.set_defaults(func=_run_synthetic)
+    for name, module, test_fraction, what in (
+            ("synthetic", synthetic, 0.0, "the synthetic chest X-ray-like dataset"),
+            ("synthetic-vqa", synthetic_vqa, 0.2, "synthetic VQA on those images (answers decided by the image)")):
+        p = sub.add_parser(name, help=f"generate and shard {what}", description=(module.__doc__ or "").strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        add_writer_arguments(p, val_fraction=0.1)
+        p.set_defaults(func=_run_generated(name, module), test_fraction=test_fraction)
 
     p = sub.add_parser("verify", help="check shards against index.json (sizes, sha256, counts, duplicate keys)")
     p.add_argument("dir", help="shard directory (with index.json)")
     p.add_argument("--decode", action="store_true", help="also decode every image")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_verify)
+
+    p = sub.add_parser("audit", help="find duplicate images/reports and patients shared across splits or sets",
+                       description=(audit.__doc__ or "").strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sets", nargs="+", metavar="SET", help="shard directories (with index.json) to audit")
+    p.add_argument("--against", nargs="+", default=[], metavar="EVAL",
+                   help="evaluation shard sets: only overlaps between SETs and these count as cross-set leaks")
+    p.add_argument("--near-threshold", type=int, default=audit.DEFAULT_NEAR_THRESHOLD, metavar="BITS",
+                   help=f"perceptual-hash bits within which two images are near duplicates "
+                        f"(default {audit.DEFAULT_NEAR_THRESHOLD})")
+    p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when any cross-split or cross-set leak exists")
+    p.add_argument("--out", default="", metavar="FILE", help="write every finding as JSON lines to FILE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_audit)
 
     p = sub.add_parser("tokenizer", help="train a WordPiece tokenizer on the reports of a shard set")
     p.add_argument("--data", required=True, help="shard directory (index.json) or folder of .tar shards")
@@ -139,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"unimlip-shard: error: {e}", file=sys.stderr)
         return 2
+    except OutOfSpace as e:
+        print(f"unimlip-shard: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("unimlip-shard: interrupted; rerun the same command to finish the missing shards", file=sys.stderr)
         return 1

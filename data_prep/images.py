@@ -1,8 +1,17 @@
-"""Image decode -> resize -> encode for the shard writer.
+"""Image decode -> window -> resize -> encode -> fingerprint for the shard writer.
 
 One function per step so the writer's worker processes and the throughput benchmark run the very same
 code. 8-bit images are stored as JPEG (small shards); 16-bit sources are stored as 16-bit PNG when the
 user asks to keep them (JPEG has no 16-bit mode), otherwise mapped to 8 bits.
+
+High-bit-depth rasters (16-bit PNG/TIFF, 32-bit integer or float TIFF) carry no display window, and a 12-bit
+film stored in 16 bits uses a sixteenth of the range (divided by 65535 it is nearly black), so ``window``
+decides how their values map onto the output range (8 or 16 bits):
+- ``auto`` (default): the 0.5th..99.5th percentiles of the image's values (robust to a few hot or dead pixels
+  and to burnt-in annotations), clipped;
+- ``minmax``: the image's minimum..maximum;
+- ``none``: the stored values as they are (16-bit output unchanged; 8-bit output = value / 257).
+DICOM files are windowed by their own header (``data_prep.dicom``), not by this option.
 """
 from __future__ import annotations
 
@@ -13,8 +22,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from data_prep.fingerprint import image_fingerprint
 
 RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP")
+WINDOWS = ("auto", "minmax", "none")
+AUTO_PERCENTILES = (0.5, 99.5)
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 
 
 class ImageError(Exception):
@@ -33,12 +46,14 @@ def is_dicom(path: str) -> bool:
         return False
 
 
-def load_image(path: str, keep_16bit: bool, max_size: int | None = None) -> tuple[np.ndarray, list[int]]:
+def load_image(path: str, keep_16bit: bool, max_size: int | None = None, window: str = "auto",
+               frame: int = 0) -> tuple[np.ndarray, dict]:
     """Decode any supported file to HxW (grayscale) or HxWx3 uint8, or HxW uint16 when ``keep_16bit``.
 
-    Returns the array and the original [w, h]. With ``max_size``, JPEGs are decoded at a reduced scale
-    (libjpeg's DCT scaling) that still leaves the long side >= max_size: decoding a 3000 px film to
-    resize it to 512 px is most of the sharding time otherwise.
+    Returns the array and what the shard metadata keeps about the source: ``orig_size`` [w, h], and for
+    DICOM ``frames`` (the object's count), ``frame`` (the one used) and ``dicom_view`` (ViewPosition). With
+    ``max_size``, JPEGs are decoded at a reduced scale (libjpeg's DCT scaling) that still leaves the long side
+    >= max_size: decoding a 3000 px film to resize it to 512 px is most of the sharding time otherwise.
     """
     if not Path(path).is_file():
         raise ImageError(f"image not found: {path}")
@@ -46,12 +61,14 @@ def load_image(path: str, keep_16bit: bool, max_size: int | None = None) -> tupl
         from data_prep.dicom import UnsupportedDicom, read_dicom  # lazy: pydicom only when DICOM is used
 
         try:
-            arr = read_dicom(path, keep_16bit=keep_16bit)
-            return arr, [int(arr.shape[1]), int(arr.shape[0])]
+            dcm = read_dicom(path, keep_16bit=keep_16bit, frame=frame)
         except UnsupportedDicom as e:
             raise ImageError(f"unsupported DICOM: {e}") from e
         except Exception as e:  # pydicom raises many types for damaged files
             raise ImageError(f"unreadable DICOM: {type(e).__name__}: {e}") from e
+        arr = dcm.pixels
+        return arr, {"orig_size": [int(arr.shape[1]), int(arr.shape[0])], "frames": dcm.frames,
+                     "frame": dcm.frame, "dicom_view": dcm.view}
     try:
         # Only raster formats: PIL picks a plugin by content, and EPS (say, a PostScript file named .png)
         # would run Ghostscript on input that may come from elsewhere.
@@ -61,20 +78,15 @@ def load_image(path: str, keep_16bit: bool, max_size: int | None = None) -> tupl
             if im.format == "JPEG" and scale < 0.5:
                 im.draft(im.mode, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
             im.load()
-            return _pil_to_array(im, keep_16bit), orig
+            return _pil_to_array(im, keep_16bit, window), {"orig_size": orig}
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"undecodable image: {type(e).__name__}: {e}") from e
 
 
-def _pil_to_array(im: Image.Image, keep_16bit: bool) -> np.ndarray:
+def _pil_to_array(im: Image.Image, keep_16bit: bool, window: str) -> np.ndarray:
     """Normalise PIL's many modes to grayscale/RGB uint8 or grayscale uint16."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im)
-        if im.mode in ("I;16", "I;16B", "I;16L") and keep_16bit:
-            return arr.astype(np.uint16)
-        if keep_16bit and im.mode == "I" and arr.min() >= 0 and arr.max() <= 65535:
-            return arr.astype(np.uint16)
-        return to_uint8(arr)
+    if im.mode in _WIDE_MODES:
+        return apply_window(np.asarray(im), window, keep_16bit)
     if im.mode in ("L", "RGB"):
         return np.asarray(im)
     if im.mode in ("1", "LA", "P") and _is_gray_palette(im):
@@ -82,20 +94,31 @@ def _pil_to_array(im: Image.Image, keep_16bit: bool) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+def apply_window(values: np.ndarray, window: str, keep_16bit: bool) -> np.ndarray:
+    """Map a high-bit-depth raster onto uint16 (``keep_16bit``) or uint8 by the ``window`` rule (module doc)."""
+    top = 65535 if keep_16bit else 255
+    if window == "none":
+        values = np.clip(values, 0, 65535)
+        return values.astype(np.uint16) if keep_16bit else np.rint(values / 257.0).astype(np.uint8)
+    if window == "auto":
+        low, high = (float(v) for v in np.percentile(values, AUTO_PERCENTILES))
+    elif window == "minmax":
+        low, high = float(values.min()), float(values.max())
+    else:
+        raise ValueError(f"unknown window {window!r} (use one of {', '.join(WINDOWS)})")
+    if high <= low:  # a (nearly) constant image: its own min-max, black when truly constant
+        low, high = float(values.min()), float(values.max())
+        if high <= low:
+            return np.zeros(values.shape, np.uint16 if keep_16bit else np.uint8)
+    scaled = np.clip((values.astype(np.float64) - low) / (high - low), 0.0, 1.0)
+    return np.rint(scaled * top).astype(np.uint16 if keep_16bit else np.uint8)
+
+
 def _is_gray_palette(im: Image.Image) -> bool:
     if im.mode != "P":
         return True
     pal = np.asarray(im.convert("RGB"))
     return bool((pal[..., 0] == pal[..., 1]).all() and (pal[..., 1] == pal[..., 2]).all())
-
-
-def to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Min-max map a high-bit-depth array to 8 bits (full contrast, as a viewer's auto-window would)."""
-    arr = arr.astype(np.float64)
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi <= lo:
-        return np.zeros(arr.shape, np.uint8)
-    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
 def resize_long_side(arr: np.ndarray, max_size: int) -> np.ndarray:
@@ -122,10 +145,11 @@ def encode(arr: np.ndarray, jpeg_quality: int) -> tuple[str, bytes]:
     return "jpg", buf.getvalue()
 
 
-def process_image(path: str, max_size: int, jpeg_quality: int, keep_16bit: bool) -> tuple[str, bytes, list[int]]:
-    """The writer's per-image job: decode, resize, encode; returns (ext, bytes, original [w, h])."""
-    arr, orig = load_image(path, keep_16bit, max_size)
+def process_image(path: str, max_size: int, jpeg_quality: int, keep_16bit: bool, window: str = "auto",
+                  frame: int = 0) -> tuple[str, bytes, dict]:
+    """The writer's per-image job: decode, resize, encode, fingerprint; returns (ext, bytes, metadata)."""
+    arr, info = load_image(path, keep_16bit, max_size, window, frame)
     if arr.ndim not in (2, 3) or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageError(f"unsupported image shape {arr.shape}")
     ext, data = encode(resize_long_side(arr, max_size), jpeg_quality)
-    return ext, data, orig
+    return ext, data, {**info, **image_fingerprint(data)}

@@ -100,14 +100,19 @@ def _singular(name: str) -> str:
     return name[:-1] if name.endswith("s") else name
 
 
-def section_texts(sections: Mapping[str, str], wanted: Sequence[str]) -> list[str]:
-    """The bodies of the wanted sections, in the order asked; each section is used at most once."""
+def section_keys(sections: Mapping[str, str], wanted: Sequence[str]) -> list[str]:
+    """The report's section names that hold the wanted sections, in the order asked; each used at most once."""
     used: list[str] = []
     for name in wanted:
         for key in sections:
             if key not in used and _singular(name.lower()) in {_singular(p) for p in _PARTS.split(key)}:
                 used.append(key)
-    return [sections[key] for key in used]
+    return used
+
+
+def section_texts(sections: Mapping[str, str], wanted: Sequence[str]) -> list[str]:
+    """The bodies of the wanted sections, in the order asked; each section is used at most once."""
+    return [sections[key] for key in section_keys(sections, wanted)]
 
 
 def join_sentences(pieces: Iterable[str]) -> str:
@@ -128,9 +133,23 @@ def report_id(text: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def select_sections(sections: Mapping[str, str], wanted: Sequence[str], placeholder: str = "") -> str:
+def report_body(text: str) -> str:
+    """The report as the model reads it by default, headers aside: impression then findings when it has them,
+    else the whole text. What the leakage audit hashes (with ``report_id``), so a headed shard text and the
+    same report without headers are one report."""
+    return join_sentences(section_texts(split_sections(text), ("impression", "findings"))) or text
+
+
+def select_sections(sections: Mapping[str, str], wanted: Sequence[str], placeholder: str = "",
+                    headed: bool = False) -> str:
     """The wanted sections, cleaned, in the order asked, each ending as a sentence, joined by spaces.
 
-    Returns ``""`` when none of the wanted sections has text.
+    ``headed`` keeps each section's header ("FINDINGS: ... IMPRESSION: ..."), one section a line, so the training
+    loader can still choose and order sections (``data.text.sections`` / ``order``). Returns ``""`` when none of
+    the wanted sections has text.
     """
-    return join_sentences(clean_report(body, placeholder) for body in section_texts(sections, wanted))
+    keys = [key for key in section_keys(sections, wanted) if clean_report(sections[key], placeholder)]
+    bodies = [join_sentences([clean_report(sections[key], placeholder)]) for key in keys]
+    if headed:
+        return "\n".join(f"{key.upper()}: {body}" for key, body in zip(keys, bodies))
+    return " ".join(bodies)

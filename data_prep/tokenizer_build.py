@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from data_prep.report_text import report_body
 from data_prep.rows import InputError
 from data_prep.verify import iter_samples, load_index
 
@@ -40,10 +41,11 @@ def shard_paths(data_dir: str | Path, split: str = "train") -> list[Path]:
 
 
 def iter_reports(paths: Iterable[Path]) -> Iterator[str]:
+    """The reports as the model reads them, section headers aside (``report_body``)."""
     for path in paths:
         for _, sample in iter_samples(path):
             if "txt" in sample:
-                yield sample["txt"].decode("utf-8", errors="replace")
+                yield report_body(sample["txt"].decode("utf-8", errors="replace"))
 
 
 def train_vocab(texts: Iterable[str], vocab_size: int) -> list[str]:

@@ -72,18 +72,25 @@ def _check_sample(key: str, sample: dict[str, bytes], decode: bool) -> list[str]
                 problems.append(f"{key}: empty txt")
         except UnicodeDecodeError:
             problems.append(f"{key}: txt is not UTF-8")
+    meta: dict = {}
     try:
         meta = json.loads(sample.get("json", b""))
         if not isinstance(meta, dict):
             problems.append(f"{key}: json metadata is not an object")
+            meta = {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         problems.append(f"{key}: missing or invalid json metadata")
-    if decode and images:
+    views = meta.get("views")
+    members = [v.get("member") if isinstance(v, dict) else None for v in views] if isinstance(views, list) else images
+    missing = [m for m in members if m not in sample]
+    if missing:
+        problems.append(f"{key}: study views {missing} listed in its json are not in the shard")
+    for member in [m for m in members if m in sample] if decode else []:
         try:
-            with Image.open(io.BytesIO(sample[images[0]]), formats=("JPEG", "PNG")) as im:  # never EPS/Ghostscript
+            with Image.open(io.BytesIO(sample[member]), formats=("JPEG", "PNG")) as im:  # never EPS/Ghostscript
                 im.load()
         except Exception as e:  # any decoder failure means the loader would skip this sample
-            problems.append(f"{key}: image does not decode ({type(e).__name__}: {e})")
+            problems.append(f"{key}: image {member} does not decode ({type(e).__name__}: {e})")
     return problems
 
 

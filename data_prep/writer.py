@@ -12,16 +12,26 @@ Why it is built this way:
   journalled shards whose files still hash right and continues from the first missing one, so it ends with
   the same ``index.json`` as an uninterrupted run. Shard boundaries follow from the (deterministic) encoded
   sizes, which is why the journal records each shard's row range rather than recomputing it.
+- A full disk ends the run with one message (how much is free, about how much more is needed) and no
+  temporary files; the finished shards stay journalled, so the same command finishes the job once there is room.
+- Study samples (``Row.views``): one sample, several images: the first as ``KEY.jpg``/``KEY.png`` (so every
+  one-image reader still finds an image), the others as ``KEY.view1.jpg`` ...; the json's ``views`` lists each
+  member with its view position, source and hashes. A view that cannot be decoded is dropped and recorded; the
+  sample is skipped only when none is left.
+- Every sample's json carries ``pixel_sha256`` and ``phash`` (per view too) and ``report_hash``, and the
+  finished set is audited for duplicates and cross-split leaks (``data_prep.audit``) into ``index.json``.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import io
 import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import signal
 import sys
 import tarfile
@@ -31,9 +41,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep.images import ImageError, process_image
-from data_prep.rows import InputError, Row
-from data_prep.splits import active_splits, assign_groups
+from data_prep import audit
+from data_prep.images import WINDOWS, ImageError, process_image
+from data_prep.rows import InputError, Row, View
+from data_prep.splits import SPLITS, active_splits, assign_groups
 
 TOOL_NAME = "unimlip-shard"
 JOURNAL = ".unimlip-shard-journal.jsonl"
@@ -53,13 +64,21 @@ class WriterOptions:
     max_size: int = 512
     jpeg_quality: int = 95
     keep_16bit: bool = False
+    window: str = "auto"
+    frame: int = 0
     workers: int = 1
+    audit: bool = True
 
     def content(self) -> dict:
-        """Options that change shard bytes (``workers`` does not)."""
+        """Options that change shard bytes (``workers`` and ``audit`` do not)."""
         d = asdict(self)
         d.pop("workers")
+        d.pop("audit")
         return d
+
+
+class OutOfSpace(Exception):
+    """The output file system filled up; the message says where, what is free and about what is needed."""
 
 
 def parse_bytes(text: str) -> int:
@@ -94,6 +113,14 @@ def add_writer_arguments(parser: argparse.ArgumentParser, val_fraction: float = 
                    help="JPEG quality 1-100 for 8-bit images (default 95)")
     g.add_argument("--keep-16bit", action="store_true",
                    help="store 16-bit sources (DICOM, 16-bit PNG) as 16-bit PNG instead of mapping them to 8 bits")
+    g.add_argument("--window", choices=WINDOWS, default="auto",
+                   help="how 16-bit PNG/TIFF values map onto the output range: auto = 0.5..99.5th percentiles "
+                        "(default), minmax = the image's min..max, none = as stored; DICOM uses its own window")
+    g.add_argument("--frame", type=int, default=0, metavar="K",
+                   help="frame of multi-frame DICOM objects to use, 0-based (default 0: the first); the frame "
+                        "count is kept in the metadata")
+    g.add_argument("--no-audit", action="store_true",
+                   help="skip the duplicate / cross-split leak audit of the finished set (unimlip-shard audit)")
     g.add_argument("--workers", type=_positive, default=min(8, os.cpu_count() or 1),
                    help="decode/encode processes (default: CPU count, at most 8); output does not depend on it")
     g.add_argument("--overwrite", action="store_true",
@@ -102,12 +129,15 @@ def add_writer_arguments(parser: argparse.ArgumentParser, val_fraction: float = 
 
 
 def options_from_args(args: argparse.Namespace) -> WriterOptions:
+    if args.frame < 0:
+        raise InputError(f"--frame {args.frame}: must be >= 0")
     if not 0 <= args.val_fraction < 1 or not 0 <= args.test_fraction < 1 or args.val_fraction + args.test_fraction >= 1:
         raise InputError(f"--val-fraction {args.val_fraction} and --test-fraction {args.test_fraction}: "
                          "each must be in [0, 1) and their sum below 1")
     return WriterOptions(seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                          shard_size=args.shard_size, shard_bytes=args.shard_bytes, max_size=args.max_size,
-                         jpeg_quality=args.jpeg_quality, keep_16bit=args.keep_16bit, workers=args.workers)
+                         jpeg_quality=args.jpeg_quality, keep_16bit=args.keep_16bit, window=args.window,
+                         frame=args.frame, workers=args.workers, audit=not args.no_audit)
 
 
 def sample_key(sample_id: str) -> str:
@@ -134,26 +164,61 @@ def _error(row: Row, key: str, split: str, reason: str) -> dict:
 
 
 def plan(rows: Iterable[Row], options: WriterOptions, progress: bool) -> tuple[dict[str, list[_Planned]], list[dict]]:
-    """Fix every row's split and order before any image work; rows with no usable text are dropped here."""
+    """Fix every row's split and order before any image work; rows with no usable text are dropped here.
+
+    Rows with an official ``split`` keep it (then every row needs one); the others are split by group."""
     seen: dict[str, str] = {}
     kept: list[_Planned] = []
     errors: list[dict] = []
     for row in tqdm(rows, desc="reading rows", unit="row", disable=not progress or None, leave=False):
         key = sample_key(row.id or row.image)
-        if not isinstance(row.text, str) or not row.text.strip():
+        if row.skip:
+            errors.append(_error(row, key, row.split, row.skip))
+        elif not isinstance(row.text, str) or not row.text.strip():
             errors.append(_error(row, key, "", "empty report"))
         elif key in seen:
             errors.append(_error(row, key, "", f"duplicate id: same key as id {seen[key]!r}"))
         else:
             seen[key] = row.id
             kept.append(_Planned(key, row, str(row.group) if row.group else key))
-    split_of = assign_groups((p.group for p in kept), options.seed, options.val_fraction, options.test_fraction)
-    by_split: dict[str, list[_Planned]] = {s: [] for s in active_splits(options.val_fraction, options.test_fraction)}
+    official = {p.row.split for p in kept}
+    if official - {""} and "" in official:
+        missing = next(p.row.id for p in kept if not p.row.split)
+        raise InputError(f"some rows give an official split and some do not (e.g. id {missing!r}): give every row one")
+    if official - {""}:
+        split_of = {p.key: p.row.split for p in kept}
+        names = ["train"] + [s for s in SPLITS[1:] if s in official]
+    else:
+        by_group = assign_groups((p.group for p in kept), options.seed, options.val_fraction, options.test_fraction)
+        split_of = {p.key: by_group[p.group] for p in kept}
+        names = active_splits(options.val_fraction, options.test_fraction)
+    by_split: dict[str, list[_Planned]] = {s: [] for s in names}
     for p in kept:
-        by_split[split_of[p.group]].append(p)
+        by_split[split_of[p.key]].append(p)
     for items in by_split.values():
         items.sort(key=lambda p: p.key)
     return by_split, errors
+
+
+def row_views(row: Row) -> list[View]:
+    """The images of a row: a study's views, or its one image."""
+    return row.views or [View(row.image, str(row.metadata.get("view", "") or ""))]
+
+
+def image_task(path: str, options: WriterOptions) -> tuple:
+    """What one worker needs to encode one image (plain values: SLURM array slices store them as JSON)."""
+    return (path, options.max_size, options.jpeg_quality, options.keep_16bit, options.window, options.frame)
+
+
+def planned_tasks(items: list[_Planned], options: WriterOptions, start: int = 0) -> tuple[list[tuple], list[tuple]]:
+    """Encode tasks of rows ``start..`` of one split in order, and each task's (row position, view, views)."""
+    tasks, owners = [], []
+    for pos in range(start, len(items)):
+        views = row_views(items[pos].row)
+        for i, view in enumerate(views):
+            tasks.append(image_task(view.path, options))
+            owners.append((pos, i, len(views)))
+    return tasks, owners
 
 
 def _fingerprint(by_split: dict[str, list[_Planned]], options: WriterOptions) -> str:
@@ -304,25 +369,53 @@ class _Journal:
 
 
 def _encode_task(task: tuple) -> tuple:
-    """Worker job: returns ('ok', ext, bytes, orig_size) or ('error', reason); never raises for bad images."""
-    path, max_size, quality, keep_16bit = task
+    """Worker job: returns ('ok', ext, bytes, metadata) or ('error', reason); never raises for bad images."""
     try:
-        ext, data, orig = process_image(path, max_size, quality, keep_16bit)
-        return ("ok", ext, data, orig)
+        ext, data, info = process_image(*task)
+        return ("ok", ext, data, info)
     except ImageError as e:
         return ("error", str(e))
     except Exception as e:  # one odd file must not stop a day-long sharding run
         return ("error", f"unexpected {type(e).__name__}: {e}")
 
 
-def _metadata(p: _Planned, split: str, source: str, orig: list[int]) -> dict:
+def _image_fields(info: dict) -> dict:
+    """What the json keeps of an encoded image's metadata (its DICOM view position goes to ``view``)."""
+    return {k: v for k, v in info.items() if k != "dicom_view"}
+
+
+def _sample(p: _Planned, split: str, source: str, results: list[tuple]) -> tuple[list | None, list[dict]]:
+    """(tar members or None, error entries) of one row from its images' encode results."""
+    views = row_views(p.row)
+    ok = [(v, r) for v, r in zip(views, results) if r[0] == "ok"]
+    failed = [(v, r[1]) for v, r in zip(views, results) if r[0] == "error"]
+    if not ok:
+        reason = failed[0][1] if len(failed) == 1 else "no usable image: " + "; ".join(
+            f"{v.name or v.path}: {why}" for v, why in failed)
+        return None, [_error(p.row, p.key, split, reason)]
+    errors = [{**_error(p.row, p.key, split, f"view {v.name or v.path} dropped: {why}"), "image": v.path,
+               "dropped_view": True} for v, why in failed]
     meta = dict(p.row.metadata)
     meta.setdefault("source", source)
     meta.setdefault("orig_path", p.row.image)
-    meta.setdefault("view", "")
+    first_view, (_, _, _, first_info) = ok[0]
+    if not meta.get("view"):
+        meta["view"] = first_view.position or first_info.get("dicom_view", "")
     labels = [p.row.labels] if isinstance(p.row.labels, str) else p.row.labels
-    meta.update(id=p.row.id, group=p.group, labels=[str(x) for x in labels], orig_size=orig, split=split)
-    return meta
+    meta.update(id=p.row.id, group=p.group, labels=[str(x) for x in labels], split=split,
+                report_hash=audit.report_hash(p.row.text.strip()), **_image_fields(first_info))
+    members = []
+    described = []
+    for i, (view, (_, ext, data, info)) in enumerate(ok):
+        member = ext if i == 0 else f"view{i}.{ext}"
+        members.append((f"{p.key}.{member}", data))
+        described.append({"member": member, "view": view.position or info.get("dicom_view", ""),
+                          "name": view.name, "orig_path": view.path, **_image_fields(info)})
+    if p.row.views:
+        meta.update(orig_path=ok[0][0].path, views=described)
+    text = json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
+    members += [(f"{p.key}.json", text.encode("utf-8")), (f"{p.key}.txt", p.row.text.strip().encode("utf-8"))]
+    return members, errors
 
 
 def encode_results(tasks: list[tuple], workers: int) -> Iterator[tuple]:
@@ -340,14 +433,19 @@ def encode_results(tasks: list[tuple], workers: int) -> Iterator[tuple]:
         yield from pool.imap(_encode_task, tasks, chunksize=4)
 
 
-def _remove_leftovers(out_dir: Path, keep: set[str]) -> None:
-    """Temporary files of an interrupted run, and shards of an earlier run with other inputs."""
+def _remove_leftovers(out_dir: Path, keep: set[str] | None) -> None:
+    """Temporary files of an interrupted run, and shards of an earlier run with other inputs (``keep`` None:
+    temporary files only)."""
     ours = {"index.json.tmp", "errors.jsonl.tmp", Path(JOURNAL).with_suffix(".tmp").name}
     for path in out_dir.iterdir():
         if path.name in ours or (path.name.endswith(".tar.tmp") and SHARD_NAME.match(path.name[:-4])):
             path.unlink()
-        elif SHARD_NAME.match(path.name) and path.name not in keep:
+        elif keep is not None and SHARD_NAME.match(path.name) and path.name not in keep:
             path.unlink()
+
+
+def _no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_shards(rows: Iterable[Row], out_dir: str | os.PathLike, options: WriterOptions, source: str,
@@ -360,19 +458,42 @@ def write_shards(rows: Iterable[Row], out_dir: str | os.PathLike, options: Write
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    progress_made = {"bytes": 0, "rows": 0, "left": 0}
+    try:
+        return _write(rows, out, options, source, args_record, progress, encoder, overwrite, progress_made)
+    except Exception as exc:
+        if not _no_space(exc):
+            raise
+        _remove_leftovers(out, keep=None)
+        free = shutil.disk_usage(out).free
+        per_row = progress_made["bytes"] / max(1, progress_made["rows"])
+        need = f"; the rest needs about {_size(per_row * progress_made['left'])} more" if progress_made["rows"] else ""
+        raise OutOfSpace(f"no space left on the device of {out} ({_size(free)} free{need}); temporary files removed "
+                         "and finished shards kept: free some space and rerun the same command to finish") from None
 
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _write(rows: Iterable[Row], out: Path, options: WriterOptions, source: str, args_record: dict, progress: bool,
+           encoder: Callable[[list[tuple], int], Iterator[tuple]], overwrite: bool, made: dict) -> dict:
     by_split, plan_errors = plan(rows, options, progress)
     journal = _Journal(out, _fingerprint(by_split, options))
     done = journal.load_valid(out, by_split, overwrite)
     _remove_leftovers(out, {e["name"] for es in done.values() for e in es if e["name"]})
     (out / "index.json").unlink(missing_ok=True)  # present again only once this run has finished
 
-    tasks, owners = [], []  # owners[i] = (split, row position in split)
+    tasks, owners = [], []  # owners[i] = (split, row position in split, view index, views of the row)
     for split, items in by_split.items():
-        start = done[split][-1]["end"] if done[split] else 0
-        for pos in range(start, len(items)):
-            tasks.append((items[pos].row.image, options.max_size, options.jpeg_quality, options.keep_16bit))
-            owners.append((split, pos))
+        split_tasks, split_owners = planned_tasks(items, options, done[split][-1]["end"] if done[split] else 0)
+        tasks += split_tasks
+        owners += [(split, *owner) for owner in split_owners]
+    made["left"] = sum(1 for o in owners if o[2] == 0)
 
     current: _ShardFile | None = None
     pending: list[dict] = []  # skipped rows of the split before its first written sample
@@ -396,19 +517,21 @@ def write_shards(rows: Iterable[Row], out_dir: str | os.PathLike, options: Write
     results = encoder(tasks, options.workers)
     try:
         prev_split = None
-        for (split, pos), result in zip(owners, results):
+        row_results: list[tuple] = []
+        for (split, pos, view, views), result in zip(owners, results):
             if split != prev_split and prev_split is not None:
                 finish_split(prev_split, len(by_split[prev_split]))
             prev_split = split
-            p = by_split[split][pos]
             bar.update(1)
-            if result[0] == "error":
-                (current.errors if current is not None else pending).append(_error(p.row, p.key, split, result[1]))
+            row_results.append(result)
+            if view + 1 < views:
                 continue
-            _, ext, data, orig = result
-            meta = json.dumps(_metadata(p, split, source, orig), sort_keys=True, ensure_ascii=False, default=str)
-            members = [(f"{p.key}.{ext}", data), (f"{p.key}.json", meta.encode("utf-8")),
-                       (f"{p.key}.txt", p.row.text.strip().encode("utf-8"))]
+            members, errors = _sample(by_split[split][pos], split, source, row_results)
+            row_results = []
+            made["left"] -= 1
+            (current.errors if current is not None else pending).extend(errors)
+            if members is None:
+                continue
             size = sum(_member_size(d) for _, d in members)
             if current is not None and not current.fits(size, options):
                 entry = current.close(pos)
@@ -421,6 +544,8 @@ def write_shards(rows: Iterable[Row], out_dir: str | os.PathLike, options: Write
                 current = _ShardFile(out, split, len(done[split]), start)
                 current.errors, pending = pending, []
             current.add(members)
+            made["bytes"] += size
+            made["rows"] += 1
         if prev_split is not None:
             finish_split(prev_split, len(by_split[prev_split]))
     except BaseException:
@@ -432,8 +557,20 @@ def write_shards(rows: Iterable[Row], out_dir: str | os.PathLike, options: Write
         bar.close()
 
     index = _build_index(done, plan_errors, options, source, args_record)
+    if options.audit:
+        index["audit"] = _audit_summary(out, done, progress)
     _write_outputs(out, index, plan_errors, done)
     return index
+
+
+def _audit_summary(out: Path, done: dict[str, list[dict]], progress: bool) -> dict:
+    """The within-set audit of the finished shards, as index.json keeps it (counts, cross-split leaks)."""
+    samples = [s for split, entries in done.items() for e in entries if e["name"]
+               for s in audit.read_shard(str(out / e["name"]), ".", split)]
+    result = audit.audit([samples])
+    summary = {k: v for k, v in result["summary"].items() if k != "examples"}
+    summary["cross_split"] = [f for f in result["findings"] if f["leak"]][:audit.EXAMPLES]
+    return summary
 
 
 def _build_index(done: dict[str, list[dict]], plan_errors: list[dict], options: WriterOptions, source: str,
@@ -444,14 +581,16 @@ def _build_index(done: dict[str, list[dict]], plan_errors: list[dict], options: 
     for split, entries in done.items():
         shards = [{k: e[k] for k in ("name", "samples", "bytes", "sha256")} for e in entries if e["name"]]
         splits[split] = {"samples": sum(s["samples"] for s in shards), "shards": shards}
-    n_errors = len(plan_errors) + sum(len(e["errors"]) for es in done.values() for e in es)
+    recorded = plan_errors + [err for es in done.values() for e in es for err in e["errors"]]
+    dropped = sum(1 for err in recorded if err.get("dropped_view"))
     return {
         "format": "unimlip-shards/1",
         "splits": splits,
         "samples": sum(s["samples"] for s in splits.values()),
         "shards": sum(len(s["shards"]) for s in splits.values()),
         "bytes": sum(sh["bytes"] for s in splits.values() for sh in s["shards"]),
-        "errors": n_errors,
+        "errors": len(recorded) - dropped,  # rows skipped
+        "dropped_views": dropped,  # images of study samples that were left out (the sample was kept)
         "options": options.content(),
         "tool": {"name": TOOL_NAME, "version": __version__, "command": source, "args": args_record},
     }

@@ -67,10 +67,15 @@ class TrainJob(submitit.helpers.Checkpointable):
               f"run dir {self.run_dir}", flush=True)
 
         from unimlip_train.config import config_from_dict
+        from unimlip_train.distributed import init_distributed
+        from unimlip_train.engine.run_lock import RunLock, check_free
         from unimlip_train.engine.trainer import train
 
         cfg = config_from_dict(self.config, source=os.path.join(self.run_dir, "config.yaml"))
-        result = train(cfg, self.run_dir, resume="auto", stop_requested=flag)
+        check_free(self.run_dir)  # another live job on this run dir: fail now, on every task, before the rendezvous
+        init_distributed(cfg.deepspeed.backend)
+        with RunLock.acquire(self.run_dir):  # a requeued run of this job takes its own earlier lock over
+            result = train(cfg, self.run_dir, resume="auto", stop_requested=flag)
         if result.status != "preempted":
             _shutdown_process_group()
             return result

@@ -10,7 +10,6 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -19,22 +18,13 @@ from launch.slurm import LaunchError
 SUBMISSIONS = "submissions.jsonl"
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-
-
 def check_run_dir(run_dir: Path, cfg, force: bool) -> None:
     """Refuse a run directory whose ``config.yaml`` describes another model/objective, unless ``force``.
 
     The comparison is ``Config.hash()``, which ignores bookkeeping such as ``run_dir``; the error lists the
     keys that differ so the user can tell a typo from a deliberate change.
     """
-    from unimlip_train.config import ConfigError, config_from_dict
+    from unimlip_train.config import ConfigError, config_diff, config_from_dict
 
     path = run_dir / "config.yaml"
     if not path.is_file() or force:
@@ -48,9 +38,9 @@ def check_run_dir(run_dir: Path, cfg, force: bool) -> None:
                           "use another --run-dir, or --force to reuse it") from None
     if old_hash == cfg.hash():
         return
-    old, new = _flatten(old_dict), _flatten(cfg.to_dict())
-    changed = sorted(k for k in old.keys() | new.keys() if k != "run_dir" and old.get(k) != new.get(k))
-    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+    diff = config_diff(old_dict, cfg.to_dict())
+    changed = [k for k in diff if k != "run_dir"]
+    shown = ", ".join(f"{k}: {diff[k][0]!r} -> {diff[k][1]!r}" for k in changed[:8])
     more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
     raise LaunchError(f"run dir {run_dir} belongs to another config (hash {old_hash}, yours {cfg.hash()}; "
                       f"{shown}{more}). Use a new --run-dir, or --force to continue this run with the new config")

@@ -54,13 +54,12 @@ def slice_path(out: str | os.PathLike, k: int) -> Path:
 def _planned_tasks(ns: argparse.Namespace) -> list[tuple]:
     """The writer's encode tasks in its order (split by split, rows by key), as a fresh run makes them."""
     from data_prep.cli import ADAPTERS
-    from data_prep.writer import options_from_args, plan
+    from data_prep.writer import options_from_args, plan, planned_tasks
 
     adapter = importlib.import_module(ADAPTERS[ns.command])
     options = options_from_args(ns)
     by_split, _ = plan(adapter.iter_rows(ns), options, progress=False)
-    return [(p.row.image, options.max_size, options.jpeg_quality, options.keep_16bit)
-            for items in by_split.values() for p in items]
+    return [task for items in by_split.values() for task in planned_tasks(items, options)[0]]
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -108,7 +107,7 @@ def encode_slice(argv: list[str], k: int, num_slices: int) -> dict:
         for i, (task, result) in enumerate(zip(tasks[lo:hi], writer.encode_results(tasks[lo:hi], workers))):
             entry = {"task": list(task), "status": result[0]}
             if result[0] == "ok":
-                entry.update(ext=result[1], orig=list(result[3]))
+                entry.update(ext=result[1], info=result[3])
                 _add(tar, f"{i:09d}.bin", result[2])
             else:
                 entry["reason"] = result[1]
@@ -134,7 +133,7 @@ def _cached(out: str, num_slices: int) -> Iterator[tuple[tuple, tuple]]:
                 entry = json.loads(raw)
                 task = tuple(entry["task"])
                 if entry["status"] == "ok":
-                    yield task, ("ok", entry["ext"], data, entry["orig"])
+                    yield task, ("ok", entry["ext"], data, entry["info"])
                 else:
                     yield task, ("error", entry["reason"])
 

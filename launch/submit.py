@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from launch import slurm
 from launch.runs import check_run_dir, record_submission, submissions, write_config
 from launch.slurm import LaunchError, Resources
+from unimlip_train.cli.args import parse_with_overrides
 
 EPILOG = """examples:
   unimlip-submit train --config configs/vitb16_biomedbert.yaml --run-dir runs/vitb16 \\
@@ -305,15 +306,7 @@ COMMANDS = {"train": cmd_train, "shard": cmd_shard, "status": cmd_status, "eval"
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "train":  # overrides may sit between options: parse_known_args leaves the later ones
-        stray = [a for a in extra if a.startswith("-") or "=" not in a]
-        if stray:
-            parser.error(f"unrecognized arguments: {' '.join(stray)}")
-        args.overrides += extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parse_with_overrides(build_parser(), argv)
     from unimlip_train.config import ConfigError
 
     try:

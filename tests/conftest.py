@@ -1,4 +1,4 @@
-"""Test environment: offline, CPU DeepSpeed, quiet albumentations, one thread per process."""
+"""Test environment: offline, CPU DeepSpeed, one thread per process."""
 import os
 import sys
 from pathlib import Path
@@ -8,7 +8,6 @@ _ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
     "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
@@ -20,4 +19,40 @@ for _k, _v in _ENV.items():
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+# Real test data kept in the repository (licences and sources: tests/data/README.md).
+TEST_DATA = REPO / "tests" / "data"
+IU_REPORTS_TGZ = TEST_DATA / "iu_xray_reports" / "NLMCXR_reports.tgz"  # IU X-ray reports, CC BY-NC-ND 4.0
+PNEUMONIAMNIST_NPZ = TEST_DATA / "pneumoniamnist" / "pneumoniamnist_subset.npz"  # CC BY 4.0
+
+
+def embed_eval_set(model, cfg, tokenizer, source, split: str = "val", batch_size: int = 16) -> tuple:
+    """(image embeddings, text embeddings, reports) of every sample of ``source``/``split``, one process."""
+    import torch
+
+    from unimlip_train.data.loader import build_eval_loader
+
+    images, texts, reports = [], [], []
+    with torch.no_grad():
+        for batch in build_eval_loader(cfg, source, tokenizer, batch_size, 0, 1, split=split):
+            images.append(model.encode_image(batch["image"]))
+            texts.append(model.encode_text(batch["input_ids"], batch["attention_mask"]))
+            reports += batch["text"]
+    return torch.cat(images), torch.cat(texts), reports
+
+
+def naive_recall_at_1(image, text, reports: list) -> tuple:
+    """Image->text and text->image R@1 in percent, by plain loops: a query counts when no wrong candidate scores
+    at least as high as its best correct one; reports equal after collapsing whitespace and case-folding are
+    correct for each other (the evaluation's duplicate rule)."""
+    norm = [" ".join(r.split()).casefold() for r in reports]
+    sims = (image.double() @ text.double().T).tolist()
+    n = len(reports)
+
+    def hits(score) -> float:
+        good = 0
+        for q in range(n):
+            best = max(score(q, c) for c in range(n) if norm[q] == norm[c])
+            good += not any(score(q, c) >= best for c in range(n) if norm[q] != norm[c])
+        return 100.0 * good / n
+
+    return hits(lambda q, c: sims[q][c]), hits(lambda q, c: sims[c][q])

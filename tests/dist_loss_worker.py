@@ -14,10 +14,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import BertTokenizer
 
-from unimlip_train.config import config_from_dict
-from unimlip_train.losses import UniMlipObjective, contrastive_loss, nt_xent, sample_hard_negatives
-from unimlip_train.losses import gather
+from unimlip_train.config import Config, _build
+from unimlip_train.losses import (
+    AccumulationCache,
+    UniMlipObjective,
+    contrastive_loss,
+    gather,
+    nt_xent,
+    sample_hard_negatives,
+    sigmoid_loss,
+)
+from unimlip_train.losses.contrastive import positive_mask
 from unimlip_train.models import TrainStep, build_model
+
+
+def config_from_dict(data: dict) -> Config:
+    """The test's config as written, without the user-facing validation: equality checks need towers without
+    any random perturbation, which a training config must not have with feature-level terms on."""
+    return _build(Config, data, "", None, "test")
 
 
 def read_tokenizer(inp: dict) -> BertTokenizer:
@@ -36,20 +50,30 @@ def local_rows(t: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return t[rank * n:(rank + 1) * n]
 
 
+def pair_losses(a, b, log_scale, bias, ids) -> dict:
+    """The image-text losses under test, as (name -> loss); the single-process reference calls the same."""
+    return {"infonce": contrastive_loss(a, b, log_scale.exp(), ids), "infonce_plain": contrastive_loss(a, b, log_scale.exp()),
+            "sigmoid": sigmoid_loss(a, b, log_scale.exp(), bias, ids)}
+
+
 def contrastive_check(inp: dict, rank: int, world_size: int) -> dict:
-    wa, wb, log_scale = (inp[k].clone().requires_grad_() for k in ("wa", "wb", "log_scale"))
-    a = F.normalize(local_rows(inp["x"], rank, world_size) @ wa, dim=-1)
-    b = F.normalize(local_rows(inp["y"], rank, world_size) @ wb, dim=-1)
-    loss = contrastive_loss(a, b, log_scale.exp())
-    loss.backward()
-    return {"loss": mean_over_ranks(loss), "grads": [mean_over_ranks(p.grad) for p in (wa, wb, log_scale)]}
+    out = {}
+    for name in pair_losses(*(inp[k] for k in ("x", "y", "log_scale", "bias")), inp["ids"]):
+        wa, wb, log_scale, bias = (inp[k].clone().requires_grad_() for k in ("wa", "wb", "log_scale", "bias"))
+        a = F.normalize(local_rows(inp["x"], rank, world_size) @ wa, dim=-1)
+        b = F.normalize(local_rows(inp["y"], rank, world_size) @ wb, dim=-1)
+        loss = pair_losses(a, b, log_scale, bias, local_rows(inp["ids"], rank, world_size))[name]
+        loss.backward()
+        grads = [mean_over_ranks(p.grad if p.grad is not None else torch.zeros_like(p)) for p in (wa, wb, log_scale, bias)]
+        out[name] = {"loss": mean_over_ranks(loss), "grads": grads}
+    return out
 
 
 def nt_xent_check(inp: dict, rank: int, world_size: int) -> dict:
     w = inp["wn"].clone().requires_grad_()
     z1 = F.normalize(local_rows(inp["x1"], rank, world_size) @ w, dim=-1)
     z2 = F.normalize(local_rows(inp["x2"], rank, world_size) @ w, dim=-1)
-    loss = nt_xent(z1, z2, inp["temperature"])
+    loss = nt_xent(z1, z2, inp["temperature"], local_rows(inp["ids"], rank, world_size))
     loss.backward()
     return {"loss": mean_over_ranks(loss), "grads": [mean_over_ranks(w.grad)]}
 
@@ -57,13 +81,23 @@ def nt_xent_check(inp: dict, rank: int, world_size: int) -> dict:
 def sampling_check(inp: dict, rank: int, world_size: int) -> torch.Tensor:
     logits = local_rows(inp["sim"], rank, world_size)
     n = logits.shape[0]
-    picked = sample_hard_negatives(logits, rank * n, inp["seed"], inp["step"], stream=0)
-    return gather.all_gather_no_grad(picked)
+    excluded = positive_mask(local_rows(inp["ids"], rank, world_size), n, logits.device)
+    picked, valid = sample_hard_negatives(logits, excluded, rank * n, inp["seed"], inp["step"], stream=0)
+    return gather.all_gather_no_grad(torch.where(valid, picked, -1))
+
+
+def exchange_check(inp: dict, rank: int, world_size: int) -> dict:
+    """exchange_rows returns the wanted global rows and sends their gradients back to the owning ranks."""
+    rows = local_rows(inp["rows"], rank, world_size).clone().requires_grad_()
+    wanted = local_rows(inp["wanted"], rank, world_size)
+    got = gather.exchange_rows(rows, wanted)
+    (got * local_rows(inp["row_weights"], rank, world_size)).sum().backward()
+    return {"rows": gather.all_gather_no_grad(got.detach()), "grads": gather.all_gather_no_grad(rows.grad)}
 
 
 def train_step_check(inp: dict, rank: int, world_size: int) -> dict:
     cfg = config_from_dict(inp["cfg"])
-    model = build_model(cfg, read_tokenizer(inp))
+    model = build_model(cfg, read_tokenizer(inp)).double()
     model.load_state_dict(inp["state_dict"])
     step = TrainStep(model, UniMlipObjective(cfg)).train()
     batch = {k: local_rows(v, rank, world_size) for k, v in inp["batch"].items()}
@@ -74,6 +108,26 @@ def train_step_check(inp: dict, rank: int, world_size: int) -> dict:
         "logs": {k: mean_over_ranks(v) for k, v in logs.items()},
         "grads": {name: mean_over_ranks(p.grad) for name, p in model.named_parameters()},
     }
+
+
+def accumulation_check(inp: dict, rank: int, world_size: int, key: str) -> dict:
+    """K micro batches per rank with accumulated negatives, as the trainer runs them: a no-grad pass caches
+    every micro batch's embeddings, then each is recomputed with gradients and its loss divided by K (the
+    engine's accumulation). The summed gradients must be those of one loss over every rank's K micro batches."""
+    cfg = config_from_dict(inp[key]["cfg"])
+    model = build_model(cfg, read_tokenizer(inp)).double()
+    model.load_state_dict(inp[key]["state_dict"])
+    step = TrainStep(model, UniMlipObjective(cfg)).train()
+    local = {k: local_rows(v, rank, world_size) for k, v in inp["batch"].items()}
+    k_micro = inp["k_micro"]
+    micro = [{k: local_rows(v, i, k_micro) for k, v in local.items()} for i in range(k_micro)]
+    with torch.no_grad():
+        entries = [step(b, inp["step"], embed_only=True) for b in micro]
+    for i, b in enumerate(micro):
+        loss, logs = step(b, inp["step"], cache=AccumulationCache(entries, i))
+        (loss / k_micro).backward()
+    return {"loss": mean_over_ranks(logs["loss"]),
+            "grads": {name: mean_over_ranks(p.grad) for name, p in model.named_parameters() if p.grad is not None}}
 
 
 def zero3_check(inp: dict, rank: int, world_size: int) -> dict:
@@ -91,11 +145,21 @@ def zero3_check(inp: dict, rank: int, world_size: int) -> dict:
         config={"train_micro_batch_size_per_gpu": n, "gradient_accumulation_steps": 1,
                 "zero_optimization": {"stage": 3}, "steps_per_print": 10**9},
     )
-    batch = {k: local_rows(v, rank, world_size) for k, v in inp["batch"].items()}
+    batch = {k: local_rows(v.float() if v.is_floating_point() else v, rank, world_size) for k, v in inp["batch"].items()}
     loss, logs = engine(batch, inp["step"])
     engine.backward(loss)
     engine.step()
-    return {"loss": mean_over_ranks(loss), "logit_scale_shape": list(model.logit_scale.ds_shape)}
+    # The in-place temperature clamp reaches ZeRO-3's partitioned master weights: after one more optimizer
+    # step the value is still next to the bound (an unclamped master would have put it back near ln(1/0.07)).
+    from unimlip_train.engine.trainer import clamp_parameter_
+
+    clamp_parameter_(model.logit_scale, 0.0, 1.0)
+    clamped = engine(batch, inp["step"])[1]["logit_scale"]
+    engine.backward(engine(batch, inp["step"])[0])
+    engine.step()
+    after = engine(batch, inp["step"])[1]["logit_scale"]
+    return {"loss": mean_over_ranks(loss), "logit_scale_shape": list(model.logit_scale.ds_shape),
+            "log_scale_clamped": clamped.log(), "log_scale_after_step": after.log()}
 
 
 def main() -> None:
@@ -107,7 +171,9 @@ def main() -> None:
         "contrastive": contrastive_check(inp, rank, world_size),
         "nt_xent": nt_xent_check(inp, rank, world_size),
         "sampled": sampling_check(inp, rank, world_size),
+        "exchange": exchange_check(inp, rank, world_size),
         "train_step": train_step_check(inp, rank, world_size),
+        "accumulated": {key: accumulation_check(inp, rank, world_size, key) for key in ("acc_infonce", "acc_sigmoid")},
     }
     if world_size == 2:  # once is enough: DeepSpeed's import and setup cost more than all other checks
         out["zero3"] = zero3_check(inp, rank, world_size)

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_slurm import cluster, sacct_state  # noqa: F401  (cluster: the session fixture that starts local SLURM)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -204,11 +203,12 @@ def test_bad_input_stops_before_training(data, tmp_path, capsys):
 
 
 @pytest.mark.slurm
-def test_submit_runs_an_array_on_slurm(data, cluster, tmp_path):
+def test_submit_runs_an_array_on_slurm(data, request, tmp_path):
     """Two configs as one array of 2-rank CPU tasks; each task trains and evaluates, the table is built after."""
+    partition = request.getfixturevalue("cluster")
     cmd = [sys.executable, "-m", "unimlip_train.cli.ablate", "--configs", ABLATIONS / "clip_only.yaml",
            ABLATIONS / "all.yaml", "--data", data["shards"], "--run-root", tmp_path / "abl", "--steps", "2",
-           "--submit", "--wait", "--partition", cluster, "--time", "00:15:00", "--tasks-per-node", "2",
+           "--submit", "--wait", "--partition", partition, "--time", "00:15:00", "--tasks-per-node", "2",
            "--cpus-per-task", "1", f"model.tokenizer={data['tok']}", "model.embed_dim=32", *TINY]
     out = run(cmd)
     ids = re.findall(r"job_id (\d+_\d+)", out)

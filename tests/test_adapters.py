@@ -15,12 +15,11 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from conftest import IU_REPORTS_TGZ as IU_TGZ
 from data_prep.adapters import iu_xray, mimic_cxr, roco
 from data_prep.cli import main as shard_main
 from data_prep.dicom import read_dicom
 from data_prep.rows import InputError
-
-IU_TGZ = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "iu_xray_reports" / "NLMCXR_reports.tgz"
 
 
 def rows_of(adapter, argv: list[str]) -> list:
@@ -96,8 +95,9 @@ def test_iu_report_2_spot_check(iu_rows):
     study = [row for row in iu_rows if row.group == "2"]
     assert [row.id for row in study] == ["CXR2_IM-0652-1001", "CXR2_IM-0652-2001"]
     text = study[0].text
-    assert text.startswith("Borderline cardiomegaly. Midline sternotomy. Enlarged pulmonary arteries. Clear lungs.")
-    assert text.endswith("No acute pulmonary findings.")
+    assert text.startswith("FINDINGS: Borderline cardiomegaly. Midline sternotomy. Enlarged pulmonary arteries. "
+                           "Clear lungs.")  # headers kept, one section a line: the loader chooses and orders them
+    assert text.endswith("\nIMPRESSION: No acute pulmonary findings.")
     assert study[0].labels == ["Cardiomegaly", "Pulmonary Artery"]
     assert study[0].metadata["mesh"] == ["Cardiomegaly/borderline", "Pulmonary Artery/enlarged"]
     assert study[1].text == text
@@ -117,7 +117,7 @@ def test_iu_extracted_folder_sections_and_images(tmp_path, iu_rows):
 
     impression = rows_of(iu_xray, ["--reports", str(tmp_path / "reports"), "--images", str(images),
                                    "--sections", "impression", "--deid-placeholder", "[deid]"])
-    assert [r.text for r in impression if r.group == "2"][0] == "No acute pulmonary findings."
+    assert [r.text for r in impression if r.group == "2"][0] == "IMPRESSION: No acute pulmonary findings."
     assert any("[deid]" in r.text for r in rows_of(iu_xray, ["--reports", str(tmp_path / "reports"), "--images",
                                                              str(images), "--deid-placeholder", "[deid]"]))
 
@@ -231,18 +231,18 @@ def test_mimic_rows_groups_labels_views_and_text(tmp_path):
         assert row.id == f"{row.group}_{row.metadata['study_id']}_{dicom_id}"
     assert {d: rows[d].group for d in rows} == {"a1": "p10000032", "b2": "p10000032", "f6": "p10000032",
                                                  "c3": "p10000032", "d4": "p11000011", "e5": "p11000011"}
-    assert rows["a1"].text == ("There is no focal consolidation, pleural effusion or pneumothorax. Bilateral nodular "
-                               "opacities that most likely represent nipple shadows. The cardiomediastinal "
-                               "silhouette is normal. No acute cardiopulmonary process.")
-    assert rows["c3"].text == "No pneumothorax. Lines are unchanged."
+    assert rows["a1"].text == ("FINDINGS: There is no focal consolidation, pleural effusion or pneumothorax. Bilateral "
+                               "nodular opacities that most likely represent nipple shadows. The cardiomediastinal "
+                               "silhouette is normal.\nIMPRESSION: No acute cardiopulmonary process.")
+    assert rows["c3"].text == "FINDINGS AND IMPRESSION: No pneumothorax. Lines are unchanged."
     assert rows["d4"].text == "Portable chest radiograph. Lungs are clear." and rows["d4"].metadata["text_from"] == "whole_report"
     assert rows["e5"].text == ""  # no report: yielded so the writer records it
     assert rows["a1"].labels == ["No Finding"] and rows["c3"].labels == ["Cardiomegaly"] and rows["d4"].labels == []
     assert [rows[d].metadata["view"] for d in ("a1", "b2", "c3", "d4")] == ["PA", "LATERAL", "AP", ""]
-    assert np.array_equal(read_dicom(rows["b2"].image, False), read_dicom(get_testdata_file("MR_small.dcm"), False))
+    assert np.array_equal(read_dicom(rows["b2"].image).pixels, read_dicom(get_testdata_file("MR_small.dcm")).pixels)
 
     impression = rows_of(mimic_cxr, ["--root", str(tmp_path / "files"), "--sections", "impression"])
-    assert {r.metadata["dicom_id"]: r.text for r in impression}["a1"] == "No acute cardiopulmonary process."
+    assert {r.metadata["dicom_id"]: r.text for r in impression}["a1"] == "IMPRESSION: No acute cardiopulmonary process."
 
 
 def test_mimic_input_errors(tmp_path):
@@ -268,14 +268,15 @@ def test_mimic_end_to_end_shards_keep_16bit(tmp_path):
     assert code == 0
     index = json.loads((out / "index.json").read_text())
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
-    assert index["errors"] == 2 == len(errors)
-    reasons = {e["id"].rsplit("_", 1)[-1]: e["reason"] for e in errors}
-    assert reasons["e5"] == "empty report" and "JPEG-LS Lossless" in reasons["f6"]
+    assert index["errors"] == 1 == len(errors)
+    assert errors[0]["id"].endswith("_e5") and errors[0]["reason"] == "empty report"
     samples = read_shards(out)
-    assert len(samples) == 4
+    assert len(samples) == 5  # f6, JPEG-LS lossless, decodes with the pinned plugins
+    jpeg_ls = np.asarray(Image.open(io.BytesIO(samples["p10000032_s50414267_f6"]["png"])))
+    assert np.array_equal(jpeg_ls, read_dicom(get_testdata_file("MR_small.dcm"), keep_16bit=True).pixels)
     mr = samples["p10000032_s50414267_b2"]
     stored = np.asarray(Image.open(io.BytesIO(mr["png"])))
-    assert np.array_equal(stored, read_dicom(get_testdata_file("MR_small.dcm"), keep_16bit=True))
+    assert np.array_equal(stored, read_dicom(get_testdata_file("MR_small.dcm"), keep_16bit=True).pixels)
     meta = json.loads(mr["json"])
     assert meta["group"] == "p10000032" and meta["view"] == "LATERAL" and meta["labels"] == ["No Finding"]
 
@@ -360,3 +361,33 @@ def test_report_text_cleanup_rules(iu_rows):
     assert list(sections) == ["", "examination", "indication", "comparison", "findings", "impression"]
     assert select_sections(sections, ["impression", "findings"]).startswith("No acute cardiopulmonary process. There")
     assert select_sections(sections, ["conclusion"]) == ""
+
+
+def test_mimic_group_views_study(tmp_path):
+    images = mimic_tree(tmp_path)
+    rows = {r.id: r for r in rows_of(mimic_cxr, mimic_argv(tmp_path) + ["--group-views", "study", "--max-views", "2"])}
+    study1 = rows["p10000032_s50414267"]
+    # PA (a1) before LATERAL (b2) from the metadata CSV; f6 has no view in the CSV: after them, and over --max-views
+    assert [(v.name, v.position, v.path) for v in study1.views] == [("a1", "PA", str(images["a1"])),
+                                                                    ("b2", "LATERAL", str(images["b2"]))]
+    assert study1.metadata["views_in_study"] == 3 and study1.metadata["views_kept"] == 2
+    assert study1.text.endswith("IMPRESSION: No acute cardiopulmonary process.") and study1.labels == ["No Finding"]
+    assert len(rows) == 4 and all(r.group.startswith("p1") for r in rows.values())
+    out = tmp_path / "shards"
+    assert shard_main(["mimic-cxr", *mimic_argv(tmp_path), "--group-views", "study", "--max-views", "2", "--out", str(out),
+                       "--val-fraction", "0", "--workers", "2", "--no-progress"]) == 0
+    samples = read_shards(out)
+    meta = json.loads(samples["p10000032_s50414267"]["json"])
+    assert [(v["member"], v["view"], v["name"]) for v in meta["views"]] == [("jpg", "PA", "a1"),
+                                                                        ("view1.jpg", "LATERAL", "b2")]
+    for v in meta["views"]:  # each member holds the image its entry names (sources differ: CT vs MR)
+        stored = np.asarray(Image.open(io.BytesIO(samples["p10000032_s50414267"][v["member"]])))
+        assert stored.shape == read_dicom(v["orig_path"]).pixels.shape
+    rtg = tmp_path / "rtg"  # a DICOM's own ViewPosition fills a view the CSV does not give
+    (rtg / "files" / "p12" / "p12000001" / "s58000000").mkdir(parents=True)
+    shutil.copy(get_testdata_file("RG3_UNCR.dcm"), rtg / "files" / "p12" / "p12000001" / "s58000000" / "g7.dcm")
+    (rtg / "files" / "p12" / "p12000001" / "s58000000.txt").write_text(REPORT_PLAIN)
+    assert shard_main(["mimic-cxr", "--root", str(rtg), "--group-views", "study", "--out", str(rtg / "out"),
+                       "--val-fraction", "0", "--max-size", "64", "--workers", "1", "--no-progress"]) == 0
+    meta = json.loads(read_shards(rtg / "out")["p12000001_s58000000"]["json"])
+    assert meta["view"] == "AP" and meta["views"][0]["view"] == "AP"

@@ -75,11 +75,65 @@ def test_overrides_apply_and_are_blamed_on_the_command_line(tmp_path):
     ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size"),
     ({"loss": {t: {"weight": 0} for t in ("itc", "itc_feature", "image_ssl", "image_feature", "text_ssl",
                                           "text_feature", "mlm", "itm")}}, "loss"),
+    ({"loss": {"positives": "patient"}}, "loss.positives"),
+    ({"loss": {"feature_perturbation": "noise"}}, "loss.feature_perturbation"),
+    ({"loss": {"itc": {"kind": "hinge"}}}, "loss.itc.kind"),
+    ({"loss": {"itc_feature": {"kind": "sigmoid"}}}, "loss.itc_feature.kind"),
+    ({"train": {"negatives": "all"}}, "train.negatives"),
+    ({"model": {"image": {"token_drop": 1.0}}}, "model.image.token_drop"),
+    # a feature-level term whose perturbation is off would silently equal its data-level twin
+    ({"model": {"text": {"dropout": 0.0}}}, "loss.itc_feature.weight"),
+    ({"model": {"image": {"token_drop": 0.0, "spatial_drop": 0.0}}}, "loss.itc_feature.weight"),
+    ({"loss": {"feature_perturbation": "pooled_dropout"}, "model": {"feature_dropout": 0.0}}, "loss.itc_feature.weight"),
+    # one sample per process and no accumulation: no negatives at all
+    ({"train": {"micro_batch_size": 1}}, "loss.itc.weight"),
+    ({"train": {"micro_batch_size": 1, "grad_accum": 4, "negatives": "micro"}}, "loss.itc.weight"),
 ])
 def test_impossible_combinations(tmp_path, data, key):
     f = _write(tmp_path / "bad.yaml", data)
     msg = _error(f)
     assert f"key '{key}'" in msg and f in msg
+
+
+def test_a_global_contrastive_batch_of_two_is_enough(tmp_path, monkeypatch):
+    """Micro batch 1 trains with accumulated negatives (K >= 2), or with several processes."""
+    load_config(None, ["train.micro_batch_size=1", "train.grad_accum=2"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    load_config(None, ["train.micro_batch_size=1"])
+
+
+@pytest.mark.parametrize("override, key, expect", [
+    ("train.lr=-1", "train.lr", "(0.0, inf)"),
+    ("train.lr=0", "train.lr", "got 0.0"),
+    ("train.warmup_steps=-1", "train.warmup_steps", "[0, inf)"),
+    ("data.num_workers=-2", "data.num_workers", "got -2"),
+    ("data.shuffle_buffer=-1", "data.shuffle_buffer", "got -1"),
+    ("train.betas=[0.9,1.0]", "train.betas", "[0, 1)"),
+    ("train.betas=[-0.1,0.9]", "train.betas", "[0, 1)"),
+    ("train.betas=[0.9]", "train.betas", "two numbers"),
+    ("data.max_skip_fraction=1.5", "data.max_skip_fraction", "[0.0, 1.0]"),
+    ("model.image.name=nosuchmodel", "model.image.name", "not a timm model"),
+    ("model.image.name=resnet10", "model.image.name", "did you mean resnet10t"),
+    ("model.image.name=some/folder", "model.image.name", "local-dir:"),
+])
+def test_out_of_range_values_and_unknown_models_name_the_key_and_its_origin(tmp_path, override, key, expect):
+    msg = _error(str(CONFIGS / "tiny_cpu.yaml"), [override])
+    assert f"key '{key}'" in msg and "command line" in msg and expect in msg, msg
+    name, value = override.split("=", 1)
+    section, _, leaf = name.rpartition(".")
+    data: dict = {}
+    node = data
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[leaf] = yaml.safe_load(value)
+    f = _write(tmp_path / "bad.yaml", data)  # the same value from a file names that file
+    msg = _error(f)
+    assert f"key '{key}'" in msg and f in msg, msg
+
+
+def test_registry_models_with_a_pretrained_tag_are_accepted():
+    cfg = load_config(str(CONFIGS / "tiny_cpu.yaml"), ["model.image.name=vit_tiny_patch16_224.augreg_in21k"])
+    assert cfg.model.image.name == "vit_tiny_patch16_224.augreg_in21k"
 
 
 def test_shipped_configs_load_with_the_expected_terms():
@@ -88,8 +142,8 @@ def test_shipped_configs_load_with_the_expected_terms():
                                         "text_feature", "mlm", "itm"}
     assert (tiny.deepspeed.zero_stage, tiny.deepspeed.precision, tiny.deepspeed.backend) == (1, "fp32", "gloo")
     prod = load_config(str(CONFIGS / "vitb16_biomedbert.yaml"))
-    assert (prod.deepspeed.zero_stage, prod.deepspeed.precision, prod.model.image.name) == (2, "bf16",
-                                                                                            "vit_base_patch16_224")
+    assert (prod.deepspeed.zero_stage, prod.deepspeed.precision, prod.model.image.name) == (
+        2, "bf16", "vit_base_patch16_224.augreg2_in21k_ft_in1k")
     assert "BiomedBERT" in prod.model.text.name and prod.train.micro_batch_size == 256
     expected = {"clip_only": {"itc"}, "image_ssl": {"itc", "image_ssl", "image_feature"},
                 "text_ssl": {"itc", "text_ssl", "text_feature"}, "fused": {"itc", "mlm", "itm"},
@@ -110,6 +164,30 @@ def test_print_config_round_trips_and_cli_config_errors_exit_2(tmp_path):
     assert "command line" in bad.stderr
 
 
+def test_overrides_anywhere_on_the_command_line(tmp_path):
+    cmd = [sys.executable, "-m", "unimlip_train.cli.train", "train.steps=7", "--config",
+           str(CONFIGS / "tiny_cpu.yaml"), "data.num_workers=0", "--run-dir", str(tmp_path / "r"),
+           "--print-config", "model.embed_dim=16", "train.steps=9"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    cfg = config_from_dict(yaml.safe_load(out.stdout))
+    assert (cfg.train.steps, cfg.data.num_workers, cfg.model.embed_dim, cfg.run_dir) == (9, 0, 16, str(tmp_path / "r"))
+
+    from launch.submit import build_parser as submit_parser
+    from unimlip_train.cli.args import parse_with_overrides
+    from unimlip_train.cli.train import build_parser as train_parser
+
+    args = parse_with_overrides(submit_parser(), ["train", "--config", "c.yaml", "a.b=1", "--nodes", "2", "c=2",
+                                                  "--dry-run", "d=[1, 2]"])
+    assert args.overrides == ["a.b=1", "c=2", "d=[1, 2]"] and args.nodes == 2 and args.dry_run
+    for parser, argv in ((train_parser(), ["--config", "c.yaml", "a=1", "--confg", "x"]),
+                         (train_parser(), ["--config", "c.yaml", "a=1", "--run-dir", "d", "stray"]),
+                         (submit_parser(), ["status", "--run-dir", "d", "a=1"])):
+        with pytest.raises(SystemExit) as info:
+            parse_with_overrides(parser, argv)
+        assert info.value.code == 2
+
+
 @pytest.mark.parametrize("stage, precision, offload", [(0, "fp32", False), (1, "fp32", False), (2, "bf16", True),
                                                        (3, "fp16", True)])
 def test_generated_deepspeed_config(stage, precision, offload):
@@ -123,3 +201,6 @@ def test_generated_deepspeed_config(stage, precision, offload):
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == stage
     assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
     assert ("offload_optimizer" in ds["zero_optimization"]) == offload
+    fp32_reduction = {"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}}
+    assert {k: ds.get(k) for k in fp32_reduction} == (fp32_reduction if precision == "bf16" else {
+        "communication_data_type": None, "data_types": None})

@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import IU_REPORTS_TGZ, PNEUMONIAMNIST_NPZ
+
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data"
 N_SAMPLES = 37  # prime: no world size / batch size / shard size divides it
 
 
 def _reports(n: int) -> list[str]:
     """The first ``n`` IU X-ray reports with findings, as 'FINDINGS: ... IMPRESSION: ...' text."""
     out = []
-    with tarfile.open(DATA / "iu_xray_reports" / "NLMCXR_reports.tgz") as tar:
+    with tarfile.open(IU_REPORTS_TGZ) as tar:
         for member in sorted((m for m in tar.getmembers() if m.name.endswith(".xml")),
                              key=lambda m: int(Path(m.name).stem)):
             root = ET.fromstring(tar.extractfile(member).read())
@@ -42,7 +43,7 @@ def _write_dataset(root: Path) -> tuple[Path, Path]:
     from data_prep.tokenizer_build import build_tokenizer
     from data_prep.writer import WriterOptions, write_shards
 
-    npz = np.load(DATA / "pneumoniamnist" / "pneumoniamnist_trainval.npz")
+    npz = np.load(PNEUMONIAMNIST_NPZ)
     reports = _reports(30)
     reports[3] = reports[4] = reports[5]  # duplicate reports exercise the retrieval duplicate rule
     by_class = [np.flatnonzero(npz["train_labels"][:, 0] == c) for c in (0, 1)]

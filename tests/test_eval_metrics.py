@@ -8,7 +8,6 @@ from transformers import BertTokenizer
 
 from unimlip_train.eval import linear_probe, metrics, zeroshot
 
-
 # ---------------------------------------------------------------------------------------------- retrieval
 
 # Rows are images, columns texts; texts 1 and 2 are the same report (up to whitespace).

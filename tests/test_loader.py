@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import BertTokenizer
 
 from unimlip_train.config import Config
-from unimlip_train.data.loader import BatchNeeds, TrainStream, batch_needs, build_eval_loader
+from unimlip_train.data.loader import BatchNeeds, SkipStats, TrainStream, batch_needs, build_eval_loader
 from unimlip_train.data.shards import resolve_sources
 from unimlip_train.data.tokenizer import load_tokenizer
 
@@ -210,16 +210,78 @@ def test_weighted_mix_of_sources(tmp_path, tokenizer):
     assert epoch != sorted(epoch, key=lambda k: k[0])  # interleaved, not concatenated
 
 
-def test_resume_layout_change(clean_dir, tokenizer):
+def test_resume_with_other_workers_restarts_at_the_next_epoch(clean_dir, tokenizer, caplog):
     cfg = make_cfg(clean_dir)
     stream = TrainStream(cfg, tokenizer, BatchNeeds(), rank=0, world_size=2)
     take(stream, 3)
     state = stream.state_dict()
     other = TrainStream(make_cfg(clean_dir, workers=1), tokenizer, BatchNeeds(), rank=0, world_size=2)
-    with pytest.raises(ValueError, match="workers"):
+    with caplog.at_level(logging.WARNING, logger="unimlip_train.data.loader"):
         other.load_state_dict(state)
-    other.load_state_dict(state, strict=False)  # restarts at the next epoch
-    assert other.epoch == 1 and len(take(other, 2)) == 2
+    assert "workers 2 -> 1" in caplog.text and "restarts at the beginning of epoch 1" in caplog.text
+    assert other.epoch == 1
+    fresh = TrainStream(make_cfg(clean_dir, workers=1), tokenizer, BatchNeeds(), rank=0, world_size=2)
+    spe = fresh.steps_per_epoch
+    assert keys(take(other, spe)) == keys(take(fresh, 2 * spe)[spe:])  # exactly the next epoch of a fresh run
+    with pytest.raises(ValueError, match="rank 0 of 2 ranks given to rank 1 of 2"):
+        TrainStream(cfg, tokenizer, BatchNeeds(), rank=1, world_size=2).load_state_dict(state)
+
+
+def _rows(batches):
+    """Per-sample rows of a run of batches: key -> every tensor of that sample (batch shape left out)."""
+    names = ("image", "image_view2", "input_ids", "text_view2_ids", "mlm_input_ids", "mlm_labels")
+    return [(k, [b[n][i] for n in names]) for b in batches for i, k in enumerate(b["key"])]
+
+
+def _same_rows(got, want):
+    assert [k for k, _ in got] == [k for k, _ in want]
+    for (k, a), (_, b) in zip(got, want):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), k
+
+
+def test_resume_with_another_micro_batch_continues_exactly(tmp_path, tokenizer):
+    write_shards(str(tmp_path), sizes=(30, 26, 40))  # 96 samples, one rank of two: 48 per epoch
+    per_sample = TrainStream(make_cfg(str(tmp_path), workers=0, mb=1), tokenizer, ALL, rank=1, world_size=2)
+    reference = _rows(take(per_sample, 2 * 48))  # the unit's own sample order, epoch 0 then epoch 1
+    first = TrainStream(make_cfg(str(tmp_path), workers=0, mb=6), tokenizer, ALL, rank=1, world_size=2)
+    head = take(first, 3)  # 18 samples into epoch 0
+    resumed = TrainStream(make_cfg(str(tmp_path), workers=0, mb=5), tokenizer, ALL, rank=1, world_size=2)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    # epoch 0 with batches of 5 takes 45 samples: 27 are left after the 18, so 5 batches (2 dropped)
+    tail = take(resumed, 5 + 9)
+    _same_rows(_rows(head + tail[:5]), reference[:18 + 25])
+    _same_rows(_rows(tail[5:]), reference[48:48 + 45])  # epoch 1 whole, in batches of 5
+    assert resumed.epoch == 2
+
+    # With loader workers: every sample of the epoch once, none lost but the dropped remainder.
+    cfg2 = make_cfg(str(tmp_path), workers=2, mb=4)
+    first = TrainStream(cfg2, tokenizer, BatchNeeds(), rank=1, world_size=2)
+    head = take(first, 3)
+    resumed = TrainStream(make_cfg(str(tmp_path), workers=2, mb=3), tokenizer, BatchNeeds(), rank=1, world_size=2)
+    resumed.load_state_dict(first.state_dict())
+    # 24 samples per worker and epoch; the head took 8 of one worker's and 4 of the other's, which leaves them
+    # 16 and 20 samples: 5 and 6 batches of 3, the remainders (1 and 2) dropped like any epoch's remainder.
+    epoch0 = keys(head) + keys(take(resumed, 11))
+    full = set(keys(take(TrainStream(cfg2, tokenizer, BatchNeeds(), rank=1, world_size=2), 12)))
+    assert len(epoch0) == len(set(epoch0)) == 45 and set(epoch0) < full
+
+
+def test_resume_with_another_shuffle_buffer_finishes_the_epoch_in_order(tmp_path, tokenizer, caplog):
+    write_shards(str(tmp_path), sizes=(30, 26, 40))
+    cfg = make_cfg(str(tmp_path), workers=2, mb=4)
+    spe = TrainStream(cfg, tokenizer, BatchNeeds(), rank=0, world_size=2).steps_per_epoch
+    full = take(TrainStream(cfg, tokenizer, BatchNeeds(), rank=0, world_size=2), spe)
+    first = TrainStream(cfg, tokenizer, BatchNeeds(), rank=0, world_size=2)
+    head = take(first, 5)
+    small = make_cfg(str(tmp_path), workers=2, mb=4, shuffle_buffer=3)
+    resumed = TrainStream(small, tokenizer, BatchNeeds(), rank=0, world_size=2)
+    with caplog.at_level(logging.WARNING, logger="unimlip_train.data.loader"):
+        resumed.load_state_dict(first.state_dict())
+    assert "shuffle buffer 40 -> 3" in caplog.text and "applies from epoch 1" in caplog.text
+    tail = take(resumed, 2 * spe - 5)
+    assert keys(head + tail[:spe - 5]) == keys(full)  # epoch 0 in its saved order
+    fresh_small = take(TrainStream(small, tokenizer, BatchNeeds(), rank=0, world_size=2), 2 * spe)
+    assert keys(tail[spe - 5:]) == keys(fresh_small[spe:])  # epoch 1 with the new buffer
 
 
 class _Trap:
@@ -278,7 +340,44 @@ def test_corrupt_samples_skipped_and_counted(tmp_path, tokenizer, caplog):
     stream = TrainStream(cfg, tokenizer, BatchNeeds(), rank=0, world_size=1)
     batches = take(stream, 2 * stream.steps_per_epoch)  # the stream never runs dry, whole epochs come out
     assert len(batches) == 2 * stream.steps_per_epoch == 30
-    assert stream.skipped_samples >= 2 * 4  # 3 bad samples + the truncated tar, every epoch
+    truncated, shard0, shard1 = (str(data / f"train-00000{i}.tar") for i in (2, 0, 1))
+    lost = 20 - len([k for k in evaluated if int(k[1:]) >= 40])  # samples the truncated tar no longer yields
+    # Without a shuffle buffer every sample read is either delivered or skipped, and every sample the index
+    # promised but the truncated tar lacks is skipped. An epoch reads all 3 shards (its window), then tops up
+    # from the next pass to make up for the losses, meeting the same bad samples again.
+    plain = TrainStream(make_cfg(str(data), workers=0, mb=4, shuffle_buffer=0), tokenizer, BatchNeeds(), 0, 1)
+    take(plain, plain.steps_per_epoch)
+    first_epoch = plain.skip_stats()
+    assert first_epoch.read == 60 + first_epoch.skipped
+    assert first_epoch.by_shard[shard0] >= 2 and first_epoch.by_shard[shard1] >= 1
+    assert first_epoch.by_shard[truncated] % lost == 0 and first_epoch.by_shard[truncated] >= lost > 2
+    take(plain, plain.steps_per_epoch)
+    stats = plain.skip_stats()
+    assert stats.read == 120 + stats.skipped and set(stats.by_shard) == {shard0, shard1, truncated}
+    assert stats.by_shard[truncated] >= 2 * lost and stats.worst(1) == [(truncated, stats.by_shard[truncated])]
+
+    # Counted exactly across a resume, with loader workers: the replayed raw samples are not counted again.
+    cfg2 = make_cfg(str(data), workers=2, mb=4)
+    whole = TrainStream(cfg2, tokenizer, BatchNeeds(), rank=0, world_size=1)
+    spe = whole.steps_per_epoch
+    take(whole, spe + 3)
+    for cut in (3, spe + 1):
+        part = TrainStream(cfg2, tokenizer, BatchNeeds(), rank=0, world_size=1)
+        take(part, cut)
+        resumed = TrainStream(cfg2, tokenizer, BatchNeeds(), rank=0, world_size=1)
+        resumed.load_state_dict(json.loads(json.dumps(part.state_dict())))
+        take(resumed, spe + 3 - cut)
+        assert resumed.skip_stats() == whole.skip_stats(), cut
+
+    # data.max_skip_fraction: over at least MIN_READ samples, more than the fraction stops, naming the shards.
+    assert stats.exceeded(1.0) == ""
+    assert stats.exceeded(stats.skipped / SkipStats.MIN_READ) == ""
+    message = stats.exceeded(0.01)
+    assert message.startswith(f"{stats.skipped} of {stats.read} samples read") and truncated in message
+    assert message.index(truncated) < message.index("train-000000.tar") < message.index("train-000001.tar")
+    big = SkipStats({"a.tar": 15}, read=2000)
+    assert big.exceeded(0.01) == "" and big.exceeded(0.007) != ""
+    assert SkipStats.combine([big, stats]).by_shard["a.tar"] == 15
 
 
 def test_eval_loader_exactly_once(clean_dir, tokenizer):
@@ -297,3 +396,52 @@ def test_eval_loader_exactly_once(clean_dir, tokenizer):
     again = next(iter(build_eval_loader(cfg, clean_dir, tokenizer, 7, 0, 3, split="train")))
     assert torch.equal(again["image"], next(iter(build_eval_loader(cfg, clean_dir, tokenizer, 7, 0, 3,
                                                                     split="train")))["image"])
+
+
+def test_each_epoch_draws_new_views_and_masks(tmp_path, tokenizer):
+    """Augmentation is seeded per sample *and epoch*: epoch 2 must not replay epoch 1's views and MLM masks."""
+    write_shards(str(tmp_path), sizes=(24,))
+    stream = TrainStream(make_cfg(str(tmp_path), workers=0, mb=6), tokenizer, ALL, rank=0, world_size=1)
+    spe = stream.steps_per_epoch
+    batches = take(stream, 2 * spe)
+    epochs = [{key: {name: b[name][i] for name in ("image", "image_view2", "text_view2_ids", "mlm_input_ids")}
+               for b in batches[e * spe:(e + 1) * spe] for i, key in enumerate(b["key"])} for e in range(2)]
+    assert epochs[0].keys() == epochs[1].keys() and len(epochs[0]) == 24  # the same samples, both epochs
+    for name in ("image", "image_view2"):  # random crops: a repeated view would be a replayed seed
+        assert not any(torch.equal(epochs[0][k][name], epochs[1][k][name]) for k in epochs[0]), name
+    for name in ("text_view2_ids", "mlm_input_ids"):  # short reports: some may coincide by chance, not most
+        same = sum(torch.equal(epochs[0][k][name], epochs[1][k][name]) for k in epochs[0])
+        assert same < len(epochs[0]) // 2, (name, same)
+
+
+def test_each_epoch_reshuffles_which_shards_a_rank_reads(tmp_path, tokenizer):
+    """Shard order is seeded per epoch: a rank must not read the same shards (samples) every epoch."""
+    write_shards(str(tmp_path), sizes=(8,) * 10)
+    cfg = make_cfg(str(tmp_path), workers=1, mb=4)
+    streams = [TrainStream(cfg, tokenizer, BatchNeeds(), rank=r, world_size=2) for r in range(2)]
+    spe = streams[0].steps_per_epoch
+    seen = [[set(keys(run[e * spe:(e + 1) * spe])) for e in range(3)] for run in (take(s, 3 * spe) for s in streams)]
+    for e in range(3):
+        assert not seen[0][e] & seen[1][e] and len(seen[0][e] | seen[1][e]) == 80  # each epoch: all, once
+    assert seen[0][0] != seen[0][1] and seen[0][1] != seen[0][2], "rank 0 reads the same samples every epoch"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_twice_is_exact(tmp_path, tokenizer, workers):
+    """Two resumes in one epoch (a requeued job requeued again): the saved raw-sample position must count
+    from the epoch start, not from the last resume, or the second resume replays samples."""
+    write_shards(str(tmp_path), sizes=(30, 26, 40))
+    cfg = make_cfg(str(tmp_path), workers=workers, mb=6)
+    full_stream = TrainStream(cfg, tokenizer, ALL, rank=0, world_size=2)
+    spe = full_stream.steps_per_epoch
+    full = take(full_stream, spe)
+    pieces, state = [], None
+    for n in (2, 3, spe - 5):  # resume after batch 2 and again after batch 5, both mid-epoch
+        stream = TrainStream(cfg, tokenizer, ALL, rank=0, world_size=2)
+        if state is not None:
+            stream.load_state_dict(state)
+        pieces += take(stream, n)
+        state = json.loads(json.dumps(stream.state_dict()))
+    assert keys(pieces) == keys(full)
+    assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["mlm_input_ids"], b["mlm_input_ids"])
+               for a, b in zip(full, pieces))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from unimlip_tiny import random_batch, tiny_config, tiny_tokenizer
-from unimlip_train.losses import UniMlipObjective, contrastive_loss, nt_xent, sample_hard_negatives
+from unimlip_train.losses import UniMlipObjective, contrastive_loss, nt_xent, sample_hard_negatives, sigmoid_loss
 from unimlip_train.models import build_model
 
 
@@ -30,13 +30,38 @@ def naive_infonce(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
     return total / (2 * n)
 
 
-def naive_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
+def naive_multi_positive(a: torch.Tensor, b: torch.Tensor, scale: float, ids: list) -> float:
+    """InfoNCE where every column with the row's id is a positive, each with target 1 / (number of them)."""
+    n = len(a)
+    total = 0.0
+    for x, y in ((a, b), (b, a)):
+        for i in range(n):
+            logits = [scale * dot(x[i], y[j]) for j in range(n)]
+            log_z = math.log(sum(math.exp(v) for v in logits))
+            positives = [j for j in range(n) if ids[j] == ids[i]]
+            total += sum(log_z - logits[j] for j in positives) / len(positives)
+    return total / (2 * n)
+
+
+def naive_sigmoid(a: torch.Tensor, b: torch.Tensor, scale: float, bias: float, ids: list) -> float:
+    total = 0.0
+    for i in range(len(a)):
+        for j in range(len(b)):
+            z = 1.0 if ids[i] == ids[j] else -1.0
+            total += math.log(1 + math.exp(-z * (scale * dot(a[i], b[j]) + bias)))
+    return total / len(a)
+
+
+def naive_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, ids: list | None = None) -> float:
+    """Anchors are all 2n views; another sample with the anchor's id is neither positive nor negative."""
     z = list(z1) + list(z2)
     n = len(z1)
+    ids = list(range(n)) if ids is None else ids
     total = 0.0
     for i in range(2 * n):
         positive = (i + n) % (2 * n)
-        denom = sum(math.exp(dot(z[i], z[k]) / temperature) for k in range(2 * n) if k != i)
+        candidates = [k for k in range(2 * n) if k == positive or ids[k % n] != ids[i % n]]
+        denom = sum(math.exp(dot(z[i], z[k]) / temperature) for k in candidates)
         total += -dot(z[i], z[positive]) / temperature + math.log(denom)
     return total / (2 * n)
 
@@ -50,35 +75,69 @@ def test_contrastive_loss_matches_loops():
     assert contrastive_loss(a, b, torch.tensor(4.0)).item() == pytest.approx(got.item(), rel=1e-6)
 
 
+def test_multi_positive_contrastive_loss_matches_loops():
+    g = torch.Generator().manual_seed(10)
+    a, b = unit_rows(8, 5, g), unit_rows(8, 5, g)
+    ids = [3, 1, 3, 2, 1, 3, 7, 8]  # three samples share a report, two others another one
+    got = contrastive_loss(a, b, torch.tensor([4.0]), ids=torch.tensor(ids))
+    assert got.item() == pytest.approx(naive_multi_positive(a, b, 4.0, ids), rel=1e-6)
+    # distinct ids are plain CLIP exactly; (n, 2) ids: the same when either column agrees
+    assert contrastive_loss(a, b, torch.tensor(4.0), ids=torch.arange(8)).item() == pytest.approx(
+        naive_infonce(a, b, 4.0), rel=1e-6)
+    report, group = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]), torch.tensor([9, 9, 5, 6, 7, 8, 10, 11])
+    either = contrastive_loss(a, b, torch.tensor(4.0), ids=torch.stack([report, group], 1))
+    assert either.item() == pytest.approx(naive_multi_positive(a, b, 4.0, [0, 0, 2, 3, 4, 5, 6, 7]), rel=1e-6)
+
+
+def test_sigmoid_loss_matches_loops():
+    g = torch.Generator().manual_seed(11)
+    a, b = unit_rows(6, 5, g), unit_rows(6, 5, g)
+    for ids in ([0, 1, 2, 3, 4, 5], [0, 1, 0, 2, 2, 5]):
+        got = sigmoid_loss(a, b, torch.tensor([10.0]), torch.tensor([-10.0]), ids=torch.tensor(ids))
+        assert got.item() == pytest.approx(naive_sigmoid(a, b, 10.0, -10.0, ids), rel=1e-6)
+    assert sigmoid_loss(a, b, torch.tensor(10.0), torch.tensor(-10.0)).item() == pytest.approx(
+        naive_sigmoid(a, b, 10.0, -10.0, list(range(6))), rel=1e-6)
+
+
 def test_nt_xent_matches_loops():
     g = torch.Generator().manual_seed(1)
     z1, z2 = unit_rows(6, 4, g), unit_rows(6, 4, g)
     assert nt_xent(z1, z2, 0.3).item() == pytest.approx(naive_nt_xent(z1, z2, 0.3), rel=1e-6)
+    ids = [0, 1, 0, 2, 1, 0]
+    masked = nt_xent(z1, z2, 0.3, ids=torch.tensor(ids)).item()
+    assert masked == pytest.approx(naive_nt_xent(z1, z2, 0.3, ids), rel=1e-6)
+    assert masked != pytest.approx(naive_nt_xent(z1, z2, 0.3), rel=1e-3)
 
 
 def test_hard_negative_sampling_follows_softmax_and_is_seeded():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(4, 5, generator=g)  # rows 0..3 have their positive at column row + 1
-    draws = torch.stack([sample_hard_negatives(logits, 1, seed=3, step=s, stream=0) for s in range(3000)])
+    excluded = torch.zeros(4, 5, dtype=torch.bool)
+    excluded[torch.arange(4), torch.arange(4) + 1] = True
+    excluded[2, 0] = True  # row 2 shares its identity with column 0
+    sample = lambda **kw: sample_hard_negatives(logits, excluded, 1, **kw)[0]  # noqa: E731
+    draws = torch.stack([sample(seed=3, step=s, stream=0) for s in range(3000)])
     for i in range(4):
-        positive = i + 1
-        assert not (draws[:, i] == positive).any()
-        others = [j for j in range(5) if j != positive]
+        assert not excluded[i, draws[:, i]].any()
+        others = [j for j in range(5) if not excluded[i, j]]
         z = sum(math.exp(float(logits[i, j])) for j in others)
         for j in others:
             expected = math.exp(float(logits[i, j])) / z
             observed = float((draws[:, i] == j).float().mean())
             assert abs(observed - expected) < 0.035, (i, j, observed, expected)
-    again = sample_hard_negatives(logits, 1, seed=3, step=17, stream=0)
-    assert torch.equal(again, draws[17])
-    streams = torch.stack([sample_hard_negatives(logits, 1, seed=3, step=s, stream=1) for s in range(50)])
-    seeds = torch.stack([sample_hard_negatives(logits, 1, seed=4, step=s, stream=0) for s in range(50)])
+    assert torch.equal(sample(seed=3, step=17, stream=0), draws[17])
+    streams = torch.stack([sample(seed=3, step=s, stream=1) for s in range(50)])
+    seeds = torch.stack([sample(seed=4, step=s, stream=0) for s in range(50)])
     assert not torch.equal(streams, draws[:50]) and not torch.equal(seeds, draws[:50])
+    everything = torch.ones(4, 5, dtype=torch.bool)
+    everything[0, 3] = False
+    _, valid = sample_hard_negatives(logits, everything, 1, seed=3, step=0, stream=0)
+    assert valid.tolist() == [True, False, False, False]
 
 
 def fake_outputs(n: int, g: torch.Generator) -> dict:
-    keys = ["image_emb", "text_emb", "image_emb_feat", "text_emb_feat", "text_emb_feat2", "image_ssl_feat1",
-            "image_ssl_feat2", "image_ssl_1", "image_ssl_2", "text_view2_emb"]
+    keys = ["image_emb", "text_emb", "image_emb_feat", "text_emb_feat", "image_feature_1", "image_feature_2",
+            "text_feature_1", "text_feature_2", "image_ssl_1", "image_ssl_2", "text_view2_emb"]
     out = {k: unit_rows(n, 8, g).float() for k in keys}
     out["logit_scale"] = torch.tensor(3.0)
     return out
@@ -90,22 +149,28 @@ def test_objective_terms_and_weighted_total():
     cfg.loss.image_ssl.temperature = 0.2
     cfg.loss.text_feature.temperature = 0.05
     out = fake_outputs(5, g)
-    logs = UniMlipObjective(cfg)({}, out, None, step=0)
+    ids = [4, 1, 4, 2, 9]
+    loss, logs = UniMlipObjective(cfg)({"report_id": torch.tensor(ids)}, out, None, step=0)
     uni = ("image_ssl", "image_feature", "text_ssl", "text_feature")
     t = {name: getattr(cfg.loss, name).temperature for name in uni}
     want = {
-        "itc": naive_infonce(out["image_emb"], out["text_emb"], 3.0),
-        "itc_feature": naive_infonce(out["image_emb_feat"], out["text_emb_feat"], 3.0),
-        "image_ssl": naive_nt_xent(out["image_ssl_1"], out["image_ssl_2"], t["image_ssl"]),
-        "image_feature": naive_nt_xent(out["image_ssl_feat1"], out["image_ssl_feat2"], t["image_feature"]),
-        "text_ssl": naive_nt_xent(out["text_emb"], out["text_view2_emb"], t["text_ssl"]),
-        "text_feature": naive_nt_xent(out["text_emb_feat"], out["text_emb_feat2"], t["text_feature"]),
+        "itc": naive_multi_positive(out["image_emb"], out["text_emb"], 3.0, ids),
+        "itc_feature": naive_multi_positive(out["image_emb_feat"], out["text_emb_feat"], 3.0, ids),
+        "image_ssl": naive_nt_xent(out["image_ssl_1"], out["image_ssl_2"], t["image_ssl"], ids),
+        "image_feature": naive_nt_xent(out["image_feature_1"], out["image_feature_2"], t["image_feature"], ids),
+        "text_ssl": naive_nt_xent(out["text_emb"], out["text_view2_emb"], t["text_ssl"], ids),
+        "text_feature": naive_nt_xent(out["text_feature_1"], out["text_feature_2"], t["text_feature"], ids),
     }
     assert set(logs) == set(want) | {"loss"}
     for name, value in want.items():
         assert logs[name].item() == pytest.approx(value, rel=1e-5), name
     total = sum(getattr(cfg.loss, name).weight * value for name, value in want.items())
-    assert logs["loss"].item() == pytest.approx(total, rel=1e-5)
+    assert logs["loss"].item() == pytest.approx(total, rel=1e-5) and loss.item() == pytest.approx(total, rel=1e-5)
+    cfg.loss.positives = "none"  # identities ignored: the plain losses
+    _, plain = UniMlipObjective(cfg)({"report_id": torch.tensor(ids)}, out, None, step=0)
+    assert plain["itc"].item() == pytest.approx(naive_infonce(out["image_emb"], out["text_emb"], 3.0), rel=1e-5)
+    assert plain["text_ssl"].item() == pytest.approx(
+        naive_nt_xent(out["text_emb"], out["text_view2_emb"], t["text_ssl"]), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +189,7 @@ def test_mlm_matches_loops(fused):
     got = UniMlipObjective(tiny_config(**{n: 0.0 for n in ("itc", "itc_feature", "image_ssl", "image_feature",
                                                           "text_ssl", "text_feature", "itm")}))
     with torch.no_grad():
-        value = got(batch, out, model, step=0)["mlm"].item()
+        value = got(batch, out, model, step=0)[1]["mlm"].item()
         states = model.fuse(out["mlm_tokens"], batch["attention_mask"], out["image_tokens"])
         losses = []
         for i in range(states.shape[0]):
@@ -137,30 +202,37 @@ def test_mlm_matches_loops(fused):
     assert value == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
-def test_itm_hard_negatives_matches_loops(fused):
+@pytest.mark.parametrize("report_ids", [[0, 1, 2, 3, 4, 5], [0, 1, 0, 2, 2, 2], [0, 0, 0, 0, 0, 1]])
+def test_itm_hard_negatives_matches_loops(fused, report_ids):
+    """The hardest allowed negative (a loop finds it at a huge scale); never a same-report sample; a row whose
+    every other sample shares its report has no negative and is dropped (and counted)."""
     cfg, model, batch, out = fused
     n = out["image_emb"].shape[0]
-    # a huge scale makes softmax sampling pick the hardest negative, which a loop can find
     out = {**out, "logit_scale": torch.tensor(1e6)}
+    batch = {**batch, "report_id": torch.tensor(report_ids)}
     objective = UniMlipObjective(tiny_config(**{n: 0.0 for n in ("itc", "itc_feature", "image_ssl", "image_feature",
                                                                  "text_ssl", "text_feature", "mlm")}))
 
-    def hardest(x: torch.Tensor, y: torch.Tensor, i: int) -> int:
-        sims = [(dot(x[i], y[j]), j) for j in range(n) if j != i]
-        return max(sims)[1]
+    def hardest(x: torch.Tensor, y: torch.Tensor, i: int):
+        sims = [(dot(x[i], y[j]), j) for j in range(n) if report_ids[j] != report_ids[i]]
+        return max(sims)[1] if sims else None
 
     with torch.no_grad():
-        value = objective(batch, out, model, step=5)["itm"].item()
+        _, logs = objective(batch, out, model, step=5)
         mask, text, image = batch["attention_mask"], out["text_tokens"], out["image_tokens"]
-        losses = []
+        losses, dropped = [], 0
         for i in range(n):
             jt = hardest(out["image_emb"], out["text_emb"], i)
             ji = hardest(out["text_emb"], out["image_emb"], i)
-            for t, m, im, label in ((i, i, i, 1), (jt, jt, i, 0), (i, i, ji, 0)):
-                fused_cls = model.fuse(text[t:t + 1], mask[m:m + 1], image[im:im + 1])[0, 0]
+            for t, im, label in ((i, i, 1), (jt, i, 0), (i, ji, 0)):
+                if t is None or im is None:
+                    dropped += 1
+                    continue
+                fused_cls = model.fuse(text[t:t + 1], mask[t:t + 1], image[im:im + 1])[0, 0]
                 logits = model.itm_head(fused_cls).double()
                 losses.append(float(torch.logsumexp(logits, 0) - logits[label]))
-    assert value == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert logs["itm"].item() == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert logs["itm_dropped_rows"].item() == dropped
 
 
 @pytest.mark.parametrize("term,key", [("image_ssl", "image_view2"), ("text_ssl", "text_view2_ids"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import re
 import tarfile
@@ -13,18 +14,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import IU_REPORTS_TGZ as IU_TGZ
 from data_prep.adapters import manifest as adapter
 from data_prep.cli import main
 from data_prep.rows import InputError
 from data_prep.verify import iter_samples
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
-IU_TGZ = SHARED / "data" / "iu_xray_reports" / "NLMCXR_reports.tgz"
 
-
-def _rows(path: Path, images_root: Path | None = None) -> list:
-    args = argparse.Namespace(manifest=str(path), images_root=str(images_root) if images_root else None)
-    return list(adapter.iter_rows(args))
+def _rows(path: Path, images_root: Path | None = None, *options: str) -> list:
+    parser = argparse.ArgumentParser()
+    adapter.add_arguments(parser)
+    argv = ["--manifest", str(path)] + (["--images-root", str(images_root)] if images_root else []) + list(options)
+    return list(adapter.iter_rows(parser.parse_args(argv)))
 
 
 def test_csv_columns_paths_labels_and_metadata(tmp_path):
@@ -70,6 +71,108 @@ def test_csv_input_errors_name_file_and_line(tmp_path, text, needle):
     with pytest.raises(InputError) as e:
         _rows(m)
     assert str(m) in str(e.value) and needle in str(e.value)
+
+
+def test_non_utf8_byte_is_reported_with_its_line(tmp_path):
+    m = tmp_path / "m.csv"
+    lines = [b"image,text\n"] + [f"img{i}.png,report {i}\n".encode() for i in range(2, 1501)]
+    m.write_bytes(b"".join(lines) + b"img1501.png,caf\xe9 report\n" + b"img1502.png,fine\n")
+    with pytest.raises(InputError, match=rf"{re.escape(str(m))}:1501: not UTF-8"):
+        _rows(m)
+
+
+def test_official_split_column_is_kept(tmp_path):
+    for i, name in enumerate(("a", "b", "c", "d")):
+        Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * (i + 1)).save(tmp_path / f"{name}.png")
+    m = tmp_path / "m.csv"
+    m.write_text("image,text,group,split\na.png,one,p1,train\nb.png,two,p1,test\nc.png,three,p2,validate\n"
+                 "d.png,four,p3,TRAIN\n")
+    assert [r.split for r in _rows(m)] == ["train", "test", "val", "train"]
+    out = tmp_path / "out"
+    assert main(["manifest", "--manifest", str(m), "--out", str(out), "--val-fraction", "0.5", "--workers", "1",
+                 "--no-progress"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert {s: v["samples"] for s, v in index["splits"].items()} == {"train": 2, "val": 1, "test": 1}
+    # patient p1 is in train and test by the official split: the within-set audit reports it
+    assert index["audit"]["shared_groups"] == 1 and index["audit"]["leaks"] >= 1
+    assert {x["split"] for x in index["audit"]["cross_split"][0]["samples"]} == {"train", "test"}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,text,split\na.png,one,train\nb.png,two,holdout\n")
+    with pytest.raises(InputError, match=r"bad.csv:3: split 'holdout'"):
+        _rows(bad)
+
+
+def test_paths_must_stay_inside_images_root(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    for folder in (root, outside):
+        Image.fromarray(np.full((8, 8), 90, np.uint8)).save(folder / "x.png")
+    (root / "link.png").symlink_to(outside / "x.png")
+    m = tmp_path / "m.csv"
+    m.write_text(f"image,text\nx.png,inside\n../elsewhere/x.png,dotdot\n{outside / 'x.png'},absolute\n"
+                 f"link.png,symlink\n{root / 'x.png'},absolute inside\n")
+    rows = _rows(m, root)
+    assert [bool(r.skip) for r in rows] == [False, True, True, True, False]
+    assert all("outside --images-root" in r.skip and "--allow-outside-root" in r.skip for r in rows if r.skip)
+    assert not any(r.skip for r in _rows(m, root, "--allow-outside-root"))
+    assert not any(r.skip for r in _rows(m))  # without --images-root: paths as given, as before
+    out = tmp_path / "out"
+    assert main(["manifest", "--manifest", str(m), "--images-root", str(root), "--out", str(out), "--val-fraction", "0",
+                 "--workers", "1", "--no-progress"]) == 0
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in errors) == sorted(["../elsewhere/x.png", str(outside / "x.png"), "link.png"])
+
+
+def test_group_views_study_one_sample_per_study(tmp_path):
+    for name, value in (("s1_lat", 40), ("s1_pa", 120), ("s1_ap", 200), ("s2_pa", 60), ("s3_x", 10)):
+        Image.fromarray(np.full((16, 16), value, np.uint8)).save(tmp_path / f"{name}.png")
+    m = tmp_path / "m.csv"
+    m.write_text("image,text,study,group,view,labels\n"
+                 "s1_lat.png,IMPRESSION: Clear.,st1,p1,LATERAL,A\ns1_pa.png,IMPRESSION: Clear.,st1,p1,PA,B\n"
+                 "s1_ap.png,impression:   clear.,st1,p1,AP,\ns2_pa.png,Other report.,st2,p2,PA,\n"
+                 "s3_x.png,Third.,st3,p3,,\n")
+    rows = {r.id: r for r in _rows(m, None, "--group-views", "study", "--max-views", "2")}
+    assert sorted(rows) == ["st1", "st2", "st3"]
+    st1 = rows["st1"]
+    assert [(v.position, v.name) for v in st1.views] == [("PA", "s1_pa.png"), ("AP", "s1_ap.png")]  # frontal first
+    assert st1.metadata["views_in_study"] == 3 and st1.metadata["views_kept"] == 2 and st1.group == "p1"
+    assert st1.labels == ["A", "B"] and st1.text == "IMPRESSION: Clear."
+    out = tmp_path / "out"
+    assert main(["manifest", "--manifest", str(m), "--out", str(out), "--val-fraction", "0", "--group-views", "study",
+                 "--max-views", "2", "--workers", "2", "--no-progress"]) == 0
+    samples = {key: sample for shard in json.loads((out / "index.json").read_text())["splits"]["train"]["shards"]
+               for key, sample in iter_samples(str(out / shard["name"]))}
+    assert set(samples["st1"]) == {"jpg", "view1.jpg", "json", "txt"}
+    meta = json.loads(samples["st1"]["json"])
+    assert [(v["member"], v["view"]) for v in meta["views"]] == [("jpg", "PA"), ("view1.jpg", "AP")]
+    for member, value in (("jpg", 120), ("view1.jpg", 200)):  # each member is the image its entry names
+        assert abs(int(np.asarray(Image.open(io.BytesIO(samples["st1"][member]))).mean()) - value) <= 2
+    assert meta["view"] == "PA" and meta["pixel_sha256"] == meta["views"][0]["pixel_sha256"]
+    assert set(samples["st3"]) == {"jpg", "json", "txt"} and len(json.loads(samples["st3"]["json"])["views"]) == 1
+    assert main(["verify", str(out), "--decode", "--no-progress"]) == 0  # every listed view present and decodable
+
+
+def test_16bit_png_window_rules(tmp_path):
+    rng = np.random.default_rng(0)
+    twelve_bit = rng.integers(0, 4096, (40, 40)).astype(np.uint16)  # a 12-bit film stored in 16 bits
+    twelve_bit[0, 0] = 60000  # one hot pixel
+    Image.fromarray(twelve_bit).save(tmp_path / "x.png")
+    (tmp_path / "m.csv").write_text("image,text\nx.png,report\n")
+    stored = {}
+    for window in ("auto", "minmax", "none"):
+        out = tmp_path / window
+        assert main(["manifest", "--manifest", str(tmp_path / "m.csv"), "--out", str(out), "--val-fraction", "0",
+                     "--window", window, "--workers", "1", "--no-progress"]) == 0
+        ((_, sample),) = iter_samples(str(out / "train-000000.tar"))
+        stored[window] = np.asarray(Image.open(io.BytesIO(sample["jpg"]))).astype(np.float64)
+    values = np.sort(twelve_bit.ravel().astype(np.float64))
+    low, high = np.percentile(values, 0.5), np.percentile(values, 99.5)
+    expect = {"auto": np.clip((twelve_bit - low) / (high - low), 0, 1) * 255,
+              "minmax": twelve_bit / 60000 * 255, "none": twelve_bit / 257}
+    for window, reference in expect.items():  # JPEG-coded: compare means, and the spread that matters
+        assert abs(stored[window].mean() - reference.mean()) < 3, window
+    assert stored["auto"].mean() > 100 and stored["minmax"].mean() < 15 and stored["none"].mean() < 15
 
 
 def _iu_reports(tmp_path: Path, n: int) -> list[dict]:

@@ -2,21 +2,23 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import BertConfig, BertModel
 
 from unimlip_tiny import IMAGE_SIZE, NUM_WORDS, SPECIAL, random_batch, tiny_config, tiny_tokenizer
-from unimlip_train.losses import UniMlipObjective
+from unimlip_train.losses import UniMlipObjective, nt_xent
 from unimlip_train.models import TrainStep, build_model
 
 ALL_OUTPUTS = {
     "image_emb", "text_emb", "logit_scale", "image_tokens", "text_tokens", "text_mask", "image_emb_feat",
-    "text_emb_feat", "text_emb_feat2", "image_ssl_feat1", "image_ssl_feat2", "image_ssl_1", "image_ssl_2",
-    "text_view2_emb", "mlm_tokens",
+    "text_emb_feat", "image_feature_1", "image_feature_2", "text_feature_1", "text_feature_2", "image_ssl_1",
+    "image_ssl_2", "text_view2_emb", "mlm_tokens",
 }
 OFF_BUT_ITC = {n: 0.0 for n in ("itc_feature", "image_ssl", "image_feature", "text_ssl", "text_feature", "mlm", "itm")}
 
@@ -41,10 +43,14 @@ def test_outputs_shapes_and_temperature(tokenizer):
     assert out["text_tokens"].shape == out["mlm_tokens"].shape == (4, 9, 64)
     assert torch.allclose(model.encode_image(batch["image"]), out["image_emb"], atol=1e-6)
     with torch.no_grad():
-        model.logit_scale.fill_(math.log(1000.0))  # clamped at max_logit_scale = 100
+        model.logit_scale.fill_(math.log(1000.0))  # not clamped in forward: the gradient must not vanish
     loss, logs = TrainStep(model, UniMlipObjective(cfg))(batch, step=0)
-    assert logs["temperature"].item() == pytest.approx(0.01)
+    assert logs["temperature"].item() == pytest.approx(0.001)
     assert torch.isfinite(loss) and logs["loss"].item() == pytest.approx(loss.item())
+    loss.backward()
+    assert model.logit_scale.grad.abs().item() > 0
+    model.clamp_logit_scale_(lambda p, lo, hi: p.data.clamp_(lo, hi))  # after the optimizer step: [ln 1, ln 100]
+    assert model.logit_scale.item() == pytest.approx(math.log(100.0))
 
 
 def test_heads_exist_only_for_enabled_terms(tokenizer):
@@ -129,6 +135,7 @@ def structured_batch(n: int, templates: torch.Tensor, g: torch.Generator) -> dic
         "image": templates[classes] + noise(), "image_view2": templates[classes] + noise(),
         "input_ids": ids, "attention_mask": torch.ones_like(ids), "text_view2_ids": view2,
         "text_view2_mask": torch.ones_like(ids), "mlm_input_ids": masked, "mlm_labels": labels,
+        "report_id": torch.unique(ids, dim=0, return_inverse=True)[1], "group_id": torch.arange(n),
     }
 
 
@@ -154,3 +161,75 @@ def test_every_term_learns_on_cpu(tokenizer):
         first = sum(h[term] for h in history[:20]) / 20
         last = sum(h[term] for h in history[-20:]) / 20
         assert last < first, (term, first, last)
+
+
+def _uniformity(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent without its alignment part: log-sum-exp over each anchor's negatives only (pure push-apart)."""
+    z, n = torch.cat([z1, z2]), len(z1)
+    excluded = torch.eye(2 * n, dtype=torch.bool)
+    excluded[torch.arange(2 * n), torch.cat([torch.arange(n) + n, torch.arange(n)])] = True
+    return torch.logsumexp((z @ z.T / temperature).masked_fill(excluded, float("-inf")), 1).mean()
+
+
+def test_feature_level_perturbation_is_not_a_uniformity_penalty():
+    """The tiny default (configs/tiny_cpu.yaml: ResNet-10-T, 2-layer BERT) at initialisation, on synthetic
+    radiographs and their reports: for image_feature and text_feature, the mean cosine of the two "views" and
+    the cosine between the term's tower gradient and the gradient of its uniformity part alone. Perturbing
+    inside the encoders (spatial dropout of the CNN stages, BERT's own dropout) must make the term clearly
+    more than a push-apart than dropout on the pooled vector does."""
+    from data_prep.synthetic import generate
+    from unimlip_train.config import load_config
+    from unimlip_train.data.loader import _tokenize
+    from unimlip_train.data.text import model_text
+    from unimlip_train.data.tokenizer import load_tokenizer
+
+    samples = list(generate(32, seed=0, size=64))
+    tokenizer = load_tokenizer("")
+    tok = _tokenize(tokenizer, [model_text(s.report) for s in samples], 48)
+    images = torch.from_numpy(__import__("numpy").stack([s.image for s in samples])).float()[:, None] / 255
+    batch = {"image": (images - 0.5) / 0.25, "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
+             "report_id": torch.arange(32)}
+    results = {}
+    for mode in ("pooled_dropout", "encoder"):
+        cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"),
+                          [f"loss.feature_perturbation={mode}", "loss.image_ssl.weight=0", "loss.text_ssl.weight=0",
+                           "loss.mlm.weight=0"])
+        torch.manual_seed(0)
+        model = build_model(cfg, tokenizer).train()
+        for term, tower in (("image_feature", model.image_tower), ("text_feature", model.text_tower)):
+            torch.manual_seed(1)
+            out = model(batch)
+            z1, z2 = out[f"{term}_1"], out[f"{term}_2"]
+            temperature = getattr(cfg.loss, term).temperature
+            params = [p for p in tower.parameters() if p.requires_grad]
+            full = torch.autograd.grad(nt_xent(z1, z2, temperature), params, retain_graph=True, allow_unused=True)
+            push = torch.autograd.grad(_uniformity(z1, z2, temperature), params, allow_unused=True)
+            full, push = (torch.cat([g.flatten() for g in gs if g is not None]) for gs in (full, push))
+            results[mode, term] = ((z1 * z2).sum(1).mean().item(), F.cosine_similarity(full, push, 0).item())
+    for key, (view_cos, grad_cos) in results.items():
+        print(f"{key[1]:14s} {key[0]:15s} positive-pair cosine {view_cos:.3f}  gradient cosine with uniformity {grad_cos:.3f}")
+    for term in ("image_feature", "text_feature"):
+        assert results["encoder", term][1] < results["pooled_dropout", term][1] - 0.3, term
+    assert results["encoder", "image_feature"][0] < results["pooled_dropout", "image_feature"][0] - 0.1
+
+
+@pytest.mark.parametrize("name, kwargs, size", [("vit_tiny_patch16_224", dict(depth=2, embed_dim=64, num_heads=2,
+                                                                             patch_size=8), 32),
+                                               ("resnet10t", {}, 64)])
+def test_feature_perturbation_only_in_the_pass_that_asks_for_it(tokenizer, name, kwargs, size):
+    """Patch dropout (ViT) / spatial dropout (CNN) changes the perturbed pass only, in train and in eval mode
+    (a locked tower stays in eval mode), and ordinary passes before and after it are identical."""
+    from unimlip_train.models.image_tower import ImageTower
+
+    cfg = tiny_config(dropout=0.0)
+    cfg.model.image.name, cfg.model.image.kwargs, cfg.data.image_size = name, kwargs, size
+    cfg.model.image.token_drop, cfg.model.image.spatial_drop = 0.5, 0.3
+    tower = ImageTower(cfg)
+    x = torch.randn(4, 1, size, size, generator=torch.Generator().manual_seed(0))
+    for mode in (True, False):
+        tower.train(mode)
+        with torch.no_grad():
+            clean = tower(x)[0]
+            perturbed = tower(x, perturb=True)[0]
+            again = tower(x)[0]
+        assert torch.equal(clean, again) and not torch.allclose(clean, perturbed, atol=1e-3), (name, mode)

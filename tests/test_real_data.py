@@ -13,18 +13,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import IU_REPORTS_TGZ, PNEUMONIAMNIST_NPZ
 from data_prep.class_pairs import write_class_paired_manifest
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
 PER_CLASS = {"train": 200, "val": 50}  # PneumoniaMNIST images per class taken from each of its arrays
 
 
 def write_manifest(root: Path) -> Path:
     """PNGs of a balanced PneumoniaMNIST subset and a CSV manifest pairing each with a report of its class."""
-    return write_class_paired_manifest(root, DATA / "pneumoniamnist" / "pneumoniamnist_trainval.npz",
-                                       DATA / "iu_xray_reports" / "NLMCXR_reports.tgz", per_class=PER_CLASS)
+    return write_class_paired_manifest(root, PNEUMONIAMNIST_NPZ, IU_REPORTS_TGZ, per_class=PER_CLASS)
 
 
 def run(*cmds: list, timeout: int = 600) -> list[str]:
@@ -79,7 +78,9 @@ def test_real_chest_xrays_with_real_reports(tmp_path):
 
     assert zs == json.loads((tmp_path / "zs.json").read_text())
     assert zs["num_samples"] == splits["val"]["samples"] and zs["skipped"] == 0
-    assert 0 <= zs["accuracy"] <= 100 and 0 <= zs["auroc"] <= 100
+    # Chance is 50% (balanced classes, AUROC 50 for an uninformative score); briefly trained, zero-shot measured
+    # 68-82% balanced accuracy and 79-88 AUROC. 60 leaves room for run-to-run variation, none for chance.
+    assert zs["balanced_accuracy"] >= 60 and zs["auroc"] >= 60
     assert probe["num_test"] == splits["val"]["samples"]
     # Chance is 50% on these balanced classes; frozen features of even a briefly trained tiny model separate
     # pneumonia from normal far better.

@@ -154,7 +154,7 @@ def test_byte_bound_and_16bit(dataset, tmp_path):
     out = tmp_path / "bytes"
     bound = 64 * 1024
     assert main(_shard_args(manifest, root / "imgs", out, "--workers", "1", "--shard-bytes", str(bound),
-                            "--val-fraction", "0", "--keep-16bit", "--max-size", "128")) == 0
+                            "--val-fraction", "0", "--keep-16bit", "--max-size", "128", "--window", "none")) == 0
     index = json.loads((out / "index.json").read_text())
     shards = index["splits"]["train"]["shards"]
     assert len(shards) > 1 and all(s["bytes"] <= bound or s["samples"] == 1 for s in shards)
@@ -311,7 +311,7 @@ def test_dicom_rows_by_suffix_or_magic_16bit_or_8bit(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"id": n, "image": n, "text": f"CT {n}"}) + "\n"
                                 for n in ("ct.dcm", "ct_no_suffix", "broken.dcm")))
-    expected16 = read_dicom(str(ct), keep_16bit=True)
+    expected16 = read_dicom(str(ct), keep_16bit=True).pixels
     for keep, ext in (("--keep-16bit", "png"), (None, "jpg")):
         out = tmp_path / f"out_{ext}"
         args = ["manifest", "--manifest", str(manifest), "--out", str(out), "--workers", "1", "--val-fraction", "0",
@@ -354,3 +354,65 @@ def test_rerun_with_other_options_refuses_to_replace_shards_unless_asked(dataset
     (foreign / "train-000000.tar").write_bytes(b"not ours")
     assert main(_shard_args(manifest, root / "imgs", foreign, "--workers", "1")) == 2
     assert (foreign / "train-000000.tar").read_bytes() == b"not ours"
+
+
+def test_sha256_covers_whole_shards_beyond_the_first_mib(tmp_path, capsys):
+    """Real shards reach 1 GB: the recorded sha256 is over every byte, and a flip past the first MiB is caught."""
+    rng = np.random.default_rng(5)
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for i in range(8):  # incompressible 512 x 512 noise: ~0.2 MB per JPEG, ~1.7 MB in one shard
+        Image.fromarray(rng.integers(0, 256, (512, 512), dtype=np.uint8)).save(tmp_path / "imgs" / f"n{i}.png")
+        rows.append({"id": f"n{i}", "image": f"n{i}.png", "text": f"report {i}", "group": f"p{i}"})
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "out"
+    assert main(_shard_args(tmp_path / "m.csv", tmp_path / "imgs", out, "--val-fraction", "0", "--workers", "1")) == 0
+    (shard,) = json.loads((out / "index.json").read_text())["splits"]["train"]["shards"]
+    path = out / shard["name"]
+    assert path.stat().st_size > (3 << 19)  # well past 1 MiB
+    assert shard["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    data = bytearray(path.read_bytes())
+    data[len(data) - 5000] ^= 0xFF  # inside the last member's image payload, far past the first MiB
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", str(out), "--no-progress"]) == 1
+    assert "sha256 does not match" in capsys.readouterr().out
+
+
+def test_disk_full_one_message_no_leftovers_and_the_rerun_finishes(tmp_path):
+    """A real full file system: a small tmpfs in a private mount namespace (needs unshare and mount)."""
+    if not shutil.which("unshare"):
+        pytest.skip("needs util-linux unshare to mount a small tmpfs")
+    cmd = [sys.executable, "-m", "data_prep.cli", "synthetic", "--n", "120", "--image-size", "64", "--workers", "1",
+           "--shard-size", "20", "--no-progress"]
+    reference = tmp_path / "reference"
+    subprocess.run(cmd + ["--out", str(reference)], check=True, capture_output=True, timeout=120)
+    disk, result = tmp_path / "disk", tmp_path / "result"
+    disk.mkdir()
+    script = f"""
+set -u
+mount -t tmpfs -o size=900k tmpfs {disk} || exit 77
+{' '.join(cmd)} --out {disk}/out > {tmp_path}/first.out 2> {tmp_path}/first.err; echo $? > {tmp_path}/first.rc
+ls -A {disk}/out > {tmp_path}/left.txt
+mount -o remount,size=20m {disk}
+{' '.join(cmd)} --out {disk}/out > {tmp_path}/second.out 2> {tmp_path}/second.err; echo $? > {tmp_path}/second.rc
+cp -r {disk}/out {result}
+"""
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    if run.returncode == 77 or "unshare" in run.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()[:200]}")
+    assert run.returncode == 0, run.stderr
+    first_err = (tmp_path / "first.err").read_text()
+    assert (tmp_path / "first.rc").read_text().strip() == "1"
+    errors = [line for line in first_err.splitlines() if line.startswith("unimlip-shard: error:")]
+    assert len(errors) == 1 and "no space left on the device" in errors[0] and "free" in errors[0]
+    assert "Traceback" not in first_err
+    left = (tmp_path / "left.txt").read_text().split()
+    assert not [n for n in left if n.endswith(".tmp") or n == ".synthetic-src"], left
+    assert any(n.endswith(".tar") for n in left)  # finished shards were kept for the rerun
+    assert (tmp_path / "second.rc").read_text().strip() == "0", (tmp_path / "second.err").read_text()
+    ours, theirs = (json.loads((d / "index.json").read_text()) for d in (result, reference))
+    assert ours["splits"] == theirs["splits"]  # the same shards, byte for byte (sha256 in the index)

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import IU_REPORTS_TGZ as IU_TGZ
 from data_prep.cli import main
 from data_prep.synthetic import LOBES, generate
 from data_prep.verify import iter_samples
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGED = REPO / "unimlip_train" / "resources" / "synthetic_tokenizer"
-IU_TGZ = REPO.parent / "shared" / "data" / "iu_xray_reports" / "NLMCXR_reports.tgz"
 
 
 def test_generation_is_deterministic_and_independent_of_n():

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from transformers import BertTokenizer
 
-from conftest import SHARED
+from conftest import IU_REPORTS_TGZ
 from unimlip_train.config import Config
 from unimlip_train.data.loader import mlm_mask
-from unimlip_train.data.text import augment_report, model_text, clean_text, sections_or_whole, split_sentences
+from unimlip_train.data.text import augment_report, clean_text, model_text, sections_or_whole, split_sentences
 from unimlip_train.data.tokenizer import load_tokenizer
-from unimlip_train.data.transforms import MEAN, STD, EvalTransform, TrainAugment, decode_image, to_tensor
+from unimlip_train.data.transforms import MEAN, STD, EvalTransform, TrainAugment, _decode_jpeg, decode_image, to_tensor
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -33,7 +33,7 @@ def _jpeg(arr: np.ndarray) -> bytes:
 
 
 def _rngs(seed):
-    return np.random.default_rng(seed), random.Random(seed)
+    return (np.random.default_rng(seed),)
 
 
 def _marker_image(size=96) -> np.ndarray:
@@ -87,10 +87,44 @@ def test_jpeg_decoded_at_reduced_scale_and_resized_once():
     colour = np.stack([arr, arr // 2, arr // 3], -1)[:300, :300]
     assert decode_image(_jpeg(colour), in_chans=3, target=128).shape[2] == 3
     assert decode_image(_jpeg(colour), in_chans=1, target=128).ndim == 2
+    for chans, image, target in ((1, arr, 128), (3, colour, 70), (1, colour, 40), (1, arr, 600)):
+        with Image.open(io.BytesIO(_jpeg(image))) as im:  # PIL's reduced-scale decode, the reference
+            im.draft("RGB" if chans == 3 else "L", (target, target))
+            reference = np.asarray(im.convert("RGB" if chans == 3 else "L")).astype(int)
+        fast = _decode_jpeg(_jpeg(image), chans, target).astype(int)  # the OpenCV path decode_image takes
+        assert fast.shape == reference.shape and np.abs(fast - reference).max() <= 1
     bmp = io.BytesIO()
     Image.fromarray(arr[:50, :50]).save(bmp, "BMP")
     with pytest.raises(Exception, match="cannot identify"):  # only JPEG and PNG decoders are ever used
         decode_image(bmp.getvalue(), in_chans=1, target=32)
+
+
+def test_augment_keeps_colour_and_single_channel_axes():
+    cfg = Config().data
+    cfg.image_size = 32
+    cfg.augment.clahe_p = cfg.augment.noise_p = 1.0
+    rgb = np.stack([_marker_image(60)] * 3, axis=-1)
+    assert TrainAugment(cfg)(rgb, *_rngs(0)).shape == (32, 32, 3)
+    assert TrainAugment(cfg)(_marker_image(60)[..., None], *_rngs(0)).shape == (32, 32, 1)
+
+
+def test_crop_geometry_against_a_naive_crop_and_resize():
+    """With the rotation, shift and intensity ops off, a view of a horizontal ramp is a linear ramp over a part
+    of the source no smaller than the smallest crop allows, and every row is the same."""
+    cfg = Config().data
+    cfg.image_size = 40
+    aug = cfg.augment
+    aug.clahe_p = aug.gamma_p = aug.contrast_p = aug.blur_p = aug.noise_p = 0.0
+    aug.rotate_degrees = aug.shift_fraction = 0.0
+    image = np.tile((np.arange(120) * 2).astype(np.uint8), (100, 1))  # value = 2 * x
+    for seed in range(6):
+        out = TrainAugment(cfg)(image, *_rngs(seed)).astype(np.float64)[3:-3, 3:-3]  # scale 0.95 may leave a rim
+        assert np.allclose(out, out[:1], atol=1)  # rows equal: nothing rotated, no vertical mixing
+        steps = np.diff(out[0])
+        assert np.allclose(steps, steps.mean(), atol=1.01)  # linear resize of a linear ramp
+        span = 40 * steps.mean() / 2  # source pixels across the output width
+        smallest = np.sqrt(120 * 100 * aug.min_scale * 3 / 4)  # the narrowest crop the scale and ratio allow
+        assert smallest / 1.05 - 1 <= span <= 120 / 0.95 + 1
 
 
 def test_16bit_png_kept_and_augmented_as_float():
@@ -119,7 +153,7 @@ def test_eval_transform_resize_and_centre_crop():
 
 
 def _iu_report(number: int) -> dict:
-    with tarfile.open(SHARED / "data" / "iu_xray_reports" / "NLMCXR_reports.tgz") as t:
+    with tarfile.open(IU_REPORTS_TGZ) as t:
         root = ET.fromstring(t.extractfile(f"ecgen-radiology/{number}.xml").read())
     return {a.get("Label"): a.text or "" for a in root.iter("AbstractText")}
 
@@ -127,9 +161,12 @@ def _iu_report(number: int) -> dict:
 def test_real_iu_report_sections_and_deid_cleanup():
     parts = _iu_report(2)
     text = "\n".join(f"{label}: {body}" for label, body in parts.items())
-    assert model_text(text) == ("Borderline cardiomegaly. Midline sternotomy. Enlarged pulmonary arteries. "
-                                  "Clear lungs. Inferior. No acute pulmonary findings.")
-    assert model_text(text, ["impression", "findings"]).startswith("No acute pulmonary findings. Borderline")
+    findings = "Borderline cardiomegaly. Midline sternotomy. Enlarged pulmonary arteries. Clear lungs. Inferior."
+    impression = "No acute pulmonary findings."
+    assert model_text(text) == f"{impression} {findings}"  # default: impression first, truncation cuts findings
+    assert model_text(text, "findings+impression", "findings_first") == f"{findings} {impression}"
+    assert model_text(text, ["findings", "impression"]) == f"{findings} {impression}"  # a list keeps its order
+    assert model_text(text, "impression") == impression and model_text(text, "findings") == findings
     one = _iu_report(1)
     assert clean_text(one["IMPRESSION"]) == "Normal chest x-ray."  # real "x-XXXX.": the one unambiguous redaction
     assert clean_text(one["FINDINGS"]).endswith("There are no of a pleural effusion. There is no evidence of "
@@ -140,21 +177,41 @@ def test_section_selection_and_cleanup_rules():
     assert sections_or_whole("no headers here.", ["findings"]) == "no headers here."
     mimic = ("FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n INDICATION:  ___F with cough\n"
              " FINDINGS: \n Lungs are clear.  No effusion.\n \n IMPRESSION: \n No acute process.\n")
-    assert model_text(mimic) == "Lungs are clear. No effusion. No acute process."
+    assert model_text(mimic) == "No acute process. Lungs are clear. No effusion."
     assert model_text("INDICATION: pain.") == "INDICATION: pain."  # nothing wanted: keep the text
     structured = "Findings:\nLungs: clear.\nHeart: normal size.\nImpression: normal."
-    assert model_text(structured) == "Lungs: clear. Heart: normal size. normal."  # sub-headings stay
+    assert model_text(structured) == "normal. Lungs: clear. Heart: normal size."  # sub-headings stay
     assert clean_text("  Heart   size  normal .. Lungs clear ,ok  ") == "Heart size normal. Lungs clear,ok"
     assert clean_text("XXXX. Stable.") == "Stable."
     assert model_text("FINDINGS: Nodule 1.8 cm. IMPRESSION: 1. Enlarged heart. 2. Pacemaker in place.") == \
-        "Nodule 1.8 cm. Enlarged heart. Pacemaker in place."
+        "Enlarged heart. Pacemaker in place. Nodule 1.8 cm."
     # usual names in capitals anywhere (line breaks lost), plural = singular, each section ends a sentence;
     # a usual name in lower case mid-sentence is text, not a header
     flat = ("EXAMINATION: CHEST (PA AND LAT) INDICATION: cough FINDINGS: Clear lungs "
             "IMPRESSIONS: Compared to prior exam: no change")
-    assert model_text(flat) == "Clear lungs. Compared to prior exam: no change."
+    assert model_text(flat) == "Compared to prior exam: no change. Clear lungs."
     assert clean_text("1) ___ lines unchanged. 2) Pacer. Factor XX deficiency.") == \
         "Lines unchanged. Pacer. Factor XX deficiency."  # "XX" is not a de-identification token
+
+
+def test_random_section_is_one_available_section_seeded():
+    text = "FINDINGS: Clear lungs. Normal heart.\nIMPRESSION: No acute process."
+    picks = [model_text(text, "random", rng=random.Random(seed)) for seed in range(200)]
+    assert set(picks) == {"Clear lungs. Normal heart.", "No acute process."}
+    assert 60 < picks.count("No acute process.") < 140  # about half each
+    assert picks == [model_text(text, "random", rng=random.Random(seed)) for seed in range(200)]  # seeded
+    assert {model_text("IMPRESSION: Only this.", "random", rng=random.Random(s)) for s in range(20)} == {"Only this."}
+    assert model_text("A caption without headers.", "random", rng=random.Random(0)) == "A caption without headers."
+    assert model_text(text, "random") == "No acute process. Clear lungs. Normal heart."  # evaluation: no rng
+
+
+def test_truncation_keeps_the_impression_when_it_comes_first(tokenizer):
+    findings = " ".join(["Lungs are clear."] * 12)
+    text = f"FINDINGS: {findings}\nIMPRESSION: Heart."
+    ids = tokenizer(model_text(text), truncation=True, max_length=16)["input_ids"]
+    late = tokenizer(model_text(text, order="findings_first"), truncation=True, max_length=16)["input_ids"]
+    wanted = tokenizer("heart", add_special_tokens=False)["input_ids"]
+    assert set(wanted) <= set(ids) and not set(wanted) <= set(late)
 
 
 def test_text_augmentation():
@@ -217,3 +274,37 @@ def test_mlm_masking_respects_special_tokens(tokenizer):
                                                       torch.tensor(tokenizer.all_special_ids)).any()
     again = mlm_mask(ids[:5], special[:5], draws[:5], 0.3, tokenizer.mask_token_id, random_ids)
     assert torch.equal(again[0], masked[:5]) and torch.equal(again[1], labels[:5])  # per row, not per batch
+
+
+def test_mlm_masking_follows_berts_rule_token_by_token(tokenizer):
+    """Against a plain loop over every token: chosen iff non-special and its draw < p (at least one per row);
+    then [MASK] below 0.8, a random non-special token in [0.8, 0.9), the original token above."""
+    texts = ["lungs are clear . heart no acute process ."] * 300
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt",
+                    return_special_tokens_mask=True)
+    ids, special = enc["input_ids"], enc["special_tokens_mask"]
+    random_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids])
+    draws = torch.rand(len(texts), 3, 16, generator=torch.Generator().manual_seed(0))
+    masked, labels = mlm_mask(ids, special, draws, 0.3, tokenizer.mask_token_id, random_ids)
+    kinds = {"mask": 0, "random": 0, "kept": 0}
+    for r in range(len(texts)):
+        candidates = [c for c in range(16) if special[r, c] == 0]
+        chosen = {c for c in candidates if draws[r, 0, c] < 0.3} or {min(candidates, key=lambda c: draws[r, 0, c])}
+        for c in range(16):
+            if c not in chosen:
+                assert (masked[r, c], labels[r, c]) == (ids[r, c], -100), (r, c)
+                continue
+            assert labels[r, c] == ids[r, c]
+            action = float(draws[r, 1, c])
+            if action < 0.8:
+                expected, kind = tokenizer.mask_token_id, "mask"
+            elif action < 0.9:
+                expected, kind = int(random_ids[min(int(float(draws[r, 2, c]) * len(random_ids)), len(random_ids) - 1)]), "random"
+            else:
+                expected, kind = int(ids[r, c]), "kept"
+            assert masked[r, c] == expected, (r, c, kind)
+            kinds[kind] += 1
+    total = sum(kinds.values())
+    assert abs(kinds["random"] / total - 0.1) < 0.03 and abs(kinds["kept"] / total - 0.1) < 0.03
+    swapped = masked[(labels != -100) & (masked != tokenizer.mask_token_id) & (masked != ids)]
+    assert len(swapped) > 0.07 * total and not torch.isin(swapped, torch.tensor(tokenizer.all_special_ids)).any()

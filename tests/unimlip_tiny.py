@@ -22,7 +22,8 @@ def tiny_tokenizer(folder: Path) -> BertTokenizer:
 
 def tiny_config(dropout: float = 0.0, **weights: float) -> Config:
     """ViT depth 2 / width 64 / patch 8 at 32 px, 1 channel, and a 2-layer width-64 BERT; all terms on
-    unless ``weights`` says otherwise. ``dropout`` sets both the feature dropout and BERT's dropouts."""
+    unless ``weights`` says otherwise. ``dropout`` sets every perturbation: the feature dropout, BERT's
+    dropouts, the ViT's patch dropout and stochastic depth of the feature-level passes."""
     cfg = Config()
     cfg.data.image_size = IMAGE_SIZE
     cfg.data.in_chans = 1
@@ -34,6 +35,7 @@ def tiny_config(dropout: float = 0.0, **weights: float) -> Config:
     cfg.model.embed_dim = 32
     cfg.model.ssl_embed_dim = 32
     cfg.model.feature_dropout = dropout
+    cfg.model.text.dropout = cfg.model.image.token_drop = cfg.model.image.spatial_drop = dropout
     cfg.model.fusion.layers = 1
     cfg.model.fusion.heads = 2
     for name, weight in weights.items():
@@ -41,8 +43,9 @@ def tiny_config(dropout: float = 0.0, **weights: float) -> Config:
     return cfg
 
 
-def random_batch(n: int, length: int, generator: torch.Generator) -> dict:
-    """A full training batch (every key any term needs) of random images and token ids."""
+def random_batch(n: int, length: int, generator: torch.Generator, reports: int = 0, groups: int = 0) -> dict:
+    """A full training batch (every key any term needs) of random images and token ids. Identities: every
+    sample its own report and group, or ``reports`` / ``groups`` distinct ids drawn at random (duplicates)."""
     ids = torch.randint(len(SPECIAL), len(SPECIAL) + NUM_WORDS, (n, length), generator=generator)
     ids[:, 0], ids[:, -1] = 2, 3
     mask = torch.ones(n, length, dtype=torch.long)
@@ -63,4 +66,6 @@ def random_batch(n: int, length: int, generator: torch.Generator) -> dict:
         "text_view2_mask": mask.clone(),
         "mlm_input_ids": torch.where(masked, torch.full_like(ids, 4), ids),
         "mlm_labels": labels,
+        "report_id": torch.randint(reports, (n,), generator=generator) if reports else torch.arange(n),
+        "group_id": torch.randint(groups, (n,), generator=generator) if groups else torch.arange(n) + 1000,
     }

@@ -56,7 +56,8 @@ class AugmentConfig:
 class TextConfig:
     """Report handling before tokenization, and the light text augmentation for the second view."""
 
-    sections: list = field(default_factory=lambda: ["findings", "impression"])
+    # findings+impression | impression | findings | random, or a list of section names (read in its own order)
+    sections: Union[str, list] = "findings+impression"
     order: str = "impression_first"  # impression_first | findings_first: truncation drops findings first
     max_length: int = 64
     sentence_shuffle_p: float = 0.5
@@ -77,18 +78,25 @@ class DataConfig:
     mlm_probability: float = 0.15
     view: str = "random"  # random | frontal | pair: which image of a multi-view (study) sample
     max_skip_fraction: float = 0.01  # corrupt samples skipped / samples read, above which training stops
+    # Per-channel normalisation. Empty: CLIP's constants for a random-init image tower; with
+    # model.image.pretrained, the timm pretrained config of those weights (filled in when the config loads).
+    mean: list = field(default_factory=list)
+    std: list = field(default_factory=list)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
 
 @dataclass
 class ImageTowerConfig:
-    """A timm model by name; ``pretrained`` is a local weights file/folder (never a hub download)."""
+    """A timm model by name (a tag such as ``vit_base_patch16_224.augreg2_in21k_ft_in1k`` picks its weights);
+    ``pretrained``: '' (random init), ``hub`` (timm's weights of that tag, from the hub or the Hugging Face
+    cache) or a local weights file / folder."""
 
     name: str = "vit_tiny_patch16_224"
     pretrained: str = ""
     kwargs: dict = field(default_factory=dict)
     token_drop: float = 0.5  # FLIP patch dropout of the feature-level image pass (loss.feature_perturbation=encoder)
+    spatial_drop: float = 0.1  # the same pass's spatial dropout of CNN stage outputs (towers without patch tokens)
     lock: bool = False  # LiT: freeze the tower (eval mode, no optimizer state)
     lock_unlocked_groups: int = 0  # with lock: the last N blocks stay trainable
 
@@ -200,6 +208,10 @@ class EvalConfig:
     label_key: str = "labels"
     prompts: str = ""  # prompt YAML for zero-shot; empty: the packaged chest X-ray set
     multi_label: bool = False
+
+
+#: ``monitor.wandb`` keys, passed to ``wandb.init`` (the run id, resume mode and folder come from the run dir).
+WANDB_SETTINGS = ("project", "entity", "name", "group", "tags", "notes", "mode", "job_type")
 
 
 @dataclass
@@ -393,6 +405,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
         _record_origins(value, key, origins, "command line")
     cfg = _build(Config, data, "", origins, path or "defaults")
     validate(cfg, origins)
+    _resolve_pretrained(cfg, origins)
     return cfg
 
 
@@ -417,6 +430,10 @@ def validate(cfg: Config, origins: dict) -> None:
         "train.optimizer": ("adamw", "fused_adam", "cpu_adam"),
         "deepspeed.precision": ("fp32", "bf16", "fp16"),
         "deepspeed.backend": ("", "gloo", "nccl"),
+        "loss.positives": ("report", "report+group", "none"),
+        "loss.feature_perturbation": ("encoder", "pooled_dropout"),
+        "loss.itc.kind": ("infonce", "sigmoid"),
+        "train.negatives": ("accumulated", "micro"),
     }
     for key, allowed in choices.items():
         value = _get_dotted(cfg, key)
@@ -428,6 +445,7 @@ def validate(cfg: Config, origins: dict) -> None:
                 "train.max_nonfinite_in_row", "data.image_size", "model.embed_dim", "data.text.max_length"):
         if _get_dotted(cfg, key) <= 0:
             _fail(origins, key, "must be positive")
+    _validate_data_choices(cfg.data, origins)
     if cfg.data.in_chans not in (1, 3):
         _fail(origins, "data.in_chans", f"must be 1 or 3, got {cfg.data.in_chans}")
     if not 0.0 < cfg.data.augment.min_scale <= cfg.data.augment.max_scale <= 1.0:
@@ -436,6 +454,8 @@ def validate(cfg: Config, origins: dict) -> None:
         _fail(origins, "train.min_lr_ratio", "must be in [0, 1]")
     if not 0.0 <= cfg.data.mlm_probability < 1.0:
         _fail(origins, "data.mlm_probability", "must be in [0, 1)")
+    _check_ranges(cfg, origins)
+    _check_image_model(cfg.model.image.name, origins)
     enabled = cfg.loss.enabled()
     if not enabled:
         _fail(origins, "loss", "every loss term has weight 0: nothing to train")
@@ -448,8 +468,167 @@ def validate(cfg: Config, origins: dict) -> None:
     if cfg.deepspeed.zero_stage == 3 and cfg.train.compile:
         _fail(origins, "train.compile", "torch.compile of the towers is not supported together with ZeRO-3",
               "deepspeed.zero_stage")
+    _validate_objective(cfg, origins)
     if cfg.data.resampled and not cfg.data.samples_per_epoch and not _is_index_source(cfg.data.train):
         _fail(origins, "data.samples_per_epoch", "resampled streaming needs samples_per_epoch or an index.json")
+    for key in sorted(set(cfg.monitor.wandb) - set(WANDB_SETTINGS)):
+        _fail(origins, f"monitor.wandb.{key}", f"unknown Weights & Biases setting (known: {', '.join(WANDB_SETTINGS)})")
+    _validate_transfer(cfg, origins)
+
+
+def _validate_transfer(cfg: Config, origins: dict) -> None:
+    """Locking, layer decay and normalisation keys (LiT / open_clip semantics)."""
+    for tower in ("image", "text"):
+        key = f"model.{tower}.lock_unlocked_groups"
+        groups = _get_dotted(cfg, key)
+        if groups < 0:
+            _fail(origins, key, f"must be >= 0, got {groups}")
+        if groups and not _get_dotted(cfg, f"model.{tower}.lock"):
+            _fail(origins, key, "only applies to a locked tower", f"model.{tower}.lock")
+    if not 0.0 < cfg.train.layer_decay <= 1.0:
+        _fail(origins, "train.layer_decay", f"must be in (0, 1] (1: off), got {cfg.train.layer_decay}")
+    d = cfg.data
+    if bool(d.mean) != bool(d.std):
+        _fail(origins, "data.mean", "data.mean and data.std are set together", "data.std")
+    for key, values in (("data.mean", d.mean), ("data.std", d.std)):
+        if values and (len(values) != d.in_chans or not all(isinstance(v, (int, float)) for v in values)):
+            _fail(origins, key, f"needs {d.in_chans} numbers (data.in_chans), got {values!r}")
+    if d.std and min(d.std) <= 0:
+        _fail(origins, "data.std", f"must be positive, got {d.std}")
+
+
+def _resolve_pretrained(cfg: Config, origins: dict) -> None:
+    """A pretrained image tower brings its normalisation and input size (timm's pretrained config of its weights):
+    they fill ``data.mean`` / ``data.std`` when empty and ``data.image_size`` when no file or override sets it, so
+    config.yaml records what training used and evaluation reuses it. A missing local weights file fails here,
+    before any process starts."""
+    icfg, d = cfg.model.image, cfg.data
+    size_set = dict.__contains__(origins, "data.image_size")
+    if not icfg.pretrained or (d.mean and size_set):
+        return
+    from unimlip_train.models.pretrained import image_input_config
+
+    try:
+        mean, std, size = image_input_config(icfg.name, icfg.pretrained, d.in_chans)
+    except (OSError, ValueError) as e:  # the message names the key and what to download
+        raise ConfigError(f"{origins.get('model.image.pretrained', 'defaults')}: {e}") from None
+    if not d.mean:
+        d.mean, d.std = mean, std
+    if not size_set:
+        d.image_size = size
+
+
+# Numeric keys with a range: (low, high, low inclusive, high inclusive); None = unbounded on that side.
+_RANGES = {
+    "train.lr": (0.0, None, False, True),
+    "train.lr_image": (0.0, None, True, True),  # 0: use train.lr (likewise for the three below)
+    "train.lr_text": (0.0, None, True, True),
+    "train.lr_head": (0.0, None, True, True),
+    "train.lr_temperature": (0.0, None, True, True),
+    "train.weight_decay": (0.0, None, True, True),
+    "train.layer_decay": (0.0, 1.0, False, True),
+    "train.warmup_steps": (0, None, True, True),
+    "train.clip_grad": (0.0, None, True, True),
+    "train.checkpoint_every": (0, None, True, True),
+    "train.checkpoint_minutes": (0.0, None, True, True),
+    "train.image_every": (0, None, True, True),
+    "train.keep_checkpoints": (0, None, True, True),
+    "train.eval_every": (0, None, True, True),
+    "data.num_workers": (0, None, True, True),
+    "data.shuffle_buffer": (0, None, True, True),
+    "data.samples_per_epoch": (0, None, True, True),
+    "data.max_skip_fraction": (0.0, 1.0, True, True),
+    "model.init_temperature": (0.0, None, False, True),
+}
+
+
+def _check_ranges(cfg: Config, origins: dict) -> None:
+    for key, (low, high, low_incl, high_incl) in _RANGES.items():
+        value = _get_dotted(cfg, key)
+        too_low = low is not None and (value < low if low_incl else value <= low)
+        too_high = high is not None and (value > high if high_incl else value >= high)
+        if too_low or too_high:
+            lo = "-inf" if low is None else f"{'[' if low_incl else '('}{low}"
+            hi = "inf)" if high is None else f"{high}{']' if high_incl else ')'}"
+            _fail(origins, key, f"must be in {lo}, {hi}, got {value}")
+    betas = cfg.train.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0
+                                  for b in betas):
+        _fail(origins, "train.betas", f"must be two numbers in [0, 1), got {betas!r}")
+
+
+def _check_image_model(name: str, origins: dict) -> None:
+    """The timm registry answers without building anything; hub / local-dir names are checked when built."""
+    import timm
+    from timm.models import parse_model_name
+
+    try:
+        source, model_id = parse_model_name(name)
+    except ValueError as e:
+        _fail(origins, "model.image.name", str(e))
+    if source == "local-dir" and not os.path.isdir(model_id):
+        _fail(origins, "model.image.name", f"no folder {model_id}")
+    if source is None and not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        _fail(origins, "model.image.name", f"{name!r} is not a timm model{hint}")
+
+
+_FEATURE_TERMS = ("itc_feature", "image_feature", "text_feature")
+_CONTRASTIVE_TERMS = ("itc", "itc_feature", "image_ssl", "image_feature", "text_ssl", "text_feature")
+
+
+def launch_world_size() -> int:
+    """Processes of this launch as the launcher announces them (torchrun / deepspeed / srun), else 1."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def _validate_objective(cfg: Config, origins: dict) -> None:
+    """Objective combinations that would train nothing, or silently something else."""
+    loss, model = cfg.loss, cfg.model
+    enabled = loss.enabled()
+    for f in dataclasses.fields(loss):
+        term = getattr(loss, f.name)
+        if isinstance(term, TermConfig) and f.name != "itc" and term.kind != "infonce":
+            _fail(origins, f"loss.{f.name}.kind", "only loss.itc.kind chooses the image-text loss "
+                                                  "(itc_feature follows it)")
+    for key in ("model.image.token_drop", "model.image.spatial_drop", "model.text.dropout", "model.feature_dropout"):
+        if not 0.0 <= _get_dotted(cfg, key) < 1.0:
+            _fail(origins, key, "must be in [0, 1)")
+    on = [t for t in _FEATURE_TERMS if t in enabled]
+    if on and loss.feature_perturbation == "pooled_dropout" and model.feature_dropout == 0:
+        _fail(origins, f"loss.{on[0]}.weight", "a feature-level term is on but its perturbation is off",
+              "model.feature_dropout", "loss.feature_perturbation")
+    if on and loss.feature_perturbation == "encoder":
+        text_dropout = model.text.config.get("hidden_dropout_prob", model.text.dropout)
+        if {"itc_feature", "text_feature"} & set(on) and text_dropout == 0:
+            _fail(origins, f"loss.{on[0]}.weight", "a text feature-level term is on but the text encoder has "
+                  "no dropout", "model.text.dropout")
+        if {"itc_feature", "image_feature"} & set(on) and model.image.token_drop == 0 and model.image.spatial_drop == 0:
+            _fail(origins, f"loss.{on[0]}.weight", "an image feature-level term is on but the image tower has "
+                  "no perturbation", "model.image.token_drop", "model.image.spatial_drop")
+    contrastive = [t for t in _CONTRASTIVE_TERMS if t in enabled]
+    per_rank = cfg.train.micro_batch_size * (cfg.train.grad_accum if cfg.train.negatives == "accumulated" else 1)
+    if contrastive and per_rank * launch_world_size() < 2:
+        _fail(origins, f"loss.{contrastive[0]}.weight", f"contrastive terms need a global batch of at least 2 "
+              f"(micro batch x ranks{' x grad_accum' if cfg.train.negatives == 'accumulated' else ''} = "
+              f"{per_rank * launch_world_size()}): no negatives", "train.micro_batch_size", "train.grad_accum")
+
+
+def _validate_data_choices(data: DataConfig, origins: dict) -> None:
+    """The data keys with fixed choices (names as ``unimlip_train.data.text`` and the loader read them)."""
+    sections = data.text.sections
+    if isinstance(sections, str) and sections not in ("findings+impression", "impression", "findings", "random"):
+        _fail(origins, "data.text.sections", "must be findings+impression, impression, findings or random "
+              f"(or a list of section names), got {sections!r}")
+    if isinstance(sections, list) and (not sections or not all(isinstance(x, str) and x for x in sections)):
+        _fail(origins, "data.text.sections", f"a list must hold section names, got {sections!r}")
+    if data.text.order not in ("impression_first", "findings_first"):
+        _fail(origins, "data.text.order", f"must be impression_first or findings_first, got {data.text.order!r}")
+    if data.view not in ("random", "frontal", "pair"):
+        _fail(origins, "data.view", f"must be random, frontal or pair, got {data.view!r}")
 
 
 def _is_index_source(train: Any) -> bool:
@@ -460,6 +639,22 @@ def _get_dotted(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _flatten(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def config_diff(old: dict, new: dict) -> dict:
+    """Dotted keys whose values differ between two config mappings (e.g. two ``Config.to_dict()``), sorted:
+    ``{key: (old value, new value)}``; a key missing on one side has the value None there."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
 def dump_yaml(cfg: Config) -> str:

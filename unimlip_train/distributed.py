@@ -6,9 +6,12 @@ one-process group on a free local port, so the same code path (DeepSpeed needs a
 """
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import re
 import socket
+import threading
 
 import torch
 import torch.distributed as dist
@@ -55,6 +58,54 @@ def _export_env() -> None:
         env["MASTER_PORT"] = str(_free_port())
 
 
+def quiet_cpu_run() -> None:
+    """Without a GPU, tell DeepSpeed it runs on the CPU (instead of its "unable to detect" warning at import)
+    and silence torch's "No CUDA runtime is found" note from its extension builder. Effective only before
+    ``deepspeed`` is imported."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def _announce_op_build(local_rank: int) -> threading.Event:
+    """On the CPU accelerator DeepSpeed JIT-compiles a C++ op when the process group starts: 60-90 s of
+    silence the first time (or after the venv or the ninja on PATH changed), cached afterwards. Whether it
+    will rebuild cannot be told beforehand, so a watcher says so (once per node) while torch's build lock is
+    held (torch holds it with flock while it compiles). Set the returned event when the process group is up."""
+    done = threading.Event()
+    from deepspeed.accelerator import get_accelerator
+
+    if local_rank != 0 or get_accelerator().device_name() != "cpu":
+        return done
+    import deepspeed.ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return done
+    folder = _get_build_directory(builder.NAME, verbose=False)
+
+    def compiling() -> bool:
+        try:
+            with open(os.path.join(folder, "lock"), "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when closed
+        except BlockingIOError:
+            return True
+        except OSError:  # no folder yet, or no flock on this file system
+            pass
+        return False
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            if compiling():
+                print(f"DeepSpeed is compiling its CPU communication op ({builder.NAME}) in {folder}: about 60-90 s, "
+                      "once (again only after the venv or the ninja on PATH changes)", flush=True)
+                return
+
+    threading.Thread(target=watch, name="op-build-note", daemon=True).start()
+    return done
+
+
 def init_distributed(backend: str = "") -> tuple[int, int, int]:
     """Start (once) the process group; returns ``(rank, world_size, local_rank)``.
 
@@ -66,10 +117,15 @@ def init_distributed(backend: str = "") -> tuple[int, int, int]:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
+        quiet_cpu_run()
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   rank=rank, world_size=world)
+        building = _announce_op_build(local_rank)
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                       rank=rank, world_size=world)
+        finally:
+            building.set()
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
@@ -91,11 +147,46 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_max(value: float) -> float:
-    """Max of a scalar over all ranks: every rank gets the same answer (used for stop / finiteness agreement)."""
+def env_rank() -> int:
+    """This process's global rank from the launcher's environment, before any process group exists."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+
+
+def all_gather_object(obj):
+    """Every rank's ``obj`` (small, picklable: our own counters, never shard content), in rank order, through
+    the CPU control group."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return float(value)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=control_group())
+    return out
+
+
+def all_reduce_max(value: float) -> float:
+    """Max of a host scalar over all ranks, through the CPU control group (no GPU synchronisation): every
+    rank gets the same answer (stop agreement, padding lengths)."""
+    return all_reduce_max_many([value])[0]
+
+
+_CONTROL_GROUP = None
+
+
+def control_group():
+    """A gloo group over the same ranks for small host-side agreements (stop flags, padding lengths): on a
+    CUDA run these then never wait for the GPU's queue. The default group when that is already gloo.
+    Created on first use, which every rank reaches at the same point of the loop."""
+    global _CONTROL_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _CONTROL_GROUP is None:
+        _CONTROL_GROUP = dist.new_group(backend="gloo")
+    return _CONTROL_GROUP
+
+
+def all_reduce_max_many(values: list[float]) -> list[float]:
+    """``all_reduce_max`` of several host scalars in one collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
+    return t.tolist()

@@ -60,7 +60,7 @@ def iter_rows(args: argparse.Namespace) -> Iterator[Row]:
             without_images += 1
             continue
         sections = {(el.get("Label") or "").lower(): el.text or "" for el in root.iter("AbstractText")}
-        text = select_sections(sections, args.sections, args.deid_placeholder)
+        text = select_sections(sections, args.sections, args.deid_placeholder, headed=True)
         mesh = [el.text.strip() for el in root.iter("major") if el.text and el.text.strip()]
         labels = list(dict.fromkeys(tag.split("/")[0].strip() for tag in mesh))
         report_id = _report_id(name)

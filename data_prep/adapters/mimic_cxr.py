@@ -1,7 +1,9 @@
 """MIMIC-CXR style: ``files/pXX/pSUBJECT/sSTUDY/*.dcm`` (or ``.jpg``/``.png``, as in MIMIC-CXR-JPG) with the
 study's free-text report beside the folder as ``files/pXX/pSUBJECT/sSTUDY.txt``.
 
-One row per image. group = the subject id ("p10000032"), so every study of a patient lands in one split.
+One row per image, or with ``--group-views study`` one row per study holding its images (at most ``--max-views``,
+frontal PA/AP first by the metadata CSV, then by dicom_id; a view position the CSV lacks is read from the DICOM
+header). group = the subject id ("p10000032"), so every study of a patient lands in one split.
 - text: the ``--sections`` parsed from the report's ``HEADER:`` lines, by the rules in ``data_prep.report_text``
   (default FINDINGS then IMPRESSION; "FINDINGS AND IMPRESSION" counts for both); when the report has none of them, the whole report
   (metadata ``text_from`` says which). ``___`` de-identification gaps are cleaned as in ``data_prep.report_text``.
@@ -22,7 +24,7 @@ import sys
 from collections.abc import Iterator
 
 from data_prep.report_text import clean_report, parse_sections, select_sections, split_sections
-from data_prep.rows import InputError, Row
+from data_prep.rows import InputError, Row, View, study_order
 
 _PREFERENCE = {".dcm": 0, ".png": 1, ".jpg": 2, ".jpeg": 2}  # lower is preferred for one dicom_id
 
@@ -39,12 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="report sections that make the text, in order (default: findings,impression)")
     parser.add_argument("--deid-placeholder", default="",
                         help="text put where ___ de-identification gaps were (default: remove them)")
+    parser.add_argument("--group-views", choices=("none", "study"), default="none",
+                        help="study: one sample per study with all its images and one report (default none)")
+    parser.add_argument("--max-views", type=int, default=4, metavar="N",
+                        help="with --group-views study: at most N images per study, frontal first (default 4)")
 
 
 def iter_rows(args: argparse.Namespace) -> Iterator[Row]:
     """Yield one row per study image, subjects and studies in sorted order."""
     if not os.path.isdir(args.root):
         raise InputError(f"{args.root}: no such dataset folder")
+    if args.max_views < 1:
+        raise InputError(f"--max-views {args.max_views}: must be >= 1")
     views = _read_views(args.metadata) if args.metadata else {}
     labels = _read_labels(args.labels) if args.labels else {}
     files = os.path.join(args.root, "files")
@@ -62,16 +70,25 @@ def iter_rows(args: argparse.Namespace) -> Iterator[Row]:
         else:
             without_report += 1
             text, text_from, report = "", "", ""
+        images += len(pictures)
+        common = {"source": "mimic-cxr", "subject_id": subject, "study_id": study, "orig_report": report,
+                  "text_from": text_from}
+        if args.group_views == "study":
+            ordered = study_order([View(path, views.get(dicom_id, ""), dicom_id) for dicom_id, path in pictures])
+            kept = ordered[:args.max_views]
+            yield Row(id=f"{subject}_{study}", image=kept[0].path, text=text, group=subject,
+                      labels=labels.get(study.lstrip("s"), []), views=kept,
+                      metadata={**common, "view": kept[0].position, "dicom_id": kept[0].name,
+                                "views_in_study": len(ordered), "views_kept": len(kept)})
+            continue
         for dicom_id, path in pictures:
-            images += 1
             yield Row(
                 id=f"{subject}_{study}_{dicom_id}",
                 image=path,
                 text=text,
                 group=subject,
                 labels=labels.get(study.lstrip("s"), []),
-                metadata={"source": "mimic-cxr", "view": views.get(dicom_id, ""), "subject_id": subject,
-                          "study_id": study, "dicom_id": dicom_id, "orig_report": report, "text_from": text_from},
+                metadata={**common, "view": views.get(dicom_id, ""), "dicom_id": dicom_id},
             )
     if not studies:
         raise InputError(f"{args.root}: no studies found (expected files/pXX/pSUBJECT/sSTUDY/ folders)")
@@ -109,7 +126,7 @@ def _report_text(path: str, wanted: list[str], placeholder: str) -> tuple[str, s
     """The selected sections of the report, or the whole report when it has none of them."""
     with open(path, encoding="utf-8", errors="replace") as handle:
         raw = handle.read()
-    text = select_sections(split_sections(raw), wanted, placeholder)
+    text = select_sections(split_sections(raw), wanted, placeholder, headed=True)
     return (text, "sections") if text else (clean_report(raw, placeholder), "whole_report")
 
 

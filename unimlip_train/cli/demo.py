@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from unimlip_train.cli.args import parse_with_overrides
+
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
 
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=2000, help="synthetic image-report pairs (default 2000)")
     p.add_argument("--config", default=str(CONFIG), help=f"base config (default {CONFIG})")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="extra config overrides")
-    args = p.parse_args(argv)
+    args = parse_with_overrides(p, argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from unimlip_train.config import ConfigError, load_config
 

@@ -1,30 +1,38 @@
 """``unimlip-train``: train from a YAML config, on one process or under torchrun / deepspeed / srun.
 
-Exit codes: 0 finished or preempted (a checkpoint was written; rerun the same command to resume),
-1 training error (e.g. too many non-finite losses), 2 configuration error (before any process group).
+Exit codes: 0 finished, or stopped by the scheduler (SIGUSR2 / SIGTERM) after a checkpoint: rerun the same
+command to resume; 1 training error (too many non-finite losses, too many corrupt samples, a checkpoint that
+cannot be written or read, ...); 2 configuration error (before any process group); 3 the run dir is in use by another job;
+130 interrupted by Ctrl-C after a checkpoint (a second Ctrl-C aborts at once, without one).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 
+from unimlip_train.cli.args import parse_with_overrides
 from unimlip_train.config import ConfigError, dump_yaml, load_config
 from unimlip_train.engine.preemption import PreemptionFlag
+from unimlip_train.engine.run_lock import RunDirInUse, RunLock, check_free
+
+EXIT_IN_USE = 3
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="unimlip-train",
         description="Train Uni-Mlip (CLIP + unified self-supervision) with DeepSpeed. Start it alone for one "
-                    "process, or under `torchrun --nproc_per_node N`, `deepspeed`, or `srun` for several.",
+                    "process, or under `torchrun --nproc_per_node N`, `deepspeed`, or `srun` for several. "
+                    "Overrides (key.sub=value) may stand anywhere on the line. One job per run dir: a second "
+                    "one exits with status 3. Ctrl-C checkpoints and exits (130); a second Ctrl-C aborts.",
         epilog="example: torchrun --standalone --nproc_per_node 2 -m unimlip_train.cli.train "
                "--config configs/tiny_cpu.yaml train.steps=100 loss.mlm.weight=0")
     p.add_argument("--config", required=True, metavar="FILE", help="YAML config (may 'extends:' another)")
     p.add_argument("--run-dir", metavar="DIR", help="output directory (default: run_dir from the config)")
     p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
-                   help="auto: newest complete checkpoint in the run dir if any (default); none: start fresh; "
+                   help="auto: newest intact checkpoint in the run dir if any (default); none: start fresh; "
                         "PATH: a run dir, its checkpoints dir, or one step_NNNNNNN checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     # The `deepspeed` launcher appends --local_rank=N; the rank itself is read from the environment.
@@ -35,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -46,26 +54,55 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_yaml(cfg), end="")
         return 0
 
-    stop = PreemptionFlag()  # sbatch --signal USR2@N, preemption: checkpoint on all ranks, then exit
-    stop.install(signal.SIGUSR2, signal.SIGTERM)
+    from unimlip_train import distributed as du
+    from unimlip_train.engine import checkpoint as ck
+
+    main_rank = du.env_rank() == 0
+    try:
+        check_free(cfg.run_dir)  # every rank, before the rendezvous: a refused launch never waits in one
+        if args.resume not in ("auto", "none"):
+            ck.resolve_checkpoint(args.resume)  # a damaged or missing checkpoint: one line, before any start
+    except RunDirInUse as e:
+        if main_rank:
+            print(f"unimlip-train: {e}", file=sys.stderr, flush=True)
+        return EXIT_IN_USE
+    except ValueError as e:
+        if main_rank:
+            print(f"unimlip-train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+    stop = PreemptionFlag()  # sbatch --signal USR2@N, preemption, Ctrl-C: checkpoint on all ranks, then exit
+    stop.install(signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
     import torch.distributed as dist
 
-    from unimlip_train.engine.trainer import NonFiniteLossError, train
+    from unimlip_train.engine.monitor import MissingPackageError
+    from unimlip_train.engine.trainer import CorruptDataError, NonFiniteLossError, train  # imports DeepSpeed
 
     try:
-        result = train(cfg, cfg.run_dir, resume=args.resume, stop_requested=stop)
-    except NonFiniteLossError as e:
-        print(f"unimlip-train: {e}", file=sys.stderr, flush=True)
+        du.init_distributed(cfg.deepspeed.backend)
+        with RunLock.acquire(cfg.run_dir):
+            result = train(cfg, cfg.run_dir, resume=args.resume, stop_requested=stop)
+    except RunDirInUse as e:
+        if main_rank:
+            print(f"unimlip-train: {e}", file=sys.stderr, flush=True)
+        return EXIT_IN_USE
+    except (NonFiniteLossError, CorruptDataError, MissingPackageError) as e:  # raised on every rank alike
+        if main_rank:
+            print(f"unimlip-train: {e}", file=sys.stderr, flush=True)
         return 1
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ck.CheckpointWriteError) as e:  # the message names the file
         print(f"unimlip-train: error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
+    interrupted = result.status == "preempted" and stop.interrupted
+    if main_rank and interrupted:
+        print(f"unimlip-train: interrupted at step {result.step}, rerun to resume (run dir {cfg.run_dir})",
+              flush=True)
+    elif main_rank:
         print(f"unimlip-train: {result.status} at step {result.step}; run dir {cfg.run_dir}", flush=True)
-    return 0
+    return EXIT_INTERRUPTED if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -5,13 +5,20 @@ findings and impression describe the image; de-identification leaves tokens such
 or ``___`` (MIMIC-CXR) that carry no meaning and would otherwise dominate the vocabulary. Section splitting
 and de-identification clean-up are the shard adapters' (``data_prep.report_text``, whose docstring states
 the rules), so a report reads the same whether it was sharded by us or arrives whole; added here is what
-only training wants: list numbers dropped, sentence splitting and augmentation.
+only training wants: the section choice and order, list numbers dropped, sentence splitting and augmentation.
+
+Section choice (``data.text.sections`` / ``data.text.order``, the same for training and evaluation):
+``findings+impression`` (default), ``impression`` or ``findings``, ordered ``impression_first`` (default, so that
+truncation at ``max_length`` drops findings before the impression) or ``findings_first``; ``random`` takes one
+of the report's findings / impression sections per sample and epoch (seeded by the loader; evaluation, which
+must be deterministic, reads ``random`` as ``findings+impression``). A list of section names is taken as
+given, in its own order. A report with none of the wanted sections (a caption) is used whole.
 """
 from __future__ import annotations
 
 import random
 import re
-from typing import Sequence
+from typing import Optional, Sequence, Union
 
 from data_prep.report_text import clean_report as _clean_deid
 from data_prep.report_text import join_sentences, section_texts, split_sections
@@ -31,9 +38,33 @@ def clean_text(text: str) -> str:
     return _clean_deid(_ENUMERATOR.sub("", " ".join(text.split())))
 
 
-def model_text(text: str, sections: Sequence[str] = ("findings", "impression")) -> str:
-    """Report text as the model sees it: selected sections, cleaned."""
-    return clean_text(sections_or_whole(text, sections))
+SECTION_CHOICES = ("findings+impression", "impression", "findings", "random")
+ORDERS = ("impression_first", "findings_first")
+_RANDOM_FROM = ("findings", "impression")
+
+
+def wanted_sections(sections: Union[str, Sequence[str]], order: str) -> Optional[list]:
+    """Section names in the order the model reads them; None for ``random`` (chosen per sample)."""
+    if not isinstance(sections, str):
+        return list(sections)
+    if sections == "random":
+        return None
+    first = "impression" if order == "impression_first" else "findings"
+    return sorted(sections.split("+"), key=lambda name: name != first)
+
+
+def model_text(text: str, sections: Union[str, Sequence[str]] = "findings+impression",
+               order: str = "impression_first", rng: Optional[random.Random] = None) -> str:
+    """Report text as the model sees it: the chosen sections in order, cleaned (see the module doc).
+
+    ``rng`` draws the section for ``random``; without one (evaluation) ``random`` means findings+impression.
+    """
+    wanted = wanted_sections(sections, order)
+    if wanted is None:
+        parts = split_sections(text)
+        present = [name for name in _RANDOM_FROM if section_texts(parts, [name])]
+        wanted = [rng.choice(present)] if rng is not None and present else wanted_sections(SECTION_CHOICES[0], order)
+    return clean_text(sections_or_whole(text, wanted))
 
 
 def split_sentences(text: str) -> list:

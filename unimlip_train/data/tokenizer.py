@@ -19,7 +19,8 @@ def load_tokenizer(name_or_path: str = "") -> PreTrainedTokenizerBase:
     target = str(DEFAULT_TOKENIZER_DIR) if not name_or_path else os.path.expanduser(name_or_path)
     if not name_or_path and not DEFAULT_TOKENIZER_DIR.is_dir():
         raise FileNotFoundError(f"packaged default tokenizer missing: {DEFAULT_TOKENIZER_DIR} (reinstall the package)")
-    looks_local = os.path.sep in target or target.startswith(".") or os.path.exists(target)
+    # hub ids contain a slash too ("org/model"): only an explicit path or an existing folder counts as local
+    looks_local = target.startswith((".", os.path.sep)) or os.path.exists(target)
     if looks_local and not os.path.isdir(target):
         raise FileNotFoundError(f"tokenizer folder not found: {target}")
     try:

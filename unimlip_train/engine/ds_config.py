@@ -20,7 +20,7 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     if ds.zero_stage == 3:
         # Export consolidates from the fp32 partitions (zero_to_fp32), so skip the 16-bit gather on save.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
@@ -34,3 +34,10 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if ds.precision == "bf16":
+        # Reduce and accumulate gradients in fp32: DeepSpeed 0.19 otherwise does both in bf16 (8-bit mantissa).
+        # (ZeRO 1-3 only: DeepSpeed 0.19 refuses fp32 accumulation of bf16 gradients without ZeRO.)
+        config["communication_data_type"] = "fp32"
+        if ds.zero_stage >= 1:
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config

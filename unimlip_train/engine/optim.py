@@ -1,12 +1,17 @@
 """Optimizer and learning-rate schedule: per-tower parameter groups, AdamW, warm-up + cosine by step.
 
 The towers are often pre-trained and want a smaller learning rate than the fresh heads, and the temperature
-is a single scalar that must not be decayed; hence four groups (each split into decay / no-decay).
+is a single scalar that must not be decayed; hence four groups (each split into decay / no-decay). With
+``train.layer_decay`` < 1 the tower groups are split further by depth (BEiT / MAE layer-wise decay): a
+parameter in layer group ``l`` of a tower whose top group is ``L`` gets ``layer_decay ** (L + 1 - l)`` times its
+tower's lr, so the top block trains at ``layer_decay`` times it and the heads above the towers at the full lr.
+Locked (frozen) parameters are in no group, so the optimizer keeps no state for them.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -32,27 +37,42 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim < 2 or "logit_scale" in name
 
 
+def layer_scales(towers: Iterable[nn.Module], layer_decay: float) -> dict[int, float]:
+    """Parameter id -> lr multiplier ``layer_decay ** (top + 1 - layer)`` within each tower (empty at 1: off)."""
+    if layer_decay == 1.0:
+        return {}
+    scales: dict[int, float] = {}
+    for tower in towers:
+        ids = tower.layer_ids()
+        top = max(ids.values())
+        for name, p in tower.named_parameters():
+            scales[id(p)] = layer_decay ** (top + 1 - ids[name])
+    return scales
+
+
 def param_groups(module: nn.Module, model: nn.Module, cfg: Config) -> list[dict]:
     """Parameter groups over ``module`` (e.g. the TrainStep wrapping ``model``); params outside the towers
-    and the temperature are heads. Empty groups are dropped (ZeRO rejects them)."""
+    and the temperature are heads. Frozen parameters and empty groups are left out (ZeRO rejects empty ones).
+    Within a name, groups run from the top layer down, so the first one carries the tower's own lr."""
     t = cfg.train
     lrs = {"image": t.lr_image or t.lr, "text": t.lr_text or t.lr, "head": t.lr_head or t.lr,
            "temperature": t.lr_temperature or t.lr}
     owner = _group_of(model)
-    buckets: dict[tuple[str, bool], list] = {}
+    scales = layer_scales((model.image_tower, model.text_tower), t.layer_decay)
+    buckets: dict[tuple[str, bool, float], list] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         group = owner.get(id(p), "head")
         decay = group != "temperature" and not _no_decay(name, p)
-        buckets.setdefault((group, decay), []).append(p)
+        buckets.setdefault((group, decay, scales.get(id(p), 1.0)), []).append(p)
     groups = []
     for group in GROUPS:
         for decay in (True, False):
-            params = buckets.get((group, decay))
-            if params:
-                groups.append({"params": params, "name": group if decay else f"{group}_no_decay",
-                               "lr": lrs[group], "weight_decay": t.weight_decay if decay else 0.0})
+            for scale in sorted({s for g, d, s in buckets if (g, d) == (group, decay)}, reverse=True):
+                groups.append({"params": buckets[group, decay, scale], "name": group if decay else f"{group}_no_decay",
+                               "lr": lrs[group] * scale, "lr_scale": scale,
+                               "weight_decay": t.weight_decay if decay else 0.0})
     return groups
 
 
@@ -96,8 +116,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.opti
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Current lr per named group (the decay half stands for its no-decay twin)."""
+    """Current lr per named group (the decay half stands for its no-decay twin; a tower's own lr, before its
+    layer-wise decay)."""
     out: dict[str, float] = {}
     for g in optimizer.param_groups:
-        out.setdefault(g.get("name", "group").removesuffix("_no_decay"), g["lr"])
+        out.setdefault(g.get("name", "group").removesuffix("_no_decay"), g["lr"] / g.get("lr_scale", 1.0))
     return out

@@ -1,13 +1,19 @@
 """The training loop: DeepSpeed engine, exact resume, agreed stopping, non-finite skipping, telemetry.
 
-One optimizer step = ``grad_accum`` finite micro batches per rank. Every decision that changes control flow
-(stop requested, loss non-finite) is agreed on by all ranks with an all-reduce, so no rank ever waits in a
-collective the others skipped.
+``Trainer`` is split into the steps a reader looks for: ``build`` (process group, model, engine, stream),
+``resume``, ``train_step`` (one optimizer step of ``grad_accum`` micro batches, each a
+``forward_backward_step``), ``log_step``, ``evaluate_step`` and ``checkpoint_step``; ``run`` strings them
+together. Every decision that changes control flow (stop requested, checkpoint due, step skipped) is the same
+on every rank, so no rank ever waits in a collective the others skipped.
+
+No host synchronisation per micro step: the loss terms are summed on the device and read once per
+``train.log_every``; a non-finite loss or gradient is caught by DeepSpeed's own gradient-overflow check
+(ZeRO 1-3), which skips the optimizer step on every rank. Without ZeRO (stage 0) no such check exists, and
+the trainer reads a device-side finiteness flag once per optimizer step instead.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -18,6 +24,8 @@ import torch.distributed as dist
 
 from unimlip_train import distributed as du
 from unimlip_train.config import Config, dump_yaml
+from unimlip_train.data.loader import global_skip_stats
+from unimlip_train.data.transforms import normalisation
 from unimlip_train.engine import checkpoint as ck
 from unimlip_train.engine.ds_config import build_ds_config
 from unimlip_train.engine.monitor import Monitor, gpu_memory_gib
@@ -35,11 +43,17 @@ class TrainResult:
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised (on every rank) after ``train.max_nonfinite_in_row`` consecutive non-finite losses."""
+    """Raised (on every rank) after ``train.max_nonfinite_in_row`` consecutive skipped (non-finite) steps."""
+
+
+class CorruptDataError(RuntimeError):
+    """Raised (on every rank, after a checkpoint) when more than ``data.max_skip_fraction`` of the samples read
+    were corrupt."""
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Tensors to the device; floating inputs to the engine's compute dtype (bf16/fp16 params need it)."""
+    """Tensors to the device (asynchronously from pinned memory); floating inputs to the engine's compute
+    dtype (bf16/fp16 params need it)."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
@@ -50,16 +64,14 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Average logged scalars over ranks (same key order on every rank: sorted)."""
+def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Average device scalars over ranks and read them once (same key order on every rank: sorted)."""
     keys = sorted(values)
-    world = du.get_world_size()
-    if world == 1:
-        return {k: values[k] for k in keys}
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+    t = torch.stack([values[k].detach().double().reshape(()) for k in keys])
+    if du.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= du.get_world_size()
+    return dict(zip(keys, t.tolist()))
 
 
 def _model_prefix(step_module: torch.nn.Module, model: torch.nn.Module) -> str:
@@ -92,11 +104,31 @@ def _follow_config_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, groups
     _fast_forward(scheduler, step)
 
 
-def _validate(model, eval_copy, cfg: Config, tokenizer, rank: int, world: int, autocast) -> dict[str, float]:
-    """Periodic evaluation on every rank. Under ZeRO-3 the weights are gathered once into ``eval_copy``, a plain
+@torch.no_grad()
+def clamp_parameter_(param: torch.nn.Parameter, lo: float, hi: float) -> None:
+    """Clamp a parameter in place where the optimizer keeps it, so the next step starts from the clamped
+    value: DeepSpeed's fp32 master fragment (ZeRO 1/2, bf16), the ZeRO-3 local partition, and the model's own
+    copy. Elementwise, so each rank clamps the elements it holds and no communication is needed."""
+    if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the master and of the model copy
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        local = safe_get_local_fp32_param(param)
+        if local is not None and local.numel():
+            safe_set_local_fp32_param(param, local.clamp(lo, hi))
+        param.ds_tensor.data.clamp_(lo, hi)
+        param.data.clamp_(lo, hi)  # a small ("persistent") parameter stays gathered between steps
+        return
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is not None:
+        mapping.hp_fragment.data.clamp_(lo, hi)
+    param.data.clamp_(lo, hi)
+
+
+def _validate(model, eval_copy, cfg: Config, tokenizer, rank: int, world: int, autocast) -> tuple:
+    """Periodic evaluation on every rank: the metrics, and a few retrieval examples to show. Under ZeRO-3 the weights are gathered once into ``eval_copy``, a plain
     model without DeepSpeed's hooks: eval forwards through the hooked modules (a different module order than
     the recorded training trace, uneven per-rank batch counts) leave the ranks' parameter fetches out of step."""
-    from unimlip_train.eval import validate
+    from unimlip_train.eval import validate_with_examples
 
     if eval_copy is not None:
         import deepspeed
@@ -105,184 +137,346 @@ def _validate(model, eval_copy, cfg: Config, tokenizer, rank: int, world: int, a
             eval_copy.load_state_dict({k: v.detach() for k, v in model.state_dict().items()})
         model = eval_copy
     with torch.no_grad(), autocast:
-        return validate(model, cfg, tokenizer, rank, world)
+        return validate_with_examples(model, cfg, tokenizer, rank, world, num_examples=4)
+
+
+class Trainer:
+    """One training run in ``run_dir``: build it, then ``run()``.
+
+    ``resume``: 'auto' (latest complete checkpoint here, if any), 'none', or a checkpoint path.
+    ``stop_requested()`` true on any rank makes ``run`` checkpoint collectively and return 'preempted'.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str, resume: str = "auto",
+                 stop_requested: Optional[Callable[[], bool]] = None):
+        self.cfg, self.run_dir, self.stop_requested = cfg, run_dir, stop_requested
+        self.build(resume)
+        self.resume()
+
+    # ------------------------------------------------------------------------------------------ build
+    def build(self, resume: str) -> None:
+        """Process group, run dir, model, DeepSpeed engine, data stream; finds the checkpoint to resume."""
+        import deepspeed
+
+        from unimlip_train.data.loader import TrainStream, batch_needs
+        from unimlip_train.data.tokenizer import load_tokenizer
+        from unimlip_train.losses import UniMlipObjective
+        from unimlip_train.models import TrainStep, build_model
+
+        cfg, run_dir = self.cfg, self.run_dir
+        self.rank, self.world, self.local_rank = du.init_distributed(cfg.deepspeed.backend)
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", self.local_rank) if self.cuda else torch.device("cpu")
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        os.makedirs(run_dir, exist_ok=True)
+        if self.rank == 0:
+            with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(dump_yaml(cfg))
+            with open(os.path.join(run_dir, "ds_config.json"), "w", encoding="utf-8") as f:
+                json.dump(build_ds_config(cfg, self.world), f, indent=1)
+        self.manager = ck.CheckpointManager(run_dir, cfg.train.keep_checkpoints)
+
+        # Which checkpoint, if any: decided before building, because a world-size change loads weights pre-engine.
+        self.source = None
+        if resume == "auto":
+            self.source = self.manager.latest()
+        elif resume != "none":
+            self.source = ck.resolve_checkpoint(resume)
+        self.saved = ck.read_state(self.source) if self.source else None
+        # Steps after the checkpoint that a killed run already logged are hidden in TensorBoard (purge_step).
+        self.monitor = Monitor(run_dir, self.rank == 0, cfg.train.steps,
+                               purge_step=self.saved.step + 1 if self.saved else None,
+                               wandb_settings=cfg.monitor.wandb, run_config=cfg.to_dict(),
+                               normalisation=normalisation(cfg.data))
+
+        torch.manual_seed(cfg.seed)  # identical init on every rank (ZeRO-3 partitions each rank's own copy)
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.text.name)
+        self.model = build_model(cfg, self.tokenizer)
+        if self.saved is not None:
+            ck.check_compatible(self.source, cfg, self.model)  # one message naming the keys, not a size mismatch
+        step_module = TrainStep(self.model, UniMlipObjective(cfg))
+        self.same_layout = (self.saved is not None and self.saved.world_size == self.world
+                            and self.saved.zero_stage == cfg.deepspeed.zero_stage)
+        # DeepSpeed's own files only load into the layout that wrote them; otherwise the consolidated weights do.
+        if self.saved is not None and not self.same_layout:
+            self.model.load_state_dict(ck.consolidated_state_dict(self.source), strict=True)
+        if cfg.train.compile:
+            self.model.image_tower.compile()
+            self.model.text_tower.compile()
+        self.fresh_param_groups = lambda: param_groups(step_module, self.model, cfg)
+        self.optimizer = build_optimizer(self.fresh_param_groups(), cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=self.optimizer,
+                                                    lr_scheduler=self.scheduler,
+                                                    config=build_ds_config(cfg, self.world), dist_init_required=False)
+        torch.manual_seed(cfg.seed + 1 + self.rank)  # dropout / feature noise differ per rank
+        self.stream = TrainStream(cfg, self.tokenizer, batch_needs(cfg.loss), self.rank, self.world)
+        self.state = ck.TrainerState(world_size=self.world, zero_stage=cfg.deepspeed.zero_stage,
+                                     config_hash=cfg.hash(), model_prefix=_model_prefix(step_module, self.model))
+        self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision,
+                                                                                torch.float32)
+        self.accumulate = cfg.train.grad_accum > 1 and cfg.train.negatives == "accumulated"
+        # ZeRO's optimizers skip a step whose gradients are not finite (and count it); without ZeRO we check.
+        self.own_finite_check = cfg.deepspeed.zero_stage == 0
+
+    # ----------------------------------------------------------------------------------------- resume
+    def resume(self) -> None:
+        """Counters, engine, lr schedule, data position and RNG from ``self.source`` (when there is one)."""
+        saved, state, cfg, source = self.saved, self.state, self.cfg, self.source
+        if saved is None:
+            return
+        state.step, state.samples_seen, state.nonfinite_total = saved.step, saved.samples_seen, saved.nonfinite_total
+        if saved.config_hash != state.config_hash:
+            self.monitor.event(f"note: resuming {source} written with a different config (hash "
+                               f"{saved.config_hash} -> {state.config_hash}); continuing with the new config")
+        if self.same_layout:
+            ck.load_engine(self.engine, source)
+            _follow_config_schedule(self.scheduler, self.fresh_param_groups(), cfg, state.step)
+            rank_state = ck.read_rank_state(source, self.rank)
+            self.stream.load_state_dict(rank_state["stream"])
+            ck.set_rng_state(rank_state["rng"])
+            self.monitor.event(f"resumed from {source} at step {state.step} ({state.samples_seen} samples seen)")
+        else:
+            _fast_forward(self.scheduler, state.step)
+            self.stream.load_state_dict(ck.read_rank_state(source, 0)["stream"], strict=False)
+            self.monitor.event(
+                f"resumed from {source} at step {state.step}, but the layout changed ({saved.world_size} -> "
+                f"{self.world} ranks, ZeRO {saved.zero_stage} -> {cfg.deepspeed.zero_stage}): model weights come "
+                "from the consolidated fp32 state, the optimizer moments start fresh, the lr schedule continues "
+                "at this step, and the data stream cannot continue mid-epoch (per-rank positions do not remap): "
+                f"it restarts at the beginning of epoch {self.stream.epoch}.")
+
+    # ------------------------------------------------------------------------------------------- loop
+    def start(self) -> None:
+        """The loop's own state: counters, telemetry window, the batch iterator (``run`` calls it)."""
+        self.start_step = self.state.step
+        self.last_saved = self.state.step if self.saved is not None else -1
+        self.last_saved_time = time.time()
+        self.nonfinite_in_row = 0
+        self.eval_copy = None
+        self.window = {"t0": time.time(), "wait": 0.0, "samples": 0}
+        self.sums: dict[str, torch.Tensor] = {}  # per-step means of the logged terms, summed since the last log
+        self.steps_in_window = 0
+        self.sample_log = None
+        if os.environ.get(SAMPLE_LOG_ENV) == "1":
+            os.makedirs(os.path.join(self.run_dir, "debug"), exist_ok=True)
+            self.sample_log = open(os.path.join(self.run_dir, "debug", f"sample_keys.rank{self.rank}.jsonl"), "a",
+                                   encoding="utf-8")
+        self.batches = iter(self.stream)
+        self.engine.train()
+
+    def run(self) -> TrainResult:
+        """Train until ``train.steps`` or a stop request; checkpoints at the end either way."""
+        cfg, state = self.cfg, self.state
+        self.start()
+        try:
+            while True:
+                stop, due = self._agree_stop_and_due()
+                if stop or state.step >= cfg.train.steps:
+                    if state.step != self.last_saved:
+                        self.checkpoint_step(force=True)
+                    self._summary("preempted" if stop else "finished")
+                    if stop:
+                        self.monitor.event(f"stop requested: checkpointed at step {state.step}, exiting as preempted")
+                        return TrainResult("preempted", state.step)
+                    return TrainResult("finished", state.step)
+                self.train_step()
+                self.log_step()
+                self.picture_step()
+                self.evaluate_step()
+                self.checkpoint_step(force=due)
+        finally:
+            if self.sample_log is not None:
+                self.sample_log.close()
+            self.monitor.close()
+
+    def _agree_stop_and_due(self) -> tuple[bool, bool]:
+        """Whether any rank was asked to stop, and whether a time-based checkpoint is due (rank clocks differ,
+        so both are agreed through the CPU control group)."""
+        minutes = self.cfg.train.checkpoint_minutes
+        due = minutes > 0 and time.time() - self.last_saved_time >= 60 * minutes
+        stop = bool(self.stop_requested and self.stop_requested())
+        flags = du.all_reduce_max_many([float(stop), float(due)])
+        return flags[0] > 0, flags[1] > 0
+
+    # ------------------------------------------------------------------------------------- train step
+    def _next_micro_batches(self) -> list[dict]:
+        """The optimizer step's ``grad_accum`` micro batches, on the device."""
+        batches = []
+        for micro in range(self.cfg.train.grad_accum):
+            t = time.time()
+            with torch.random.fork_rng(devices=[]):  # the stream (DataLoader seeding) must not shift dropout RNG
+                batch = next(self.batches)
+            self.window["wait"] += time.time() - t
+            global_micro = self.cfg.train.micro_batch_size * self.world
+            self.state.samples_seen += global_micro
+            self.window["samples"] += global_micro
+            if self.sample_log is not None:
+                self.sample_log.write(json.dumps({"start": self.start_step, "step": self.state.step + 1,
+                                                  "keys": list(batch["key"])}) + "\n")
+                self.sample_log.flush()
+            batches.append(_to_device(batch, self.device, self.compute_dtype))
+        return batches
+
+    def _rng_state(self) -> tuple:
+        return torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None
+
+    def _set_rng_state(self, state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1])
+
+    def forward_backward_step(self, batch: dict, micro_step: int, cache=None) -> torch.Tensor:
+        """One micro batch: forward (model + objective) and backward (gradients accumulate in the engine).
+        Returns a device flag, True when the loss was finite; the logs are summed on the device."""
+        loss, logs = self.engine(batch, micro_step, cache=cache)
+        self.engine.backward(loss)
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.float() / self.cfg.train.grad_accum
+        return torch.isfinite(loss.detach())
+
+    def train_step(self) -> None:
+        """One optimizer step over ``grad_accum`` micro batches. With ``train.negatives=accumulated`` a
+        gradient-free pass first caches every micro batch's contrastive embeddings, and each micro batch is
+        then recomputed with its random state replayed (see ``losses.objective``)."""
+        from unimlip_train.losses import AccumulationCache
+
+        state, k_steps = self.state, self.cfg.train.grad_accum
+        batches = self._next_micro_batches()
+        self.step_batch = batches[0]
+        entries, rng = None, None
+        if self.accumulate:
+            entries, rng = [], []
+            with torch.no_grad():
+                for batch in batches:
+                    rng.append(self._rng_state())
+                    entries.append(self.engine(batch, 0, embed_only=True))
+        skipped_before = getattr(self.engine, "skipped_steps", 0)
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        for micro, batch in enumerate(batches):
+            cache = None
+            if entries is not None:
+                self._set_rng_state(rng[micro])
+                cache = AccumulationCache(entries, micro)
+            # The ITM negatives' noise is seeded per micro batch, so accumulated micro batches differ.
+            finite &= self.forward_backward_step(batch, state.step * k_steps + micro, cache)
+            if self.own_finite_check and micro == k_steps - 1:
+                finite = self._drop_gradients_unless_finite(finite)
+            self.engine.step()
+        self.model.clamp_logit_scale_(clamp_parameter_)
+        state.step += 1
+        self.steps_in_window += 1
+        if self.own_finite_check:
+            self._count_nonfinite(not bool(finite))
+        else:
+            self._count_nonfinite(getattr(self.engine, "skipped_steps", 0) > skipped_before)
+
+    def _drop_gradients_unless_finite(self, finite: torch.Tensor) -> torch.Tensor:
+        """Without ZeRO, before the optimizer step: agree on finiteness (one host read per step) and drop a
+        non-finite step's gradients, so that the optimizer leaves every parameter alone."""
+        flag = finite.to(torch.float64).reshape(1)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+        if not ok:
+            for p in self.model.parameters():
+                p.grad = None
+        return torch.tensor(ok)
+
+    def _count_nonfinite(self, skipped: bool) -> None:
+        state, limit = self.state, self.cfg.train.max_nonfinite_in_row
+        if not skipped:
+            self.nonfinite_in_row = 0
+            return
+        state.nonfinite_total += 1
+        self.nonfinite_in_row += 1
+        self.monitor.event(f"step {state.step}: non-finite loss or gradients on some rank; optimizer step skipped "
+                           f"({self.nonfinite_in_row} in a row, {state.nonfinite_total} in total)")
+        if self.nonfinite_in_row >= limit:
+            latest = self.manager.latest()
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_row} non-finite steps in a row at step {state.step} "
+                f"(train.max_nonfinite_in_row={limit}); stopping. Lower train.lr or check the data"
+                + (f", then resume from {latest}" if latest else ""))
+
+    # -------------------------------------------------------------------------------------- telemetry
+    def log_step(self) -> None:
+        """Every ``train.log_every`` steps (and the last): the one host read of the summed terms, logged as
+        their means over the steps since the last log."""
+        cfg, state = self.cfg, self.state
+        if state.step % cfg.train.log_every and state.step != cfg.train.steps:
+            return
+        scalars = _mean_over_ranks({k: v / self.steps_in_window for k, v in self.sums.items()})
+        skips = global_skip_stats(self.stream)
+        elapsed = max(time.time() - self.window["t0"], 1e-9)
+        grad_norm = self.engine.get_global_grad_norm()
+        scalars.update({f"lr/{g}": lr for g, lr in group_lrs(self.optimizer).items()})
+        scalars.update(samples_per_s=self.window["samples"] / elapsed,
+                       samples_per_s_per_gpu=self.window["samples"] / elapsed / self.world,
+                       data_wait_frac=min(1.0, self.window["wait"] / elapsed),
+                       skipped_steps=float(state.nonfinite_total),
+                       skipped_samples=float(skips.skipped),
+                       samples_seen=float(state.samples_seen))
+        if grad_norm is not None:
+            scalars["grad_norm"] = float(grad_norm)
+        if (mem := gpu_memory_gib()) is not None:
+            scalars["gpu_mem_gib"] = mem
+        scalars.update({f"skipped_by_shard/{os.path.basename(shard)}": float(n) for shard, n in skips.by_shard.items()})
+        self.monitor.log_train(state.step, scalars, self.start_step)
+        self.window = {"t0": time.time(), "wait": 0.0, "samples": 0}
+        self.sums, self.steps_in_window = {}, 0
+        if message := skips.exceeded(cfg.data.max_skip_fraction):
+            self.checkpoint_step(force=True)
+            raise CorruptDataError(f"{message}; checkpointed at step {state.step}")
+
+    def _summary(self, status: str) -> None:
+        """The run's last line in metrics.jsonl (and the console): status, step, the skipped steps and samples."""
+        skips = global_skip_stats(self.stream)
+        self.monitor.log_summary(self.state.step, {
+            "status": status, "skipped_steps": self.state.nonfinite_total, "skipped_samples": skips.skipped,
+            "samples_read": skips.read, "skipped_by_shard": dict(skips.worst(len(skips.by_shard)))})
+
+    def picture_step(self) -> None:
+        """TensorBoard grid of the augmented view pairs: at the first step of a launch and every
+        ``train.image_every`` steps."""
+        every = self.cfg.train.image_every
+        if self.state.step == self.start_step + 1 or (every > 0 and self.state.step % every == 0):
+            self.monitor.log_views(self.state.step, self.step_batch)
+
+    def evaluate_step(self) -> None:
+        """Every ``train.eval_every`` steps (and the last): retrieval / zero-shot on ``data.val``."""
+        cfg, state = self.cfg, self.state
+        if not (cfg.train.eval_every > 0 and cfg.data.val
+                and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps)):
+            return
+        from unimlip_train.models import build_model
+
+        autocast = (torch.autocast("cuda", dtype=self.compute_dtype) if self.cuda and self.compute_dtype != torch.float32
+                    else torch.autocast("cpu", enabled=False))
+        # Evaluation must not consume the training RNG, or resumed runs would diverge.
+        with torch.random.fork_rng(devices=[self.local_rank] if self.cuda else []):
+            if cfg.deepspeed.zero_stage == 3 and self.eval_copy is None:
+                self.eval_copy = build_model(cfg, self.tokenizer).to(self.device)
+            metrics, examples = _validate(self.model, self.eval_copy, cfg, self.tokenizer, self.rank, self.world,
+                                          autocast)
+        self.monitor.log_val(state.step, metrics)
+        self.monitor.log_retrieval_examples(state.step, examples)
+
+    def checkpoint_step(self, force: bool = False) -> None:
+        """Every ``train.checkpoint_every`` steps, when ``force``d (end, stop, time-based), never twice."""
+        cfg, state = self.cfg, self.state
+        every = cfg.train.checkpoint_every > 0 and state.step % cfg.train.checkpoint_every == 0
+        if not (force or every) or state.step == self.last_saved:
+            return
+        self.manager.save(self.engine, state, self.stream, cfg, self.tokenizer)
+        self.last_saved, self.last_saved_time = state.step, time.time()
+        self.monitor.event(f"checkpoint step {state.step} -> {self.manager.dir}")
 
 
 def train(cfg: Config, run_dir: str, resume: str = "auto",
           stop_requested: Optional[Callable[[], bool]] = None) -> TrainResult:
-    """Train ``cfg`` into ``run_dir``; ``resume``: 'auto' (latest complete checkpoint here, if any), 'none',
-    or a checkpoint path. Returns 'preempted' after a collective checkpoint when ``stop_requested()`` became
-    true on any rank."""
-    import deepspeed
-
-    from unimlip_train.data.loader import TrainStream, batch_needs
-    from unimlip_train.data.tokenizer import load_tokenizer
-    from unimlip_train.models import TrainStep, build_model
-    from unimlip_train.losses import UniMlipObjective
-
-    rank, world, local_rank = du.init_distributed(cfg.deepspeed.backend)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(run_dir, exist_ok=True)
-    if rank == 0:
-        with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(dump_yaml(cfg))
-        with open(os.path.join(run_dir, "ds_config.json"), "w", encoding="utf-8") as f:
-            json.dump(build_ds_config(cfg, world), f, indent=1)
-    manager = ck.CheckpointManager(run_dir, cfg.train.keep_checkpoints)
-
-    # Which checkpoint, if any: decided before building, because a world-size change loads weights pre-engine.
-    source = None
-    if resume == "auto":
-        source = manager.latest()
-    elif resume != "none":
-        source = ck.resolve_checkpoint(resume)
-    saved = ck.read_state(source) if source else None
-    # Steps after the checkpoint that a killed run already logged are hidden in TensorBoard (purge_step).
-    monitor = Monitor(run_dir, rank == 0, cfg.train.steps, purge_step=saved.step + 1 if saved else None)
-
-    torch.manual_seed(cfg.seed)  # identical init on every rank (ZeRO-3 partitions each rank's own copy)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.text.name)
-    model = build_model(cfg, tokenizer)
-    step_module = TrainStep(model, UniMlipObjective(cfg))
-    prefix = _model_prefix(step_module, model)
-    # DeepSpeed's own files only load into the layout that wrote them; otherwise the consolidated weights do.
-    same_world = (saved is not None and saved.world_size == world
-                  and saved.zero_stage == cfg.deepspeed.zero_stage)
-    if saved is not None and not same_world:
-        model.load_state_dict(ck.consolidated_state_dict(source), strict=True)
-    if cfg.train.compile:
-        model.image_tower.compile()
-        model.text_tower.compile()
-    optimizer = build_optimizer(param_groups(step_module, model, cfg), cfg)
-    scheduler = build_scheduler(optimizer, cfg)
-    engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_ds_config(cfg, world), dist_init_required=False)
-    torch.manual_seed(cfg.seed + 1 + rank)  # dropout / feature noise differ per rank
-    stream = TrainStream(cfg, tokenizer, batch_needs(cfg.loss), rank, world)
-
-    state = ck.TrainerState(world_size=world, zero_stage=cfg.deepspeed.zero_stage, config_hash=cfg.hash(),
-                            model_prefix=prefix)
-    if saved is not None:
-        state.step, state.samples_seen, state.nonfinite_total = saved.step, saved.samples_seen, saved.nonfinite_total
-        if saved.config_hash != state.config_hash:
-            monitor.event(f"note: resuming {source} written with a different config (hash {saved.config_hash} "
-                          f"-> {state.config_hash}); continuing with the new config")
-        if same_world:
-            ck.load_engine(engine, source)
-            _follow_config_schedule(scheduler, param_groups(step_module, model, cfg), cfg, state.step)
-            rank_state = ck.read_rank_state(source, rank)
-            stream.load_state_dict(rank_state["stream"])
-            ck.set_rng_state(rank_state["rng"])
-            monitor.event(f"resumed from {source} at step {state.step} ({state.samples_seen} samples seen); "
-                          "data stream continues where it stopped")
-        else:
-            _fast_forward(scheduler, state.step)
-            stream.load_state_dict(ck.read_rank_state(source, 0)["stream"], strict=False)
-            monitor.event(
-                f"resumed from {source} at step {state.step}, but the layout changed ({saved.world_size} -> "
-                f"{world} ranks, ZeRO {saved.zero_stage} -> {cfg.deepspeed.zero_stage}): model weights come from the consolidated fp32 state, "
-                "the optimizer moments start fresh, the lr schedule continues at this step, and the data stream "
-                f"cannot continue mid-epoch (per-rank positions do not remap): it restarts at the beginning of "
-                f"epoch {stream.epoch}.")
-
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
-    eval_autocast = (torch.autocast("cuda", dtype=autocast_dtype) if cuda and autocast_dtype != torch.float32
-                     else torch.autocast("cpu", enabled=False))
-    sample_log = None
-    if os.environ.get(SAMPLE_LOG_ENV) == "1":
-        os.makedirs(os.path.join(run_dir, "debug"), exist_ok=True)
-        sample_log = open(os.path.join(run_dir, "debug", f"sample_keys.rank{rank}.jsonl"), "a", encoding="utf-8")
-
-    start_step = state.step
-    global_micro = cfg.train.micro_batch_size * world
-    last_saved = state.step if saved is not None else -1
-    nonfinite_in_row = 0
-    eval_copy = None
-    window = {"t0": time.time(), "wait": 0.0, "samples": 0}
-    sums: dict[str, float] = {}
-    it = iter(stream)
-    engine.train()
-    try:
-        while True:
-            stop = du.all_reduce_max(bool(stop_requested and stop_requested())) > 0
-            if stop or state.step >= cfg.train.steps:
-                if state.step != last_saved:
-                    manager.save(engine, state, stream, cfg, tokenizer)
-                    monitor.event(f"checkpoint step {state.step} -> {manager.dir}")
-                if stop:
-                    monitor.event(f"stop requested: checkpointed at step {state.step}, exiting as preempted")
-                    return TrainResult("preempted", state.step)
-                return TrainResult("finished", state.step)
-
-            micro = 0
-            while micro < cfg.train.grad_accum:
-                t = time.time()
-                with torch.random.fork_rng(devices=[]):  # the stream (DataLoader seeding) must not shift dropout RNG
-                    batch = next(it)
-                window["wait"] += time.time() - t
-                state.samples_seen += global_micro
-                window["samples"] += global_micro
-                if sample_log is not None:
-                    sample_log.write(json.dumps({"start": start_step, "step": state.step + 1,
-                                                 "keys": list(batch["key"])}) + "\n")
-                    sample_log.flush()
-                # The ITM negatives' noise is seeded per micro batch, so accumulated micro batches differ.
-                micro_step = state.step * cfg.train.grad_accum + micro
-                loss, logs = engine(_to_device(batch, device, autocast_dtype), micro_step)
-                if du.all_reduce_max(0.0 if math.isfinite(loss.item()) else 1.0) > 0:
-                    state.nonfinite_total += 1
-                    nonfinite_in_row += 1
-                    monitor.event(f"step {state.step + 1}: non-finite loss on some rank; micro batch skipped "
-                                  f"({nonfinite_in_row} in a row, {state.nonfinite_total} in total)")
-                    if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
-                        raise NonFiniteLossError(
-                            f"{nonfinite_in_row} non-finite losses in a row at step {state.step + 1} "
-                            f"(train.max_nonfinite_in_row={cfg.train.max_nonfinite_in_row}); stopping. Lower "
-                            f"train.lr, check the data, or resume from {manager.latest()}")
-                    continue
-                nonfinite_in_row = 0
-                engine.backward(loss)
-                engine.step()
-                micro += 1
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach().float().item()) / cfg.train.grad_accum
-            state.step += 1
-
-            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-                scalars = _mean_over_ranks(sums)
-                elapsed = max(time.time() - window["t0"], 1e-9)
-                gn = engine.get_global_grad_norm()
-                scalars.update({f"lr/{g}": lr for g, lr in group_lrs(optimizer).items()})
-                scalars.update(samples_per_s=window["samples"] / elapsed,
-                               samples_per_s_per_gpu=window["samples"] / elapsed / world,
-                               data_wait_frac=min(1.0, window["wait"] / elapsed),
-                               skipped_steps=float(state.nonfinite_total + getattr(engine, "skipped_steps", 0)),
-                               samples_seen=float(state.samples_seen))
-                if gn is not None:
-                    scalars["grad_norm"] = float(gn)
-                if (mem := gpu_memory_gib()) is not None:
-                    scalars["gpu_mem_gib"] = mem
-                monitor.log_train(state.step, scalars, start_step)
-                window = {"t0": time.time(), "wait": 0.0, "samples": 0}
-            sums = {}
-
-            if cfg.train.eval_every > 0 and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps):
-                if cfg.data.val:
-                    # Evaluation must not consume the training RNG, or resumed runs would diverge.
-                    with torch.random.fork_rng(devices=[local_rank] if cuda else []):
-                        if cfg.deepspeed.zero_stage == 3 and eval_copy is None:
-                            eval_copy = build_model(cfg, tokenizer).to(device)
-                        metrics = _validate(model, eval_copy, cfg, tokenizer, rank, world, eval_autocast)
-                    monitor.log_val(state.step, metrics)
-            if cfg.train.checkpoint_every > 0 and state.step % cfg.train.checkpoint_every == 0:
-                manager.save(engine, state, stream, cfg, tokenizer)
-                last_saved = state.step
-                monitor.event(f"checkpoint step {state.step} -> {manager.dir}")
-    finally:
-        if sample_log is not None:
-            sample_log.close()
-        monitor.close()
+    """Train ``cfg`` into ``run_dir`` (see ``Trainer``); returns 'finished', or 'preempted' after a collective
+    checkpoint when ``stop_requested()`` became true on any rank."""
+    return Trainer(cfg, run_dir, resume, stop_requested).run()

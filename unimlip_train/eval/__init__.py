@@ -8,10 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 from .embed import EmbeddedSet, embed_split
+from .examples import RetrievalExample, retrieval_examples
 from .metrics import retrieval_metrics
 from .zeroshot import load_prompts, zeroshot_evaluate
 
-__all__ = ["EmbeddedSet", "embed_split", "retrieval_metrics", "val_sources", "validate", "zeroshot_evaluate"]
+__all__ = ["EmbeddedSet", "RetrievalExample", "embed_split", "retrieval_metrics", "val_sources", "validate",
+           "validate_with_examples", "zeroshot_evaluate"]
 
 
 def val_sources(cfg) -> list[tuple[str, str, str]]:
@@ -50,20 +52,29 @@ def validate(model: Any, cfg, tokenizer, rank: int, world_size: int) -> dict[str
     ``model`` may be the bare ``UniMlip`` or a wrapper exposing it as ``.module`` (DeepSpeed engine, DDP).
     Training mode is restored afterwards.
     """
+    return validate_with_examples(model, cfg, tokenizer, rank, world_size, num_examples=0)[0]
+
+
+def validate_with_examples(model: Any, cfg, tokenizer, rank: int, world_size: int, num_examples: int = 4,
+                           k: int = 3) -> tuple[dict[str, float], list[RetrievalExample]]:
+    """``validate``, plus up to ``num_examples`` image queries per validation set with their top-``k``
+    retrieved reports (taken from the first images this rank embedded: rank 0's are the ones to log)."""
     sources = val_sources(cfg)
     if not sources:
-        return {}
+        return {}, []
     module = getattr(model, "module", model)
     was_training = module.training
     module.eval()
     out: dict[str, float] = {}
+    examples: list[RetrievalExample] = []
     try:
         for name, path, split in sources:
             emb = embed_split(module, cfg, tokenizer, path, split, rank, world_size,
                               batch_size=cfg.train.micro_batch_size, max_samples=cfg.eval.max_samples,
-                              label_key=cfg.eval.label_key)
+                              label_key=cfg.eval.label_key, previews=num_examples)
             prefix = f"{name}/" if name else ""
-            out.update({prefix + k: v for k, v in evaluate_embedded(emb, module, cfg, tokenizer).items()})
+            out.update({prefix + key: v for key, v in evaluate_embedded(emb, module, cfg, tokenizer).items()})
+            examples += retrieval_examples(emb, emb.previews, k, name)
     finally:
         module.train(was_training)
-    return out
+    return out, examples

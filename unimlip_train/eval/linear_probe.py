@@ -2,7 +2,8 @@
 
 The L2 strength is chosen on a validation split by balanced accuracy (ties go to the stronger penalty), then the
 classifier is refitted on train + validation and scored once on the test split, as in CLIP's linear-probe
-protocol. Features are standardised with the fitting set's statistics. Everything is deterministic on CPU.
+protocol. Without a validation split, one is carved from train by whole groups (patients). Features are
+standardised with the fitting set's statistics. Everything is deterministic on CPU.
 """
 from __future__ import annotations
 
@@ -12,24 +13,19 @@ import numpy as np
 import torch
 
 from . import metrics
+from .groups import carve_groups
 
 # Penalty grid (multiplies 0.5 * ||W||^2 / N-sample mean loss); wide enough for a few hundred to a few
 # hundred thousand samples.
 L2_GRID = tuple(float(x) for x in np.logspace(-6, 1, 8))
 
 
-def carve_validation(targets: np.ndarray, fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic stratified split of train indices into (fit, validation).
-
-    Within each class (in the given order, which callers make key-sorted), every round(1/fraction)-th sample
-    goes to validation, so the split does not depend on world size or loader order.
-    """
-    step = max(2, round(1.0 / fraction))
-    val = np.zeros(len(targets), dtype=bool)
-    for c in np.unique(targets):
-        idx = np.flatnonzero(targets == c)
-        val[idx[step - 1::step]] = True
-    return np.flatnonzero(~val), np.flatnonzero(val)
+def carve_validation(targets: np.ndarray, fraction: float = 0.2,
+                     groups: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic class-stratified split of train indices into (fit, validation) by whole groups
+    (``eval.groups.carve_groups``); without ``groups`` every sample is its own group."""
+    groups = [str(i) for i in range(len(targets))] if groups is None else groups
+    return carve_groups(list(np.asarray(targets).tolist()), groups, fraction)
 
 
 def _standardise(fit: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
@@ -58,8 +54,9 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
 
 def linear_probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray,
                  class_names: Sequence[str], val_x: torch.Tensor | None = None, val_y: np.ndarray | None = None,
-                 l2_grid: Sequence[float] = L2_GRID) -> dict[str, float]:
-    """Select L2 on validation (carved from train when ``val_x`` is None), refit on train+val, score test.
+                 l2_grid: Sequence[float] = L2_GRID, train_groups: Sequence[str] | None = None) -> dict[str, float]:
+    """Select L2 on validation (carved from train by ``train_groups`` when ``val_x`` is None), refit on
+    train+val, score test.
 
     Returns accuracy / balanced_accuracy (percent) on test, the chosen ``l2`` and the validation balanced
     accuracy it reached, and the split sizes.
@@ -67,7 +64,7 @@ def linear_probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tenso
     train_x, test_x = train_x.double().cpu(), test_x.double().cpu()
     train_y, test_y = np.asarray(train_y, np.int64), np.asarray(test_y, np.int64)
     if val_x is None:
-        fit_idx, val_idx = carve_validation(train_y)
+        fit_idx, val_idx = carve_validation(train_y, groups=train_groups)
         val_x, val_y = train_x[val_idx], train_y[val_idx]
         train_x, train_y = train_x[fit_idx], train_y[fit_idx]
     val_x, val_y = val_x.double().cpu(), np.asarray(val_y, np.int64)

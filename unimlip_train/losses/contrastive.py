@@ -5,13 +5,21 @@ against the *global columns*, and offsets its labels by ``rank * local_batch``. 
 O(local x global) instead of O(global^2), and the mean over ranks of the losses (and of the parameter
 gradients, as DeepSpeed averages them) equals the single-process loss on the concatenated global batch.
 All ranks must use the same local batch size (a fixed micro-batch, as DeepSpeed requires anyway).
+
+Identity (``ids``): medical corpora repeat reports verbatim and share one report across a study's images, so
+"row i pairs with column i only" would teach the model to separate identical meanings. ``ids`` is a local
+int64 tensor of shape (n,) or (n, k) (e.g. report id and group id); two samples are the same when any of
+their k ids is equal. In the image-text losses every same-identity column is a positive (multi-positive
+InfoNCE, as UniCL / SupCon); in NT-Xent same-identity samples are removed from the negatives.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from unimlip_train.losses.gather import all_gather_with_grad, world
+from unimlip_train.losses.gather import all_gather_no_grad, all_gather_with_grad, world
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -19,29 +27,78 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.element_size() < 4 else t
 
 
-def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE (CLIP) between rows of ``a`` and ``b``: row i of ``a`` matches row i of ``b``.
+def same_identity(ids: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Boolean (len(ids) x len(other)): True where any of the k identity columns agree."""
+    if ids.dim() == 1:
+        return ids[:, None] == other[None, :]
+    return (ids[:, None, :] == other[None, :, :]).any(-1)
+
+
+def _local_diagonal(n: int, total: int, rank: int, device: torch.device) -> torch.Tensor:
+    """Boolean (n x total): each local row's own column in the global batch."""
+    eye = torch.zeros(n, total, dtype=torch.bool, device=device)
+    eye[torch.arange(n, device=device), torch.arange(n, device=device) + rank * n] = True
+    return eye
+
+
+def positive_mask(ids: Optional[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+    """Local rows x global columns: the sample's own pair, plus every same-identity column when ``ids`` is given."""
+    rank, world_size = world()
+    mask = _local_diagonal(n, n * world_size, rank, device)
+    if ids is not None:
+        mask |= same_identity(ids.to(device), all_gather_no_grad(ids.to(device)))
+    return mask
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
+                     ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP, Radford et al. 2021) between rows of ``a`` and ``b``: row i of ``a`` matches
+    row i of ``b``, and with ``ids`` also every column of the same identity, each with the same target
+    probability (multi-positive InfoNCE: the soft-target cross-entropy of UniCL, Yang et al. 2022).
 
     ``a``, ``b``: L2-normalised, local_batch x dim. ``logit_scale``: the multiplier 1/temperature (a scalar
-    or 1-element tensor, already exponentiated). Gathers over the default process group when one is
-    initialised with more than one rank; plain single-process InfoNCE otherwise.
+    or 1-element tensor, already exponentiated). ``ids=None`` is plain CLIP. Gathers over the default
+    process group when one is initialised with more than one rank; single-process InfoNCE otherwise.
     """
     a, b = at_least_fp32(a), at_least_fp32(b)
     rank, _ = world()
     a_all, b_all = all_gather_with_grad(a), all_gather_with_grad(b)
-    labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
     scale = logit_scale.to(a.dtype).reshape(())
-    loss_ab = F.cross_entropy(scale * a @ b_all.T, labels)
-    loss_ba = F.cross_entropy(scale * b @ a_all.T, labels)
-    return (loss_ab + loss_ba) / 2
+    logits_ab, logits_ba = scale * a @ b_all.T, scale * b @ a_all.T
+    if ids is None:
+        target = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
+    else:
+        positives = positive_mask(ids, a.shape[0], a.device).to(a.dtype)
+        target = positives / positives.sum(1, keepdim=True)
+    return (F.cross_entropy(logits_ab, target) + F.cross_entropy(logits_ba, target)) / 2
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+def sigmoid_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                 ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SigLIP (Zhai et al. 2023): every (image, text) pair of the global batch is an independent binary
+    decision, ``-log sigmoid(z * (scale * a.b + bias))`` with z = +1 for positives (the own pair, and with
+    ``ids`` every same-identity pair) and -1 otherwise, summed and divided by the global batch size.
+
+    Each rank scores its local rows of ``a`` against all gathered rows of ``b``, so every pair is scored on
+    exactly one rank and memory is O(local x global); the per-rank loss is that rank's sum over its local
+    batch size, so the mean over ranks is the single-process loss.
+    """
+    a, b = at_least_fp32(a), at_least_fp32(b)
+    b_all = all_gather_with_grad(b)
+    logits = logit_scale.to(a.dtype).reshape(()) * a @ b_all.T + logit_bias.to(a.dtype).reshape(())
+    sign = positive_mask(ids, a.shape[0], a.device).to(a.dtype) * 2 - 1
+    return -F.logsigmoid(sign * logits).sum() / a.shape[0]
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
+            ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """NT-Xent (SimCLR, Chen et al. 2020; SLIP's image term) between two views ``z1``, ``z2`` (local x dim).
 
     Every one of the 2N global embeddings is an anchor whose positive is its other view and whose
-    negatives are the remaining 2N - 2 embeddings of the global batch; the temperature is fixed. Inputs are
-    L2-normalised. Each rank computes its 2 x local anchors against all 2N candidates.
+    negatives are the remaining 2N - 2 embeddings of the global batch, except, with ``ids``, both views of
+    every other same-identity sample (masked out: they are neither negatives nor extra positives). The
+    temperature is fixed. Inputs are L2-normalised. Each rank computes its 2 x local anchors against all
+    2N candidates.
     """
     z1, z2 = at_least_fp32(z1), at_least_fp32(z2)
     rank, world_size = world()
@@ -51,8 +108,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     anchors = torch.cat([z1, z2], dim=0)  # 2n x dim
     logits = anchors @ candidates.T / temperature
     local = torch.arange(n, device=z1.device) + rank * n
-    self_idx = torch.cat([local, local + total])
     positive = torch.cat([local + total, local])
-    rows = torch.arange(2 * n, device=z1.device)
-    logits = logits.index_put((rows, self_idx), torch.tensor(float("-inf"), dtype=logits.dtype, device=z1.device))
-    return F.cross_entropy(logits, positive)
+    excluded = positive_mask(ids, n, z1.device).repeat(2, 2)  # own sample (both views) and same identity
+    excluded[torch.arange(2 * n, device=z1.device), positive] = False
+    return F.cross_entropy(logits.masked_fill(excluded, float("-inf")), positive)

@@ -2,8 +2,9 @@
 
 ALBEF (Li et al. 2021) / BLIP sample, for each image, one negative text with probability
 softmax(similarity / temperature) over the other texts of the (gathered) batch, and likewise one negative
-image per text. We draw that sample with the Gumbel-max trick: argmax(logits + Gumbel noise), positive
-excluded. The noise is a counter-based hash of (seed, step, stream, global row, column), so each rank
+image per text. We draw that sample with the Gumbel-max trick: argmax(logits + Gumbel noise), with the positive
+and every sample of the same report or group excluded (a verbatim duplicate of the positive report is no
+negative: at a high logit scale it would be drawn nearly every time). The noise is a counter-based hash of (seed, step, stream, global row, column), so each rank
 computes only its own rows, on any device, and a distributed run picks exactly the negatives a
 single-process run on the global batch would pick.
 """
@@ -35,17 +36,17 @@ def gumbel_noise(seed: int, step: int, stream: int, rows: torch.Tensor, num_cols
 
 
 @torch.no_grad()
-def sample_hard_negatives(logits: torch.Tensor, row_offset: int, seed: int, step: int, stream: int) -> torch.Tensor:
-    """One column per row, drawn with probability softmax(logits row) over all columns but the positive.
+def sample_hard_negatives(logits: torch.Tensor, excluded: torch.Tensor, row_offset: int, seed: int, step: int,
+                          stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column per row, drawn with probability softmax(logits row) over the columns not ``excluded``.
 
-    ``logits``: local rows x global columns (row i's positive is column ``row_offset + i``). Returns the
-    sampled global column indices (long, local rows). ``stream`` separates independent draws of one step
-    (e.g. 0 for image->text, 1 for text->image).
+    ``logits``: local rows x global columns; ``excluded``: a boolean mask of the same shape (the own pair and
+    every same-identity column, ``contrastive.positive_mask``); the local rows are global rows
+    ``row_offset ...``. Returns ``(columns, valid)``: the sampled global column indices (long) and whether the
+    row had any allowed column at all (where not, its column is meaningless). ``stream`` separates independent
+    draws of one step (e.g. 0 for image->text, 1 for text->image).
     """
     n, num_cols = logits.shape
-    if num_cols < 2:
-        raise ValueError("hard-negative sampling needs a global batch of at least 2 pairs")
     rows = torch.arange(n, device=logits.device) + row_offset
-    scores = logits.double() + gumbel_noise(seed, step, stream, rows, num_cols)
-    scores[torch.arange(n, device=logits.device), rows] = float("-inf")
-    return scores.argmax(dim=1)
+    scores = (logits.double() + gumbel_noise(seed, step, stream, rows, num_cols)).masked_fill(excluded, float("-inf"))
+    return scores.argmax(dim=1), ~excluded.all(dim=1)

@@ -1,5 +1,21 @@
-"""The Uni-Mlip objective: the weighted sum of the enabled terms, each also reported unweighted."""
+"""The Uni-Mlip objective: the weighted sum of the enabled terms, each also reported unweighted.
+
+Identity: ``loss.positives`` says which other samples of a batch count as the same pair (``report``: equal
+normalised report, ``report+group``: or the same patient/study, ``none``: only the sample itself).
+
+Negatives across gradient accumulation (``train.negatives=accumulated``, open_clip's ``--accum-freq``,
+GradCache): a first, gradient-free forward of the step's K micro batches caches the contrastive embeddings
+(``cache_entry``); then each micro batch k is recomputed with gradients (its random state replayed by the
+trainer, so the recomputation equals the cached pass) and every contrastive term scores the *whole* step's
+batch, micro batch k live and the others from the cache. Summed over k, the gradients of the embeddings are
+exactly those of one loss over all K micro batches. Two corrections make the sum exact: a contrastive term's
+value enters micro batch k's loss K times (the engine divides every micro loss by K), and the temperature
+(and sigmoid bias), which every micro batch sees live, carries only 1/K of its gradient each time.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -7,21 +23,80 @@ from torch import nn
 from unimlip_train.config import Config
 from unimlip_train.losses.terms import TERMS
 
+_SHARED_SCALARS = ("logit_scale", "logit_bias")
+
+
+def identity(batch: dict, positives: str) -> Optional[torch.Tensor]:
+    """The ids the contrastive terms compare (``contrastive.same_identity``), or None for ``none``."""
+    if positives == "none":
+        return None
+    for key in ("report_id", "group_id") if positives == "report+group" else ("report_id",):
+        if key not in batch:
+            raise KeyError(f"loss.positives={positives} needs batch['{key}'] (the loader adds it); "
+                           "set loss.positives=none to train without identities")
+    if positives == "report":
+        return batch["report_id"]
+    return torch.stack([batch["report_id"], batch["group_id"]], dim=1)
+
+
+@dataclass
+class AccumulationCache:
+    """The no-grad contrastive embeddings and ids of one optimizer step's micro batches, and which one is
+    being recomputed with gradients now."""
+
+    entries: list
+    index: int
+
 
 class UniMlipObjective(nn.Module):
-    """Builds every term whose ``cfg.loss.<term>.weight`` is non-zero; ``forward`` returns
-    ``{"loss": sum(weight * term), <term name>: unweighted term value (detached), ...}``."""
+    """Builds every term whose ``cfg.loss.<term>.weight`` is non-zero; ``forward`` returns ``(loss, logs)``:
+    the loss to back-propagate, and detached scalars ``{"loss": sum(weight * term), <term name>: unweighted
+    term value, <extra counters>}`` (the two losses differ only under accumulation, see above)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         enabled = cfg.loss.enabled()
         self.weights = {name: term_cfg.weight for name, term_cfg in enabled.items()}
-        self.terms = nn.ModuleDict(
-            {name: TERMS[name](term_cfg.temperature, seed=cfg.seed) for name, term_cfg in enabled.items()}
-        )
+        self.terms = nn.ModuleDict({name: TERMS[name](cfg) for name in enabled})
+        self.positives = cfg.loss.positives
 
-    def forward(self, batch: dict, outputs: dict, model: nn.Module, step: int) -> dict[str, torch.Tensor]:
-        values = {name: term(batch, outputs, model, step) for name, term in self.terms.items()}
-        total = sum(self.weights[name] * value for name, value in values.items())
-        logs = {name: value.detach() for name, value in values.items()}
-        return {"loss": total, **logs}
+    @property
+    def cached_keys(self) -> tuple:
+        """Model outputs the contrastive terms read: what an accumulation cache holds."""
+        return tuple(dict.fromkeys(k for t in self.terms.values() if t.contrastive for k in t.inputs))
+
+    def cache_entry(self, batch: dict, outputs: dict) -> dict:
+        """One micro batch's contribution to an ``AccumulationCache`` (detached)."""
+        return {"emb": {k: outputs[k].detach() for k in self.cached_keys}, "ids": identity(batch, self.positives)}
+
+    def _accumulated(self, outputs: dict, ids: Optional[torch.Tensor], cache: AccumulationCache) -> tuple:
+        """Outputs and ids of the whole step: micro batch ``cache.index`` live, the others cached."""
+        k, entries = cache.index, cache.entries
+        acc = dict(outputs)
+        for key in self.cached_keys:
+            acc[key] = torch.cat([outputs[key] if j == k else e["emb"][key] for j, e in enumerate(entries)])
+        for key in _SHARED_SCALARS:
+            if key in outputs:
+                v = outputs[key]
+                acc[key] = v.detach() + (v - v.detach()) / len(entries)
+        acc_ids = None if ids is None else torch.cat([ids if j == k else e["ids"] for j, e in enumerate(entries)])
+        return acc, acc_ids
+
+    def forward(self, batch: dict, outputs: dict, model: nn.Module, step: int,
+                cache: Optional[AccumulationCache] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids = identity(batch, self.positives)
+        acc, acc_ids, repeat = outputs, ids, 1
+        if cache is not None:
+            acc, acc_ids = self._accumulated(outputs, ids, cache)
+            repeat = len(cache.entries)
+        total, value, logs = 0.0, 0.0, {}
+        for name, term in self.terms.items():
+            if term.contrastive:
+                result, factor = term(batch, acc, model, step, acc_ids), repeat
+            else:
+                result, factor = term(batch, outputs, model, step, ids), 1
+            extra = result if isinstance(result, dict) else {name: result}
+            total = total + self.weights[name] * factor * extra[name]
+            value = value + self.weights[name] * extra[name].detach()
+            logs.update({k: v.detach() for k, v in extra.items()})
+        return total, {"loss": value, **logs}

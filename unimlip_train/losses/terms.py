@@ -2,89 +2,115 @@
 
 Each term is a small module called with the batch, the model outputs (see ``UniMlip.forward``), the model
 itself (fused terms run its fusion encoder and heads inside the training forward, so ZeRO-3 gathers their
-parameters) and the step (seeds ITM's negative sampling). It returns its unweighted scalar value.
+parameters), the step (seeds ITM's negative sampling) and the samples' identities (``ids``: which other
+samples carry the same report or group, see ``contrastive``). It returns its unweighted scalar value, or a
+dict holding it under the term's name plus extra counters to log.
+
+Contrastive terms (``contrastive = True``) score a batch against negatives gathered from every rank; under
+gradient accumulation they receive the outputs of all the optimizer step's micro batches (see
+``objective``). MLM and ITM are per micro batch.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimlip_train.losses.contrastive import at_least_fp32, contrastive_loss, nt_xent
-from unimlip_train.losses.gather import all_gather_no_grad, all_gather_with_grad, global_max, global_sum, world
+from unimlip_train.config import Config
+from unimlip_train.losses.contrastive import at_least_fp32, contrastive_loss, nt_xent, positive_mask, sigmoid_loss
+from unimlip_train.losses.gather import all_gather_no_grad, exchange_rows, global_max, global_sum, world
 from unimlip_train.losses.hard_negatives import sample_hard_negatives
 
 
 class Term(nn.Module):
-    """Base: a named loss term with its fixed temperature (used by the uni-modal NT-Xent terms)."""
+    """Base: a named loss term; ``inputs`` are the two model outputs a contrastive term contrasts."""
 
     name = ""
+    contrastive = False
+    inputs: tuple = ()
 
-    def __init__(self, temperature: float, seed: int = 0):
+    def __init__(self, cfg: Config):
         super().__init__()
-        self.temperature = temperature
-        self.seed = seed
+        self.temperature = getattr(cfg.loss, self.name).temperature
+        self.itc_kind = cfg.loss.itc.kind
+        self.seed = cfg.seed
 
 
-class ITC(Term):
-    """Cross-modal, data-level: CLIP image-text contrast (Radford et al. 2021), symmetric InfoNCE between
-    the first image view and the report, learnable temperature, negatives from the global batch."""
+class _ImageText(Term):
+    """Image-text contrast between ``inputs`` (image side, text side) with the model's learnable temperature:
+    symmetric InfoNCE (CLIP) or, with ``loss.itc.kind=sigmoid``, the SigLIP loss; same-identity pairs are
+    positives."""
+
+    contrastive = True
+
+    def forward(self, batch: dict, out: dict, model: nn.Module, step: int, ids: Optional[torch.Tensor]):
+        image, text = (out[k] for k in self.inputs)
+        if self.itc_kind == "sigmoid":
+            return sigmoid_loss(image, text, out["logit_scale"], out["logit_bias"], ids)
+        return contrastive_loss(image, text, out["logit_scale"], ids)
+
+
+class _TwoViews(Term):
+    """NT-Xent between two views (``inputs``) at the term's fixed temperature; same-identity samples are not
+    negatives."""
+
+    contrastive = True
+
+    def forward(self, batch: dict, out: dict, model: nn.Module, step: int, ids: Optional[torch.Tensor]):
+        return nt_xent(out[self.inputs[0]], out[self.inputs[1]], self.temperature, ids)
+
+
+class ITC(_ImageText):
+    """Cross-modal, data-level: CLIP image-text contrast (Radford et al. 2021) between the first image view
+    and the report, learnable temperature, negatives from the global batch; multi-positive by identity
+    (UniCL, Yang et al. 2022); ``loss.itc.kind=sigmoid``: SigLIP (Zhai et al. 2023)."""
 
     name = "itc"
-
-    def forward(self, batch: dict, out: dict, model: nn.Module, step: int) -> torch.Tensor:
-        return contrastive_loss(out["image_emb"], out["text_emb"], out["logit_scale"])
+    inputs = ("image_emb", "text_emb")
 
 
-class ITCFeature(Term):
-    """Cross-modal, feature-level: the same contrast between feature-perturbed embeddings: dropout noise on
-    the pooled tower features before the projections (SimCSE-style feature noise, Gao et al. 2021), which
-    needs no second tower pass."""
+class ITCFeature(_ImageText):
+    """Cross-modal, feature-level: the same contrast between the feature-perturbed passes: the image through
+    the encoder with patch dropout (FLIP, Li et al. 2023) or stochastic depth, the report through the encoder
+    with fresh dropout (SimCSE's noise, Gao et al. 2021). ``loss.feature_perturbation=pooled_dropout``:
+    dropout on the pooled vectors instead (the earlier variant)."""
 
     name = "itc_feature"
-
-    def forward(self, batch: dict, out: dict, model: nn.Module, step: int) -> torch.Tensor:
-        return contrastive_loss(out["image_emb_feat"], out["text_emb_feat"], out["logit_scale"])
+    inputs = ("image_emb_feat", "text_emb_feat")
 
 
-class ImageSSL(Term):
+class ImageSSL(_TwoViews):
     """Uni-modal image, data-level: SLIP (Mu et al. 2022) / SimCLR NT-Xent between two medical-augmented
     views through the image SSL projection head, fixed temperature, gathered negatives."""
 
     name = "image_ssl"
-
-    def forward(self, batch: dict, out: dict, model: nn.Module, step: int) -> torch.Tensor:
-        return nt_xent(out["image_ssl_1"], out["image_ssl_2"], self.temperature)
+    inputs = ("image_ssl_1", "image_ssl_2")
 
 
-class ImageFeature(Term):
-    """Uni-modal image, feature-level: NT-Xent between two dropout-perturbed copies of the pooled image
-    feature through the SSL head (SimCSE's dropout-as-augmentation applied to image features)."""
+class ImageFeature(_TwoViews):
+    """Uni-modal image, feature-level: NT-Xent between the clean pass of view 1 and its perturbed pass (patch
+    dropout as FLIP, or stochastic depth) through the image SSL head: masked-token consistency."""
 
     name = "image_feature"
-
-    def forward(self, batch: dict, out: dict, model: nn.Module, step: int) -> torch.Tensor:
-        return nt_xent(out["image_ssl_feat1"], out["image_ssl_feat2"], self.temperature)
+    inputs = ("image_feature_1", "image_feature_2")
 
 
-class TextSSL(Term):
+class TextSSL(_TwoViews):
     """Uni-modal text, data-level: NT-Xent between the report and its augmented copy (sentence shuffle /
     drop, span masking: the loader's second text view), in the shared embedding space."""
 
     name = "text_ssl"
-
-    def forward(self, batch: dict, out: dict, model: nn.Module, step: int) -> torch.Tensor:
-        return nt_xent(out["text_emb"], out["text_view2_emb"], self.temperature)
+    inputs = ("text_emb", "text_view2_emb")
 
 
-class TextFeature(Term):
-    """Uni-modal text, feature-level: SimCSE (Gao et al. 2021) dropout contrast. Variant: the two dropout
-    masks act on the pooled text feature (not inside the encoder), so no second text-tower pass is needed."""
+class TextFeature(_TwoViews):
+    """Uni-modal text, feature-level: SimCSE (Gao et al. 2021): two passes of the same report through the
+    text encoder with dropout active in every layer, contrasted in the text SSL head's own space."""
 
     name = "text_feature"
-
-    def forward(self, batch: dict, out: dict, model: nn.Module, step: int) -> torch.Tensor:
-        return nt_xent(out["text_emb_feat"], out["text_emb_feat2"], self.temperature)
+    inputs = ("text_feature_1", "text_feature_2")
 
 
 class MLM(Term):
@@ -95,7 +121,7 @@ class MLM(Term):
 
     name = "mlm"
 
-    def forward(self, batch: dict, out: dict, model: nn.Module, step: int) -> torch.Tensor:
+    def forward(self, batch: dict, out: dict, model: nn.Module, step: int, ids: Optional[torch.Tensor]):
         fused = model.fuse(out["mlm_tokens"], out["text_mask"], out["image_tokens"])
         labels = batch["mlm_labels"].to(fused.device)
         selected = labels != -100
@@ -109,41 +135,43 @@ class MLM(Term):
 class ITM(Term):
     """Fused, feature-level: ALBEF / BLIP image-text matching with hard negatives. Per image one negative
     text and per text one negative image are sampled from the *gathered* similarity matrix
-    (∝ softmax(sim * logit_scale), positive excluded; see ``hard_negatives``), identically on every rank
-    for a given (seed, step). Negatives' token states come from an autograd all-gather of the token states
-    (text padded to the global max length), so no tower is re-run. Binary CE over n positives and 2n
-    negatives per rank."""
+    (∝ softmax(sim * logit_scale); see ``hard_negatives``), identically on every rank for a given
+    (seed, step), never the own pair nor a same-identity sample. Only the sampled negatives' token states
+    travel between ranks (an autograd all-to-all), and no tower is re-run. Binary CE over n positives and up
+    to 2n negatives per rank, normalised by the global count; a row with no valid negative (every sample of
+    the batch shares its identity) is dropped and counted (``itm_dropped_rows``)."""
 
     name = "itm"
 
-    def forward(self, batch: dict, out: dict, model: nn.Module, step: int) -> torch.Tensor:
+    def forward(self, batch: dict, out: dict, model: nn.Module, step: int, ids: Optional[torch.Tensor]):
         image_emb, text_emb = at_least_fp32(out["image_emb"]), at_least_fp32(out["text_emb"])
-        rank, _ = world()
+        rank, world_size = world()
         n = image_emb.shape[0]
         with torch.no_grad():
             scale = out["logit_scale"].to(image_emb.dtype).reshape(())
+            excluded = positive_mask(ids, n, image_emb.device)
             i2t = scale * image_emb @ all_gather_no_grad(text_emb).T
             t2i = scale * text_emb @ all_gather_no_grad(image_emb).T
-            neg_text = sample_hard_negatives(i2t, rank * n, self.seed, step, stream=0)
-            neg_image = sample_hard_negatives(t2i, rank * n, self.seed, step, stream=1)
-        image_tokens = out["image_tokens"]
+            neg_text, valid_text = sample_hard_negatives(i2t, excluded, rank * n, self.seed, step, stream=0)
+            neg_image, valid_image = sample_hard_negatives(t2i, excluded, rank * n, self.seed, step, stream=1)
         text_tokens, text_mask = _pad_tokens(out["text_tokens"], out["text_mask"])
-        image_all = all_gather_with_grad(image_tokens)
-        text_all = all_gather_with_grad(text_tokens)
-        mask_all = all_gather_no_grad(text_mask)
         fused = model.fuse(
-            torch.cat([text_tokens, text_all[neg_text], text_tokens]),
-            torch.cat([text_mask, mask_all[neg_text], text_mask]),
-            torch.cat([image_tokens, image_tokens, image_all[neg_image]]),
+            torch.cat([text_tokens, exchange_rows(text_tokens, neg_text), text_tokens]),
+            torch.cat([text_mask, exchange_rows(text_mask, neg_text), text_mask]),
+            torch.cat([out["image_tokens"], out["image_tokens"], exchange_rows(out["image_tokens"], neg_image)]),
         )
         logits = at_least_fp32(model.itm_head(fused[:, 0]))
         labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(logits.device)
-        return F.cross_entropy(logits, labels)
+        keep = torch.cat([torch.ones_like(valid_text), valid_text, valid_image]).to(logits.dtype)
+        loss_sum = (F.cross_entropy(logits, labels, reduction="none") * keep).sum()
+        count = global_sum(keep.sum())
+        dropped = global_sum((2 * n - keep[n:].sum()).reshape(()))
+        return {self.name: loss_sum * world_size / count.clamp(min=1.0), "itm_dropped_rows": dropped}
 
 
 def _pad_tokens(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token states and mask to the longest text over ranks, so they can be all-gathered."""
-    length = global_max(tokens.shape[1], tokens.device)
+    """Right-pad token states and mask to the longest text over ranks, so rows can move between ranks."""
+    length = global_max(tokens.shape[1])
     extra = length - tokens.shape[1]
     if extra == 0:
         return tokens, mask

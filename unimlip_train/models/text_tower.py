@@ -1,30 +1,39 @@
 """Text tower: a Hugging Face encoder by name / local folder, or a random-init BERT from YAML."""
 from __future__ import annotations
 
+import re
+
 import torch
-from torch import nn
-from transformers import AutoModel, BertConfig, BertModel
+from transformers import BertConfig, BertModel
 
 from unimlip_train.config import Config
+from unimlip_train.models.locking import LockableTower
+from unimlip_train.models.pretrained import load_text_model
+
+_LAYER = re.compile(r"\.layers?\.(\d+)\.")
 
 
-class TextTower(nn.Module):
+class TextTower(LockableTower):
     """``forward(input_ids, attention_mask) -> (pooled B x H, tokens B x L x H)``.
 
     ``cfg.model.text.name`` set: ``AutoModel.from_pretrained(name, **cfg.model.text.config)`` (a hub id in
-    the cache or a local folder; ``config`` then overrides fields such as dropout).
+    the cache or a local folder; ``config`` then overrides fields). ``model.text.dropout`` sets the encoder's
+    own dropout in every layer: the noise SimCSE's feature-level term contrasts.
     Empty: ``BertConfig(**cfg.model.text.config)`` with vocabulary size and pad id from the tokenizer,
     randomly initialised (CPU tests, from-scratch runs). Pooling is the first token (``cls``) or the
-    attention-masked mean (``mean``).
+    attention-masked mean (``mean``). ``model.text.lock`` freezes the encoder except its last
+    ``lock_unlocked_groups`` layers (open_clip's ``lock_text_unlocked_layers``).
     """
 
     def __init__(self, cfg: Config, tokenizer):
         super().__init__()
         tcfg = cfg.model.text
+        # model.text.dropout in every layer (BERT-family names); an explicit model.text.config entry wins.
+        options = {"hidden_dropout_prob": tcfg.dropout, "attention_probs_dropout_prob": tcfg.dropout, **tcfg.config}
         if tcfg.name:
-            self.model = AutoModel.from_pretrained(tcfg.name, **tcfg.config)
+            self.model = load_text_model(tcfg.name, options)
         else:
-            config = BertConfig(**{**tcfg.config, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id})
+            config = BertConfig(**{**options, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id})
             self.model = BertModel(config, add_pooling_layer=False)
         vocab = self.model.get_input_embeddings().num_embeddings
         if len(tokenizer) > vocab:
@@ -35,6 +44,17 @@ class TextTower(nn.Module):
         self.hidden_size = self.model.config.hidden_size
         if cfg.model.grad_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if tcfg.lock:
+            self.lock(tcfg.lock_unlocked_groups, "model.text.lock_unlocked_groups")
+
+    def layer_ids(self) -> dict[str, int]:
+        """Embeddings 0, encoder layer i at i + 1; anything else (pooler, final norm) joins the top layer."""
+        top = self.model.config.num_hidden_layers
+        ids = {}
+        for name, _ in self.named_parameters():
+            layer = _LAYER.search(name)
+            ids[name] = int(layer.group(1)) + 1 if layer else 0 if "embeddings" in name else top
+        return ids
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

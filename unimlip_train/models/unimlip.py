@@ -1,4 +1,4 @@
-"""The Uni-Mlip model: two towers, projections to a shared space, SSL head, temperature, fusion encoder."""
+"""The Uni-Mlip model: two towers, projections to a shared space, SSL heads, temperature, fusion encoder."""
 from __future__ import annotations
 
 import math
@@ -19,12 +19,13 @@ TERM_BATCH_KEYS = {
     "mlm": ("mlm_input_ids", "mlm_labels"),
 }
 _BASE_KEYS = ("image", "input_ids", "attention_mask")
+_SIGLIP_INIT_SCALE, _SIGLIP_INIT_BIAS = 10.0, -10.0  # Zhai et al. 2023, section 3.2
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalised in fp32: under bf16 the norm and the logits built from it would lose the small
+    """L2-normalised in at least fp32: under bf16 the norm and the logits built from it would lose the small
     differences between embeddings that a contrastive loss lives on."""
-    return F.normalize(x.float(), dim=-1)
+    return F.normalize(x.float() if x.element_size() < 4 else x, dim=-1)
 
 
 def projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
@@ -34,32 +35,44 @@ def projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
 
 
+def ssl_head(in_dim: int, out_dim: int) -> nn.Module:
+    """SLIP's SSL MLP, with no BatchNorm so a rank's result does not depend on how the batch is split."""
+    return nn.Sequential(nn.Linear(in_dim, 2 * in_dim), nn.GELU(), nn.Linear(2 * in_dim, out_dim))
+
+
 class UniMlip(nn.Module):
-    """Image/text towers, projections, the image SSL head, the learnable temperature and the fused part.
+    """Image/text towers, projections, the SSL heads, the learnable temperature and the fused part.
 
     Heads exist only for enabled terms (``cfg.loss.<term>.weight != 0``): ``image_ssl_head`` for
-    image_ssl / image_feature, ``fusion`` for mlm / itm, ``mlm_head`` for mlm, ``itm_head`` for itm.
+    image_ssl / image_feature, ``text_ssl_head`` for text_feature (encoder perturbation), ``fusion`` for
+    mlm / itm, ``mlm_head`` for mlm, ``itm_head`` for itm, ``logit_bias`` for the sigmoid ITC loss.
     ``logit_scale`` is a (1,)-shaped parameter (DeepSpeed cannot broadcast 0-dim parameters) holding
-    log(1 / temperature); ``forward`` returns it exponentiated and clamped at ``cfg.model.max_logit_scale``.
+    log(1 / temperature); ``forward`` returns it exponentiated. It is *not* clamped in the forward pass
+    (a clamp there zeroes its gradient past the bound, and momentum can carry it further, never to return):
+    the trainer clamps the parameter in place after every optimizer step (``clamp_logit_scale_``).
     """
 
     def __init__(self, cfg: Config, tokenizer):
         super().__init__()
         m = cfg.model
         self.terms = frozenset(cfg.loss.enabled())
+        self.perturbation = cfg.loss.feature_perturbation
         self.feature_dropout = m.feature_dropout
-        self.max_log_scale = math.log(m.max_logit_scale)
+        self.log_scale_bounds = (0.0, math.log(m.max_logit_scale))
         self.image_tower = ImageTower(cfg)
         self.text_tower = TextTower(cfg, tokenizer)
         image_dim, text_dim = self.image_tower.num_features, self.text_tower.hidden_size
         self.image_proj = projection(m.projection, image_dim, m.embed_dim)
         self.text_proj = projection(m.projection, text_dim, m.embed_dim)
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / m.init_temperature)))
+        sigmoid = cfg.loss.itc.kind == "sigmoid"
+        init_scale = _SIGLIP_INIT_SCALE if sigmoid else 1.0 / m.init_temperature
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(init_scale)))
+        if sigmoid:
+            self.logit_bias = nn.Parameter(torch.full((1,), _SIGLIP_INIT_BIAS))
         if self.terms & {"image_ssl", "image_feature"}:
-            # SLIP's SSL MLP, with no BatchNorm so a rank's result does not depend on how the batch is split
-            self.image_ssl_head = nn.Sequential(
-                nn.Linear(image_dim, 2 * image_dim), nn.GELU(), nn.Linear(2 * image_dim, m.ssl_embed_dim)
-            )
+            self.image_ssl_head = ssl_head(image_dim, m.ssl_embed_dim)
+        if "text_feature" in self.terms and self.perturbation == "encoder":
+            self.text_ssl_head = ssl_head(text_dim, m.ssl_embed_dim)
         if self.terms & {"mlm", "itm"}:
             self.fusion = FusionEncoder(text_dim, image_dim, m.fusion.layers, m.fusion.heads)
         if "mlm" in self.terms:
@@ -81,6 +94,12 @@ class UniMlip(nn.Module):
         """Image-conditioned text token states from the fusion encoder (for the MLM and ITM heads)."""
         return self.fusion(text_tokens, text_mask, image_tokens)
 
+    @torch.no_grad()
+    def clamp_logit_scale_(self, clamp) -> None:
+        """Keep log(1 / temperature) in [ln 1, ln model.max_logit_scale] after an optimizer step (open_clip);
+        ``clamp(param, lo, hi)`` clamps where the optimizer keeps the parameter (``engine.clamp_parameter_``)."""
+        clamp(self.logit_scale, *self.log_scale_bounds)
+
     def check_batch(self, batch: dict) -> None:
         """Fail clearly when an enabled term's input is missing, instead of silently skipping the term."""
         for key in _BASE_KEYS:
@@ -97,14 +116,18 @@ class UniMlip(nn.Module):
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.feature_dropout, self.training)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """One tower pass per view; every term reads these outputs. Keys (``*`` only when its term is on):
+    def forward(self, batch: dict, contrastive_only: bool = False) -> dict[str, torch.Tensor]:
+        """Every tower pass the enabled terms need, once; every term reads these outputs.
 
-        image_emb, text_emb (normalised, view 1), logit_scale (0-dim, exp'd, clamped), image_tokens,
-        text_tokens, text_mask; image_emb_feat, text_emb_feat (itc_feature / text_feature*: projections of
-        a dropout-perturbed pooled feature); text_emb_feat2 (text_feature*: a second dropout copy);
-        image_ssl_feat1, image_ssl_feat2 (image_feature*: two dropout copies through the SSL head);
-        image_ssl_1, image_ssl_2 (image_ssl*: views 1 and 2 through the SSL head); text_view2_emb
+        Passes, in this order (the order the random state is consumed in, so a replayed forward reproduces
+        them): image view 1, report; image view 2 (image_ssl); augmented report (text_ssl); the feature-level
+        passes (encoder perturbation: view 1 again with patch dropout / stochastic depth, the report again
+        with the encoder's dropout); the masked report (mlm), skipped when ``contrastive_only``.
+
+        Keys (``*`` only when its term is on): image_emb, text_emb (normalised, view 1), logit_scale (0-dim,
+        exp'd), logit_bias (sigmoid ITC), image_tokens, text_tokens, text_mask; image_emb_feat, text_emb_feat
+        (itc_feature*); image_feature_1/2, text_feature_1/2 (image_feature*, text_feature*: the two sides
+        each feature-level NT-Xent contrasts); image_ssl_1, image_ssl_2 (image_ssl*); text_view2_emb
         (text_ssl*); mlm_tokens (mlm*: text token states of ``mlm_input_ids``).
         """
         self.check_batch(batch)
@@ -114,29 +137,65 @@ class UniMlip(nn.Module):
         out = {
             "image_emb": _unit(self.image_proj(image_pooled)),
             "text_emb": _unit(self.text_proj(text_pooled)),
-            "logit_scale": self.logit_scale.clamp(max=self.max_log_scale).exp().reshape(()),
+            "logit_scale": self.logit_scale.exp().reshape(()),
             "image_tokens": image_tokens,
             "text_tokens": text_tokens,
             "text_mask": batch["attention_mask"],
         }
+        if hasattr(self, "logit_bias"):
+            out["logit_bias"] = self.logit_bias.reshape(())
+        if terms & {"image_ssl", "image_feature"}:
+            image_ssl_1 = _unit(self.image_ssl_head(image_pooled))
+        if "image_ssl" in terms:
+            view2_pooled, _ = self.image_tower(batch["image_view2"])
+            out["image_ssl_1"], out["image_ssl_2"] = image_ssl_1, _unit(self.image_ssl_head(view2_pooled))
+        if "text_ssl" in terms:
+            view2_pooled, _ = self.text_tower(batch["text_view2_ids"], batch["text_view2_mask"])
+            out["text_view2_emb"] = _unit(self.text_proj(view2_pooled))
+        if terms & {"itc_feature", "image_feature", "text_feature"}:
+            perturb = self._encoder_features if self.perturbation == "encoder" else self._pooled_dropout_features
+            out.update(perturb(batch, image_pooled, text_pooled, image_ssl_1 if "image_feature" in terms else None))
+        if "mlm" in terms and not contrastive_only:
+            out["mlm_tokens"] = self.text_tower(batch["mlm_input_ids"], batch["attention_mask"])[1]
+        return out
+
+    def _encoder_features(self, batch: dict, image_pooled, text_pooled, image_ssl_1) -> dict:
+        """Feature level as the literature does it: a second pass of the same inputs with noise *inside* the
+        encoders. Image: view 1 with patch dropout (FLIP) or stochastic depth; text: the report with the
+        encoder's own dropout in every layer (SimCSE, whose first pass is the ordinary, also dropout-noised
+        report pass)."""
+        terms, out = self.terms, {}
+        if terms & {"itc_feature", "image_feature"}:
+            image_feat, _ = self.image_tower(batch["image"], perturb=True)
+        if terms & {"itc_feature", "text_feature"}:
+            text_feat, _ = self.text_tower(batch["input_ids"], batch["attention_mask"])
+        if "itc_feature" in terms:
+            out["image_emb_feat"] = _unit(self.image_proj(image_feat))
+            out["text_emb_feat"] = _unit(self.text_proj(text_feat))
+        if "image_feature" in terms:
+            out["image_feature_1"], out["image_feature_2"] = image_ssl_1, _unit(self.image_ssl_head(image_feat))
+        if "text_feature" in terms:  # in its own SSL space: the shared space must keep duplicate reports together
+            out["text_feature_1"] = _unit(self.text_ssl_head(text_pooled))
+            out["text_feature_2"] = _unit(self.text_ssl_head(text_feat))
+        return out
+
+    def _pooled_dropout_features(self, batch: dict, image_pooled, text_pooled, image_ssl_1) -> dict:
+        """The earlier variant, kept for comparison (``loss.feature_perturbation=pooled_dropout``): dropout on
+        the pooled vector of the one tower pass. Its two "views" start nearly identical (positive-pair cosine
+        about 0.9 at initialisation), so the terms act mostly as a uniformity penalty."""
+        terms, out = self.terms, {}
         if terms & {"itc_feature", "image_feature"}:
             image_drop = self._drop(image_pooled)
         if terms & {"itc_feature", "text_feature"}:
             out["text_emb_feat"] = _unit(self.text_proj(self._drop(text_pooled)))
         if "itc_feature" in terms:
             out["image_emb_feat"] = _unit(self.image_proj(image_drop))
-        if "text_feature" in terms:
-            out["text_emb_feat2"] = _unit(self.text_proj(self._drop(text_pooled)))
         if "image_feature" in terms:
-            out["image_ssl_feat1"] = _unit(self.image_ssl_head(image_drop))
-            out["image_ssl_feat2"] = _unit(self.image_ssl_head(self._drop(image_pooled)))
-        if "image_ssl" in terms:
-            view2_pooled, _ = self.image_tower(batch["image_view2"])
-            out["image_ssl_1"] = _unit(self.image_ssl_head(image_pooled))
-            out["image_ssl_2"] = _unit(self.image_ssl_head(view2_pooled))
-        if "text_ssl" in terms:
-            view2_pooled, _ = self.text_tower(batch["text_view2_ids"], batch["text_view2_mask"])
-            out["text_view2_emb"] = _unit(self.text_proj(view2_pooled))
-        if "mlm" in terms:
-            out["mlm_tokens"] = self.text_tower(batch["mlm_input_ids"], batch["attention_mask"])[1]
+            out["image_feature_1"] = _unit(self.image_ssl_head(image_drop))
+            out["image_feature_2"] = _unit(self.image_ssl_head(self._drop(image_pooled)))
+        if "text_feature" in terms:
+            out["text_feature_1"] = out["text_emb_feat"]
+            out["text_feature_2"] = _unit(self.text_proj(self._drop(text_pooled)))
+        if "itc_feature" not in terms:
+            out.pop("text_emb_feat", None)
         return out

@@ -1,0 +1,47 @@
+"""VQA-RAD (Lau et al., Sci. Data 2018): ``VQA_RAD Dataset Public.json`` and ``VQA_RAD Image Folder``.
+
+Every JSON record is one question: ``qid, image_name, question, answer, answer_type (CLOSED / OPEN),
+question_type, phrase_type, image_organ, ...`` (all kept with the question). The official test set is the
+questions whose ``phrase_type`` starts with ``test`` (``test_freeform``, ``test_para``: 451 questions), the
+rest is train, as in MEVF, M3AE and PMC-CLIP. An image asked about in both becomes one sample in each split.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from data_prep.adapters.vqa import pack_rows
+from data_prep.rows import InputError, Row
+
+REQUIRED = ("image_name", "question", "answer")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", required=True, help="the VQA-RAD question file (VQA_RAD Dataset Public.json)")
+    parser.add_argument("--images", required=True, help="the image folder (VQA_RAD Image Folder)")
+
+
+def _records(path: Path, images: Path) -> Iterator[tuple[str, dict]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON list of questions, got {type(data).__name__}")
+    for i, r in enumerate(data):
+        where = f"{path}: record {i}"
+        if not isinstance(r, dict) or any(k not in r for k in REQUIRED):
+            raise InputError(f"{where}: needs the fields {', '.join(REQUIRED)}")
+        split = "test" if str(r.get("phrase_type", "")).startswith("test") else "train"
+        yield where, {**r, "image": str(images / r["image_name"]), "split": split}
+
+
+def iter_rows(args: argparse.Namespace) -> Iterator[Row]:
+    path, images = Path(args.json), Path(args.images)
+    if not path.is_file():
+        raise InputError(f"--json {path}: no such file")
+    if not images.is_dir():
+        raise InputError(f"--images {images}: no such directory")
+    return pack_rows(_records(path, images), "vqa-rad")

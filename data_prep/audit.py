@@ -1,0 +1,210 @@
+"""Leakage audit of shard sets: the same image, a near copy of it, the same report, or the same patient/study
+in two places where an evaluation would be fooled by it.
+
+What counts (a *finding* is one image / report / group seen in more than one sample):
+- identical images: equal ``pixel_sha256`` (sha256 of the decoded stored pixels);
+- near-duplicate images: different pixels whose perceptual hashes (``phash``, 64-bit pHash) differ in at most
+  ``near_threshold`` bits (resized, re-encoded or re-windowed copies); linked transitively;
+- identical reports: equal ``report_hash`` (``data_prep.report_text.report_id``: the project's one duplicate rule,
+  whitespace collapsed and case folded, as evaluation scores duplicates);
+- shared groups: one ``group`` (patient / study) in more than one split or set.
+A finding's scope is ``within-split``, ``cross-split`` (one set, several splits) or ``cross-set``. It is a *leak*
+when it crosses splits of a set, or crosses an audited set and an ``--against`` set (without ``--against``:
+any two sets). Shards written before the writer stored these hashes are hashed on the fly, from the same bytes.
+
+Near duplicates are found without comparing all pairs: the 64 bits are cut into ``near_threshold + 1`` chunks,
+and two hashes within the threshold agree exactly on at least one chunk (pigeonhole), so only hashes sharing a
+chunk value are compared.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.fingerprint import image_fingerprint
+from data_prep.report_text import report_body, report_id
+
+KINDS = ("identical_images", "near_duplicate_images", "identical_reports", "shared_groups")
+DEFAULT_NEAR_THRESHOLD = 3  # resized / re-encoded copies differ by <= 2 bits; distinct real X-rays by >= 4
+EXAMPLES = 20
+_IMAGE_EXTS = ("jpg", "jpeg", "png")
+
+
+def report_hash(text: str) -> str:
+    """The shard json's ``report_hash``: the duplicate rule's 63-bit report id (of the report's body, headers
+    aside) as 16 hex digits."""
+    return f"{report_id(report_body(text)):016x}"
+
+
+@dataclass
+class Sample:
+    set: str
+    split: str
+    key: str
+    group: str
+    report: str  # report_hash
+    images: list = field(default_factory=list)  # (pixel_sha256, phash) per image
+
+
+def _image_members(meta: dict, members: dict) -> list[str]:
+    """The sample's image member names: its ``views`` (a study sample), else its one jpg/png."""
+    views = meta.get("views")
+    if isinstance(views, list) and views:
+        return [v["member"] for v in views if isinstance(v, dict) and v.get("member") in members]
+    first = next((e for e in _IMAGE_EXTS if e in members), None)
+    return [first] if first else []
+
+
+def _from_members(set_name: str, split: str, key: str, members: dict) -> Sample:
+    meta = json.loads(members["json"]) if "json" in members else {}
+    text = members["txt"].decode("utf-8", errors="replace") if "txt" in members else ""
+    stored = {v.get("member"): v for v in meta.get("views", []) if isinstance(v, dict)}
+    images = []
+    for member in _image_members(meta, members):
+        known = stored.get(member) or (meta if member in _IMAGE_EXTS else {})
+        if known.get("pixel_sha256") and known.get("phash"):
+            images.append((known["pixel_sha256"], known["phash"]))
+        else:  # a shard from before the writer stored hashes
+            fp = image_fingerprint(members[member])
+            images.append((fp["pixel_sha256"], fp["phash"]))
+    return Sample(set_name, split, key, str(meta.get("group") or key), meta.get("report_hash") or report_hash(text),
+                  images)
+
+
+def read_shard(path: str, set_name: str, split: str) -> Iterator[Sample]:
+    """The samples of one shard (image bytes are only decoded when a sample lacks stored hashes)."""
+    from data_prep.verify import iter_samples  # verify imports the writer, which imports this module
+
+    for key, members in iter_samples(path):
+        yield _from_members(set_name, split, key, members)
+
+
+def read_set(folder: str, progress: bool = False) -> list[Sample]:
+    """Every sample of a shard set (a folder with ``index.json``, or ``index.json`` itself)."""
+    index_path = folder if folder.endswith(".json") else os.path.join(folder, "index.json")
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        splits = index["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index_path}: not a readable shard index ({e})") from None
+    root, name = os.path.dirname(os.path.abspath(index_path)), os.path.normpath(folder)
+    samples: list[Sample] = []
+    shards = [(split, s["name"]) for split, info in splits.items() for s in info.get("shards", [])]
+    for split, shard in tqdm(shards, desc=f"reading {name}", unit="shard", disable=not progress or None, leave=False):
+        samples.extend(read_shard(os.path.join(root, shard), name, split))
+    return samples
+
+
+def _near_pairs(phashes: list[str], threshold: int) -> Iterator[tuple[int, int]]:
+    """Index pairs of hashes within ``threshold`` bits (multi-index hashing, see the module doc)."""
+    values = np.array([int(h, 16) for h in phashes], dtype=np.uint64)
+    seen: set[tuple[int, int]] = set()
+    for bits in np.array_split(np.arange(64, dtype=np.uint64), threshold + 1):
+        mask = np.uint64(sum(1 << int(b) for b in bits))
+        buckets: dict[int, list[int]] = defaultdict(list)
+        for i, chunk in enumerate(values & mask):
+            buckets[int(chunk)].append(i)
+        for members in buckets.values():
+            if len(members) < 2:
+                continue
+            idx = np.array(members)
+            for row in range(len(idx) - 1):  # one row at a time: memory stays linear in the bucket size
+                close = np.bitwise_count(values[idx[row + 1:]] ^ values[idx[row]]) <= threshold
+                for j in idx[row + 1:][close]:
+                    pair = (int(idx[row]), int(j))
+                    if pair not in seen:
+                        seen.add(pair)
+                        yield pair
+
+
+class _Union:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def join(self, a: int, b: int) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def audit(sets: list[list[Sample]], against: list[list[Sample]] | None = None,
+          near_threshold: int = DEFAULT_NEAR_THRESHOLD) -> dict:
+    """Findings and counts over ``sets`` (and ``against``); see the module doc for what counts as a leak."""
+    against = against or []
+    audited = {s.set for samples in sets for s in samples}
+    reference = {s.set for samples in against for s in samples}
+    everything = [s for samples in sets + against for s in samples]
+
+    def finding(kind: str, value: str, members: list[Sample]) -> dict | None:
+        places = {(m.set, m.split) for m in members}
+        names = {m.set for m in members}
+        scope = "cross-set" if len(names) > 1 else "cross-split" if len(places) > 1 else "within-split"
+        if kind == "shared_groups" and scope == "within-split":
+            return None  # a patient's several samples in one split: expected
+        leak = scope == "cross-split" or (scope == "cross-set" and (
+            bool(names & audited) and bool(names & reference) if against else True))
+        return {"kind": kind, "value": value, "scope": scope, "leak": leak,
+                "samples": [{"set": m.set, "split": m.split, "key": m.key} for m in members]}
+
+    by_pixels: dict[str, list[Sample]] = defaultdict(list)
+    phash_of: dict[str, str] = {}
+    by_report: dict[str, list[Sample]] = defaultdict(list)
+    by_group: dict[str, list[Sample]] = defaultdict(list)
+    for s in everything:
+        for pixels, phash in dict.fromkeys(s.images):
+            by_pixels[pixels].append(s)
+            phash_of[pixels] = phash
+        by_report[s.report].append(s)
+        by_group[s.group].append(s)
+
+    findings = []
+    for kind, table in (("identical_images", by_pixels), ("identical_reports", by_report)):
+        findings += [finding(kind, value, members) for value, members in table.items() if len(members) > 1]
+    findings += [finding("shared_groups", g, members) for g, members in by_group.items()
+                 if len({(m.set, m.split) for m in members}) > 1]
+    distinct = list(phash_of)
+    union = _Union(len(distinct))
+    for a, b in _near_pairs([phash_of[p] for p in distinct], near_threshold):
+        union.join(a, b)
+    clusters: dict[int, list[str]] = defaultdict(list)
+    for i, pixels in enumerate(distinct):
+        clusters[union.find(i)].append(pixels)
+    for members in clusters.values():
+        if len(members) > 1:
+            samples = list({id(s): s for p in members for s in by_pixels[p]}.values())
+            findings.append(finding("near_duplicate_images", ",".join(phash_of[p] for p in members), samples))
+    findings = [f for f in findings if f is not None]
+    findings.sort(key=lambda f: (KINDS.index(f["kind"]), not f["leak"], f["value"]))
+    counts = {kind: sum(f["kind"] == kind for f in findings) for kind in KINDS}
+    summary = {**counts, "leaks": sum(f["leak"] for f in findings),
+               "leaks_by_kind": {kind: sum(f["kind"] == kind and f["leak"] for f in findings) for kind in KINDS},
+               "samples": len(everything), "images": len(by_pixels), "near_threshold": near_threshold,
+               "examples": {kind: [_example(f) for f in findings if f["kind"] == kind][:EXAMPLES] for kind in KINDS}}
+    return {"summary": summary, "findings": findings}
+
+
+def _example(f: dict) -> dict:
+    """A finding for the summary line: its first few samples only (a boilerplate report can be in thousands)."""
+    return {**f, "count": len(f["samples"]), "samples": f["samples"][:5]}
+
+
+def table(summary: dict, findings: list[dict]) -> str:
+    """The human-readable table: one line per kind, by scope, and the leaks."""
+    scopes = ("within-split", "cross-split", "cross-set")
+    lines = [f"{'':24}{'total':>8}" + "".join(f"{s:>14}" for s in scopes) + f"{'leaks':>8}"]
+    for kind in KINDS:
+        mine = [f for f in findings if f["kind"] == kind]
+        lines.append(f"{kind:24}{len(mine):>8}" + "".join(f"{sum(f['scope'] == s for f in mine):>14}" for s in scopes)
+                     + f"{sum(f['leak'] for f in mine):>8}")
+    return "\n".join(lines)

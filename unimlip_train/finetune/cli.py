@@ -1,0 +1,134 @@
+"""``unimlip-finetune``: fine-tune a pre-trained checkpoint for classification or medical VQA and score it.
+
+One process (a GPU when there is one). Each command prints per-epoch lines and a table, and as its last stdout
+line one JSON object: classify with ``accuracy``, ``balanced_accuracy``, ``auroc`` (+ per-class AUROC), vqa with
+``closed_accuracy``, ``open_accuracy``, ``overall_accuracy``, ``majority_baseline``; both with the provenance
+``card``. ``--out DIR`` receives ``metrics.json`` (that object), ``card.json``, the fine-tuned
+``model.safetensors`` and ``classes.json`` + ``samples.json`` (the keys trained and validated on) /
+``answers.json`` + ``predictions.jsonl`` (every test question with its predicted answer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Sequence
+
+import torch
+
+EPILOG = """examples:
+  unimlip-finetune classify --checkpoint runs/x --data shards/ --label-key labels --classes normal,pneumonia \\
+      --fraction 0.01 --epochs 10 --out ft/pneumonia_1pct
+  unimlip-finetune classify --checkpoint runs/x --data chexpert/ --label-key labels --multi-label \\
+      --classes Atelectasis,Cardiomegaly,Consolidation,Edema,"Pleural Effusion" --fraction 0.1 --out ft/chexpert_10pct
+  unimlip-finetune vqa --checkpoint runs/x --data vqa_rad_shards/ --epochs 30 --out ft/vqa_rad
+
+--checkpoint takes a run dir, a checkpoint tag or an `unimlip-export` folder; --data a shard dir or index.json.
+Metrics are percentages, scored on --test-split with the epoch chosen on --val-split (carved from the
+training split by patient group when the data has no such split)."""
+
+
+def _add_common(p: argparse.ArgumentParser, epochs: int, lr: float, batch: int, val_split: str = "val") -> None:
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint tag dir, or unimlip-export folder")
+    p.add_argument("--data", required=True, help="shard dir or index.json")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics.json, card.json, weights)")
+    p.add_argument("--train-split", default="train", help="split to fine-tune on (default: train)")
+    p.add_argument("--val-split", default=val_split,
+                   help=f"split for model selection (default: {val_split}; carved from train by group if absent)")
+    p.add_argument("--test-split", default="test", help="split to score (default: test)")
+    p.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
+    p.add_argument("--lr", type=float, default=lr, help=f"learning rate of the pre-trained towers (default {lr:g})")
+    p.add_argument("--lr-head", type=float, default=0.0,
+                   help="learning rate of the new head (and a fresh fusion encoder) (default: 10 x --lr)")
+    p.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay of the towers (default 1: off)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    p.add_argument("--batch-size", type=int, default=batch, help=f"batch size (default {batch})")
+    p.add_argument("--lock-image", action="store_true", help="freeze the image tower (train only what is above it)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the label fraction, validation carve, order, init")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers (default: from the checkpoint)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unimlip-finetune", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{classify,vqa}")
+    c = sub.add_parser("classify", help="image tower + linear head on a fraction of the labels", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(c, epochs=10, lr=1e-4, batch=64)
+    c.add_argument("--label-key", required=True, help="metadata field holding the labels (e.g. labels)")
+    c.add_argument("--classes", default="", help="comma-separated classes (default: every label in train)")
+    c.add_argument("--multi-label", action="store_true", help="one sigmoid per class (CheXpert-style)")
+    c.add_argument("--fraction", type=float, default=1.0,
+                   help="fraction of the training labels used, sampled by patient group (e.g. 0.01, 0.1, 1)")
+    c.add_argument("--unlocked-groups", type=int, default=0,
+                   help="with --lock-image: its last N layer groups stay trainable (open_clip's rule)")
+    v = sub.add_parser("vqa", help="towers + fusion encoder + answer classifier (M3AE / PMC-CLIP protocol)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(v, epochs=20, lr=5e-5, batch=32)
+    v.add_argument("--lock-text", action="store_true", help="freeze the text tower")
+    return parser
+
+
+def _fmt(v) -> str:
+    return "n/a" if isinstance(v, float) and math.isnan(v) else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def table(command: str, m: dict) -> str:
+    keys = (["accuracy", "balanced_accuracy", "auroc"] + sorted(k for k in m if k.startswith("auroc/"))
+            + ["num_samples", "num_train", "best_epoch"] if command == "classify" else
+            ["closed_accuracy", "open_accuracy", "overall_accuracy", "majority_baseline", "majority_closed",
+             "majority_open", "num_questions", "num_answers", "best_epoch"])
+    return "\n".join([f"fine-tuned {command} (test split)"] + [f"  {k:24s}{_fmt(m[k]):>8s}" for k in keys if k in m])
+
+
+def _check(args) -> None:
+    if args.epochs < 1 or args.batch_size < 1:
+        raise ValueError("--epochs and --batch-size must be >= 1")
+    if getattr(args, "fraction", 1.0) <= 0 or getattr(args, "fraction", 1.0) > 1:
+        raise ValueError(f"--fraction must be in (0, 1], got {args.fraction}")
+    if getattr(args, "unlocked_groups", 0) and not args.lock_image:
+        raise ValueError("--unlocked-groups applies with --lock-image")
+    if not 0 < args.layer_decay <= 1:
+        raise ValueError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from unimlip_train.engine.checkpoint import load_for_eval
+    from unimlip_train.eval.card import build_card, data_identity, write_card
+    from unimlip_train.finetune import classify, vqa
+
+    try:
+        _check(args)
+        model, cfg, tokenizer = load_for_eval(args.checkpoint)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"unimlip-finetune {args.command}: {e}") from None
+    if args.lr_head == 0.0:
+        args.lr_head = 10 * args.lr
+    if args.workers is not None:
+        cfg.data.num_workers = args.workers
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    os.makedirs(args.out, exist_ok=True)
+    task = {"classify": classify, "vqa": vqa}[args.command]
+    try:
+        result = task.run(args, model, cfg, tokenizer, device, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"unimlip-finetune {args.command}: {e}") from None
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint", "data", "out", "workers")}
+    card = build_card(f"unimlip-finetune {args.command}", args.checkpoint, cfg,
+                      data_identity(args.data, result["splits"]), result["samples"], args.seed)
+    card["settings"] = settings
+    metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result["metrics"].items()}
+    doc = {**metrics, "epochs": result["epochs"], "card": card}
+    with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+    write_card(args.out, card)
+    print(table(args.command, result["metrics"]), flush=True)
+    print(json.dumps(doc), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Pretrained tower weights: where they come from, the timm pretrained config that goes with them, and one clear
+error naming the config key and what to download when they are missing (offline clusters).
+
+Image tower, ``model.image.pretrained``:
+  * ``hub``: timm's weights for the tag in ``model.image.name`` (e.g. ``vit_base_patch16_224.augreg2_in21k_ft_in1k``),
+    which timm takes from the Hugging Face hub or, offline (``HF_HUB_OFFLINE=1``), from its cache;
+  * a folder with ``config.json`` (a timm hub repository: what ``unimlip-fetch-weights`` or
+    ``huggingface-cli download timm/NAME --local-dir DIR`` writes): its own pretrained config and weights;
+  * a weights file, or a folder holding one: those weights with the pretrained config of the tag in
+    ``model.image.name`` (name the tag, or the normalisation may not be the one the weights were trained with).
+Text tower, ``model.text.name``: a hub id (in the Hugging Face cache when offline) or a local folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+HUB = "hub"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth")
+FETCH_HINT = ("on a machine with internet, `unimlip-fetch-weights CONFIG --out DIR` downloads the weights and "
+              "prints the overrides to use")
+
+
+@dataclass(frozen=True)
+class ImageWeights:
+    """Pretrained image weights: timm's pretrained config of them, and a local file ('' = from the hub/cache)."""
+
+    pretrained_cfg: dict
+    file: str = ""
+
+    def create_kwargs(self) -> dict:
+        """``timm.create_model`` arguments that load these weights (a local file overrides the hub source)."""
+        cfg = dict(self.pretrained_cfg)
+        if self.file:
+            # timm's custom loaders read the original .npz releases; any other file is a plain state dict
+            npz = self.file.endswith(".npz")
+            cfg.update(file=self.file, source="", custom_load=bool(cfg.get("custom_load")) and npz)
+        return {"pretrained": True, "pretrained_cfg": cfg}
+
+    def describe(self) -> str:
+        hub_id = self.pretrained_cfg.get("hf_hub_id")
+        return f"timm {self.pretrained_cfg.get('architecture')}" + (f" (hub id {hub_id})" if hub_id else "")
+
+
+def image_weights(name: str, pretrained: str) -> ImageWeights:
+    """Resolve ``model.image.pretrained`` for timm model ``name`` without building the model or downloading."""
+    from timm.models import is_model, resolve_pretrained_cfg, split_model_name_tag
+    from timm.models._hub import load_model_config_from_path
+
+    arch, tag = split_model_name_tag(name)
+    if not is_model(arch):
+        raise ValueError(f"model.image.name={name!r}: timm has no such model")
+    try:
+        registered = resolve_pretrained_cfg(arch, pretrained_cfg=tag or None).to_dict()
+    except RuntimeError as e:  # an unknown tag
+        raise ValueError(f"model.image.name={name!r}: {e}") from None
+    if pretrained == HUB:
+        if not (registered.get("hf_hub_id") or registered.get("url")):
+            raise ValueError(f"model.image.pretrained=hub: timm has no pretrained weights for {name!r} "
+                             f"(timm.list_pretrained('{arch}*') lists the tags that have)")
+        return ImageWeights(registered)
+    path = os.path.expanduser(pretrained)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        cfg, folder_arch, _ = load_model_config_from_path(path)
+        if folder_arch != arch:
+            raise ValueError(f"model.image.pretrained={pretrained}: its config.json is for timm model "
+                             f"{folder_arch!r}, but model.image.name is {name!r}")
+        return ImageWeights(cfg, _weights_file(path, ImageWeights(cfg)))
+    return ImageWeights(registered, _weights_file(path, ImageWeights(registered)))
+
+
+def _weights_file(path: str, weights: ImageWeights) -> str:
+    """The file itself, or the first known weights file in the folder."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        for name in WEIGHT_FILES:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        what = f"no weights file ({', '.join(WEIGHT_FILES)}) in this folder"
+    else:
+        what = "no such file or folder"
+    raise FileNotFoundError(f"model.image.pretrained={path}: {what}; it should hold the weights of "
+                            f"{weights.describe()}; {FETCH_HINT}")
+
+
+def image_input_config(name: str, pretrained: str, in_chans: int) -> tuple[list[float], list[float], int]:
+    """Normalisation mean, std and square input size of the pretrained weights (timm's pretrained config).
+
+    One channel (grayscale into a tower whose first convolution timm summed over RGB) gets the channel average.
+    """
+    cfg = image_weights(name, pretrained).pretrained_cfg
+    mean, std = list(cfg["mean"]), list(cfg["std"])
+    if in_chans == 1:
+        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+    return [float(m) for m in mean], [float(s) for s in std], int(cfg["input_size"][-1])
+
+
+@contextlib.contextmanager
+def explain_missing(key: str, value: str, what: str) -> Iterator[None]:
+    """A hub/cache miss (or an unreadable local file) inside the block becomes one line naming the config key
+    and what to download, instead of a traceback on every rank."""
+    try:
+        yield
+    except OSError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"{key}={value}: cannot load {what} ({reason}); on an offline cluster a hub id "
+                                f"must already be in the Hugging Face cache; {FETCH_HINT}") from None
+
+
+def load_text_model(name: str, overrides: dict):
+    """``AutoModel.from_pretrained(name, **overrides)`` with the missing-weights message of ``explain_missing``."""
+    from transformers import AutoModel
+
+    with explain_missing("model.text.name", name, f"the text tower {name!r}"):
+        return AutoModel.from_pretrained(os.path.expanduser(name), **overrides)
+
