@@ -48,9 +48,9 @@ def data(tmp_path_factory):
     run([sys.executable, "-m", "data_prep.cli", "synthetic", "--n", "110", "--image-size", "32", "--max-size", "32",
          "--val-fraction", "0.3", "--shard-size", "40", "--out", shards, "--workers", "1", "--no-progress"])
     run([sys.executable, "-m", "data_prep.cli", "tokenizer", "--data", shards, "--out", tok])
-    # A config that passes validation but cannot train: its image tower's weights file is missing.
-    broken = root / "broken_tower.yaml"
-    broken.write_text(f"extends: {ABLATIONS / 'clip_only.yaml'}\nmodel:\n  image: {{pretrained: {root / 'missing.pt'}}}\n")
+    # A config that passes validation but fails in training: it diverges at once and may not skip a step.
+    broken = root / "diverging.yaml"
+    broken.write_text(f"extends: {ABLATIONS / 'clip_only.yaml'}\ntrain: {{lr: 1.0e+30, max_nonfinite_in_row: 1}}\n")
     return {"root": root, "shards": shards, "tok": tok, "broken": broken}
 
 
@@ -64,7 +64,7 @@ def ablate_cmd(data, *extra) -> list:
 
 @pytest.fixture(scope="module")
 def first(data):
-    out = run(ablate_cmd(data), expect=1)  # the broken config fails: exit 1, every other row complete
+    out = run(ablate_cmd(data), expect=1)  # the diverging config fails: exit 1, every other row complete
     return {"stdout": out, "rows": last_json(out)}
 
 
@@ -78,7 +78,7 @@ def test_rows_match_unimlip_eval(data, first):
     assert rows == json.loads((data["root"] / "abl" / "ablation.json").read_text())
     seed_rows = [r for r in rows if r["seed"] != "mean"]
     assert [(r["config"], r["seed"]) for r in seed_rows] == [
-        (c, s) for c in ("clip_only", "all", "broken_tower") for s in (0, 1)]
+        (c, s) for c in ("clip_only", "all", "diverging") for s in (0, 1)]
     ok = [r for r in seed_rows if r["status"] == "ok"]
     assert len(ok) == 4 and all(r["step"] == 2 and r["trained"] and r["evaluated"] for r in ok)
     assert [r["terms"] for r in ok[::2]] == [["itc"], ["itc", "itc_feature", "image_ssl", "image_feature",
@@ -99,18 +99,22 @@ def test_rows_match_unimlip_eval(data, first):
             out, err = proc.communicate(timeout=TIMEOUT)
             assert proc.returncode == 0, err[-3000:]
             reference = last_json(out)
+            card = reference.pop("card")
             for key, value in reference.items():
                 assert row[prefix + key] == pytest.approx(value, rel=1e-9, abs=1e-9), (row["config"], prefix + key)
+            for key in ("checkpoint", "step", "config_hash"):
+                assert row["card"][key] == card[key]
+            assert row["card"]["data"]["index_sha256"] == card["data"]["index_sha256"]
     assert "mean_recall" in ok[0] and "i2t_R@1" in ok[0] and "t2i_R@1" in ok[0]
 
 
 def test_failed_config_is_a_row(data, first):
-    broken = [r for r in first["rows"] if r["config"] == "broken_tower"]
+    broken = [r for r in first["rows"] if r["config"] == "diverging"]
     assert len(broken) == 3  # two seeds and their mean
     assert all(r["status"].startswith("failed: training exited with") for r in broken if r["seed"] != "mean")
     assert broken[-1]["status"] == "0 of 2 seeds ok" and broken[-1]["i2t_R@1"] is None
-    assert "missing.pt" in Path(broken[0]["log"]).read_text()
-    assert "[ablate 6/6] broken_tower seed 1: FAILED" in first["stdout"]
+    assert "non-finite" in Path(broken[0]["log"]).read_text()
+    assert "[ablate 6/6] diverging seed 1: FAILED" in first["stdout"]
 
 
 def test_means_and_markdown_differences(data, first):
@@ -162,15 +166,15 @@ def test_rerun_trains_and_evaluates_nothing(data, first):
     assert len(ok) == 4 and not any(r["trained"] or r["evaluated"] for r in ok)
     assert out.count("already finished at step 2") == 4
     strip = ("trained", "evaluated")
-    assert [{k: v for k, v in r.items() if k not in strip} for r in rows if r["config"] != "broken_tower"] == \
-        [{k: v for k, v in r.items() if k not in strip} for r in first["rows"] if r["config"] != "broken_tower"]
+    assert [{k: v for k, v in r.items() if k not in strip} for r in rows if r["config"] != "diverging"] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in first["rows"] if r["config"] != "diverging"]
 
 
 def test_submit_dry_run_prints_the_array(data, first):
     out = run([*ablate_cmd(data), "--submit", "--dry-run", "--partition", "debug", "--time", "00:30:00"])
-    # The 4 finished runs are not resubmitted: only the broken config's two seeds form the array.
+    # The 4 finished runs are not resubmitted: only the diverging config's two seeds form the array.
     assert re.search(r"#SBATCH --array=0-1", out), out
-    assert out.count("# task ") == 2 and "broken_tower seed 1" in out
+    assert out.count("# task ") == 2 and "diverging seed 1" in out
     assert not (data["root"] / "abl" / "slurm").exists()
 
 
@@ -220,6 +224,7 @@ def test_submit_runs_an_array_on_slurm(data, request, tmp_path):
     assert all(r["trained"] and not r["evaluated"] for r in rows)
     reference = last_json(run([sys.executable, "-m", "unimlip_train.eval.cli", "retrieval", "--checkpoint",
                                rows[1]["checkpoint"], "--data", data["shards"], "--workers", "1"]))
+    assert reference.pop("card")["checkpoint"] == rows[1]["card"]["checkpoint"]
     assert all(rows[1][k] == pytest.approx(v, rel=1e-9, abs=1e-9) for k, v in reference.items())
 
     again = run(cmd)  # everything finished: nothing is submitted, the table is the same

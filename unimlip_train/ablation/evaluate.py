@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -17,23 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from data_prep.writer import sha256_file
+from unimlip_train.eval.card import build_card, data_identity, index_of
+
 CACHE = "ablation_eval.json"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _index_file(source: str) -> Optional[str]:
-    """The index.json behind a shard source (a dir or the file itself), if there is one."""
-    for candidate in (source, os.path.join(source, "index.json")):
-        if os.path.isfile(candidate) and candidate.endswith("index.json"):
-            return candidate
-    return None
 
 
 @dataclass
@@ -56,14 +42,14 @@ class EvalSpec:
         from unimlip_train.eval.zeroshot import DEFAULT_PROMPTS
 
         out = dataclasses.asdict(self)
-        out["prompts_sha256"] = _sha256(self.prompts or str(DEFAULT_PROMPTS))
+        out["prompts_sha256"] = sha256_file(self.prompts or str(DEFAULT_PROMPTS))
         for key in ("data", "probe_data"):
-            index = _index_file(getattr(self, key)) if getattr(self, key) else None
-            out[f"{key}_index_sha256"] = _sha256(index) if index else ""
+            index = index_of(getattr(self, key)) if getattr(self, key) else None
+            out[f"{key}_index_sha256"] = sha256_file(index) if index else ""
         return out
 
 
-def checkpoint_identity(checkpoint: str) -> dict:
+def checkpoint_fingerprint(checkpoint: str) -> dict:
     """What makes a checkpoint this one: its path, its trainer state and when that state was written."""
     state = os.path.join(checkpoint, "trainer_state.json")
     return {"path": os.path.abspath(checkpoint), "state": Path(state).read_text(encoding="utf-8"),
@@ -75,9 +61,10 @@ def single_label_classes(labels: list[list[str]]) -> list[str]:
     return sorted({lab[0] for lab in labels if len(lab) == 1})
 
 
-def evaluate_checkpoint(checkpoint: str, spec: EvalSpec) -> dict[str, float]:
-    """Metrics in percent: retrieval keys as ``unimlip-eval retrieval`` prints them, then ``zeroshot/...`` and
-    ``linear_probe/...`` when the eval split carries at least two classes. Raises ValueError on unusable data."""
+def evaluate_checkpoint(checkpoint: str, spec: EvalSpec) -> tuple[dict[str, float], dict]:
+    """``(metrics, card)``. Metrics in percent: retrieval keys as ``unimlip-eval retrieval`` prints them, then
+    ``zeroshot/...`` and ``linear_probe/...`` when the eval split carries at least two classes; the card is
+    ``unimlip-eval``'s provenance card for all of them. Raises ValueError on unusable data."""
     import torch
 
     from unimlip_train.engine.checkpoint import load_for_eval
@@ -97,24 +84,37 @@ def evaluate_checkpoint(checkpoint: str, spec: EvalSpec) -> dict[str, float]:
 
     emb = embed(spec.data, spec.split)
     out = retrieval_metrics(emb.image, emb.text, emb.texts)
+    splits, samples = {"eval": spec.split}, {"eval": len(emb.keys)}
+
+    def card(prompts: Optional[str]) -> dict:
+        data = data_identity(spec.data, splits)
+        if "probe" in samples:
+            data["probe"] = data_identity(spec.probe_data, {"fit": spec.probe_split})
+        return build_card("unimlip-ablate", checkpoint, cfg, data, samples, None, prompts=prompts)  # no sampling
+
     classes = list(spec.classes) or single_label_classes(emb.labels)
     if len(classes) < 2 and not (spec.multi_label and classes):
-        return out  # no labels (or one class): retrieval only
+        return out, card(None)  # no labels (or one class): retrieval only
     zs = zeroshot_evaluate(emb.image, emb.labels, model.encode_text, tokenizer, classes, load_prompts(spec.prompts),
                            cfg.data.text.max_length, multi_label=spec.multi_label, device=model_device(model))
     out.update({f"zeroshot/{k}": v for k, v in zs.items()})
     if spec.probe_data and len(classes) >= 2:
         fit = embed(spec.probe_data, spec.probe_split)
-        parts = []
+        parts, keeps = [], []
         for part in (fit, emb):
             y, keep = label_targets(part.labels, classes, multi_label=False)
             parts += [part.image[torch.from_numpy(keep)], y[keep]]
-        out.update({f"linear_probe/{k}": v for k, v in linear_probe(*parts, classes).items()})
-    return out
+            keeps.append(keep)
+        # The L2 penalty is chosen on whole groups (patients) carved from the fitting split, as unimlip-eval does.
+        groups = [g for g, k in zip(fit.groups, keeps[0]) if k]
+        probe = linear_probe(*parts, classes, train_groups=groups)
+        out.update({f"linear_probe/{k}": v for k, v in probe.items()})
+        samples["probe"] = len(fit.keys)
+    return out, card(spec.prompts)
 
 
-def cached_metrics(run_dir: Path, checkpoint: str, spec: EvalSpec) -> Optional[dict]:
-    """The cached metrics when they were computed from this very checkpoint with these settings."""
+def cached_metrics(run_dir: Path, checkpoint: str, spec: EvalSpec) -> Optional[tuple[dict, dict]]:
+    """The cached ``(metrics, card)`` when computed from this very checkpoint with these settings."""
     path = run_dir / CACHE
     if not path.is_file():
         return None
@@ -122,27 +122,27 @@ def cached_metrics(run_dir: Path, checkpoint: str, spec: EvalSpec) -> Optional[d
         cached = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return None
-    if cached.get("checkpoint") != checkpoint_identity(checkpoint) or cached.get("spec") != spec.fingerprint():
+    if cached.get("checkpoint") != checkpoint_fingerprint(checkpoint) or cached.get("spec") != spec.fingerprint():
         return None
-    return {k: float("nan") if v is None else v for k, v in cached["metrics"].items()}
+    return {k: float("nan") if v is None else v for k, v in cached["metrics"].items()}, cached["card"]
 
 
-def store_metrics(run_dir: Path, checkpoint: str, spec: EvalSpec, metrics: dict) -> None:
+def store_metrics(run_dir: Path, checkpoint: str, spec: EvalSpec, metrics: dict, card: dict) -> None:
     """Write the cache atomically (a crash never leaves a half file that would be trusted)."""
     from .table import json_safe
 
-    doc = {"checkpoint": checkpoint_identity(checkpoint), "spec": spec.fingerprint(),
-           "metrics": json_safe([metrics])[0]}
+    doc = {"checkpoint": checkpoint_fingerprint(checkpoint), "spec": spec.fingerprint(),
+           "metrics": json_safe([metrics])[0], "card": card}
     tmp = run_dir / f"{CACHE}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, run_dir / CACHE)
 
 
-def evaluate_run(run_dir: Path, checkpoint: str, spec: EvalSpec) -> tuple[dict, bool]:
-    """``(metrics, computed_now)``: the cache when it matches, else a fresh evaluation (then cached)."""
+def evaluate_run(run_dir: Path, checkpoint: str, spec: EvalSpec) -> tuple[dict, dict, bool]:
+    """``(metrics, card, computed_now)``: the cache when it matches, else a fresh evaluation (then cached)."""
     cached = cached_metrics(run_dir, checkpoint, spec)
     if cached is not None:
-        return cached, False
-    metrics = evaluate_checkpoint(checkpoint, spec)
-    store_metrics(run_dir, checkpoint, spec, metrics)
-    return metrics, True
+        return *cached, False
+    metrics, card = evaluate_checkpoint(checkpoint, spec)
+    store_metrics(run_dir, checkpoint, spec, metrics, card)
+    return metrics, card, True

@@ -17,7 +17,7 @@ HEADLINE = ("i2t_R@1", "t2i_R@1", "mean_recall", "zeroshot/accuracy", "zeroshot/
             "zeroshot/auroc", "linear_probe/balanced_accuracy", "linear_probe/auroc")
 # Row fields that are not metrics.
 INFO = ("config", "seed", "status", "step", "target_steps", "terms", "weights", "seeds", "config_path",
-        "run_dir", "checkpoint", "config_hash", "trained", "evaluated", "log", "delta_to_baseline")
+        "run_dir", "checkpoint", "config_hash", "trained", "evaluated", "log", "card", "delta_to_baseline")
 MEAN = "mean"
 # Counts and settings among the metrics: tabulated and averaged, but a difference to the baseline means nothing.
 NOT_COMPARED = ("num_samples", "skipped", "num_train", "num_test", "l2", "chance_R@1")

@@ -151,10 +151,10 @@ def evaluated_row(run, checkpoint, spec, trained: bool) -> dict:
 
     row = {**base_row(run), "step": checkpoint.step, "checkpoint": checkpoint.path, "trained": trained}
     try:
-        metrics, computed = evaluate_run(run.run_dir, checkpoint.path, spec)
+        metrics, card, computed = evaluate_run(run.run_dir, checkpoint.path, spec)
     except (OSError, ValueError, RuntimeError) as e:
         return {**row, "status": f"eval failed: {type(e).__name__}: {e}", "evaluated": True}
-    return {**row, "status": "ok", "evaluated": computed, **metrics}
+    return {**row, "status": "ok", "evaluated": computed, **metrics, "card": card}
 
 
 def run_locally(i: int, n: int, run, spec, args) -> dict:
