@@ -31,6 +31,7 @@ setup(
             "unimlip-finetune=unimlip_train.finetune.cli:main",
             "unimlip-fetch-weights=unimlip_train.cli.fetch_weights:main",
             "unimlip-submit=launch.submit:main",
+            "unimlip-ablate=unimlip_train.cli.ablate:main",
         ]
     },
 )

@@ -2,73 +2,28 @@
 
 Images: PneumoniaMNIST (28x28 pediatric chest X-rays, normal vs pneumonia), a balanced subset of its train and val
 arrays. Text: real IU X-ray reports chosen by label (MeSH major tags only ``normal`` for normal images; a tag naming
-pneumonia / consolidation / infiltrate for pneumonia images). Pairs match by class, not by patient, so the
-retrieval and zero-shot numbers are printed, not asserted; the linear probe must clearly beat chance.
+pneumonia / consolidation / infiltrate for pneumonia images), paired by ``data_prep.class_pairs``. Pairs match by
+class, not by patient, so the retrieval and zero-shot numbers are printed, not asserted; the linear probe must
+clearly beat chance.
 Everything derived from the IU reports stays in pytest's temporary folder (CC BY-NC-ND: no redistribution).
 """
-import csv
 import json
 import os
 import subprocess
 import sys
-import tarfile
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import numpy as np
-
 from conftest import IU_REPORTS_TGZ, PNEUMONIAMNIST_NPZ
+from data_prep.class_pairs import write_class_paired_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PER_CLASS = {"train": 200, "val": 50}  # PneumoniaMNIST images per class taken from each of its arrays
-PNEUMONIA_TAGS = ("pneumonia", "consolidation", "infiltrate")
-
-
-def iu_reports_by_class() -> dict[str, list[str]]:
-    """IU X-ray reports ('FINDINGS: ... IMPRESSION: ...') whose MeSH major tags say normal / pneumonia."""
-    out: dict[str, list[str]] = {"normal": [], "pneumonia": []}
-    with tarfile.open(IU_REPORTS_TGZ) as tar:
-        members = sorted((m for m in tar.getmembers() if m.name.endswith(".xml")), key=lambda m: int(Path(m.name).stem))
-        for member in members:
-            root = ET.fromstring(tar.extractfile(member).read())
-            tags = [(t.text or "").strip().lower() for t in root.iter("major")]
-            sec = {a.get("Label"): (a.text or "").strip() for a in root.iter("AbstractText")}
-            findings, impression = sec.get("FINDINGS", ""), sec.get("IMPRESSION", "")
-            if not tags or not (findings or impression):
-                continue
-            text = f"FINDINGS: {findings} IMPRESSION: {impression}"
-            if all(t == "normal" for t in tags):
-                out["normal"].append(text)
-            elif any(k in t for t in tags for k in PNEUMONIA_TAGS):
-                out["pneumonia"].append(text)
-    return out
 
 
 def write_manifest(root: Path) -> Path:
     """PNGs of a balanced PneumoniaMNIST subset and a CSV manifest pairing each with a report of its class."""
-    from PIL import Image
-
-    npz = np.load(PNEUMONIAMNIST_NPZ)
-    reports = iu_reports_by_class()
-    (root / "png").mkdir(parents=True)
-    rows, used = [], {"normal": 0, "pneumonia": 0}
-    for part, per_class in PER_CLASS.items():
-        images, labels = npz[f"{part}_images"], npz[f"{part}_labels"][:, 0]
-        for label, name in ((0, "normal"), (1, "pneumonia")):
-            for idx in np.flatnonzero(labels == label)[:per_class]:
-                sample_id = f"pmnist-{part}-{idx:04d}"
-                Image.fromarray(images[idx]).save(root / "png" / f"{sample_id}.png")
-                text = reports[name][used[name] % len(reports[name])]
-                used[name] += 1
-                rows.append({"id": sample_id, "image": f"png/{sample_id}.png", "text": text, "labels": name,
-                             "source_split": part})
-    manifest = root / "manifest.csv"
-    with open(manifest, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_class_paired_manifest(root, PNEUMONIAMNIST_NPZ, IU_REPORTS_TGZ, per_class=PER_CLASS)
 
 
 def run(*cmds: list, timeout: int = 600) -> list[str]:

@@ -1,0 +1,7 @@
+"""The ablation table: train each objective config (one after another or as a SLURM array), evaluate every
+checkpoint the same way, and tabulate the metrics next to the CLIP-only row (``unimlip-ablate``).
+
+``plan`` turns configs x seeds into run directories and knows when one is finished; ``evaluate`` scores a
+checkpoint (retrieval, zero-shot, linear probe) and caches the result beside it; ``table`` builds the rows,
+the per-config means and the markdown; ``job`` is the SLURM array task.
+"""
