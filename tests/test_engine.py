@@ -594,6 +594,19 @@ def test_corrupt_shards_are_counted_per_shard_and_too_many_stop_after_a_checkpoi
     assert f"checkpointed at step {step}" in out.stderr and latest(stop_dir) == f"step_{step:07d}"
 
 
+def test_time_based_checkpoints(data):
+    """train.checkpoint_minutes checkpoints when that much time has passed since the last checkpoint, whatever
+    train.checkpoint_every says (here: never); 0.0001 minutes is due after every step."""
+    run_dir = data["root"] / "timed"
+    cmd = [sys.executable, "-m", "unimlip_train.cli.train", "--config", CONFIG, "--run-dir", str(run_dir),
+           *overrides(data, 3, **{"train.checkpoint_every": 0, "train.checkpoint_minutes": 0.0001,
+                                  "train.keep_checkpoints": 5})]
+    out = run(cmd)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert [line.split()[2] for line in out.stdout.splitlines() if line.startswith("checkpoint step")] == ["1", "2", "3"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [f"step_000000{i}" for i in (1, 2, 3)]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Unit checks (one process, no DeepSpeed engine)
 # ----------------------------------------------------------------------------------------------------

@@ -274,6 +274,8 @@ class Trainer:
         try:
             while True:
                 stop, due = self._agree_stop_and_due()
+                if due and state.step > self.start_step:  # the first step boundary after train.checkpoint_minutes
+                    self.checkpoint_step(force=True)
                 if stop or state.step >= cfg.train.steps:
                     if state.step != self.last_saved:
                         self.checkpoint_step(force=True)
@@ -286,7 +288,7 @@ class Trainer:
                 self.log_step()
                 self.picture_step()
                 self.evaluate_step()
-                self.checkpoint_step(force=due)
+                self.checkpoint_step()
         finally:
             if self.sample_log is not None:
                 self.sample_log.close()
