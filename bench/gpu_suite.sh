@@ -42,7 +42,7 @@ start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 failed=()
 
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 NO_ALBUMENTATIONS_UPDATE=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 # On a small shared CPU, more than one thread per process only spins: the smoke runs 10x slower with 2.
@@ -94,7 +94,7 @@ gpus=$("$py" - <<'EOF' | tail -n 1
 import importlib, importlib.metadata as md, sys
 versions = []
 for module, dist in [("torch", "torch"), ("timm", "timm"), ("transformers", "transformers"),
-                     ("deepspeed", "deepspeed"), ("webdataset", "webdataset"), ("albumentations", "albumentations"),
+                     ("deepspeed", "deepspeed"), ("webdataset", "webdataset"),
                      ("submitit", "submitit"), ("pydicom", "pydicom"), ("open_clip", "open_clip_torch"),
                      ("unimlip_train.engine.trainer", "unimlip")]:
     try:

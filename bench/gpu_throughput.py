@@ -46,7 +46,7 @@ GOALS = (("clip_samples_per_s_over_open_clip", ">=", 1.3), ("clip_mfu", ">=", 0.
          ("loader_data_wait_frac", "<=", 0.05))
 
 SMOKE_OVERRIDES = [
-    "model.image.name=vit_tiny_patch16_224", "model.image.kwargs={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2}",
+    "model.image.name=vit_tiny_patch16_224", "model.image.pretrained=", "model.image.kwargs={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2}",
     "model.text.name=", "model.text.config={hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
     "intermediate_size: 128, max_position_embeddings: 64}", "model.embed_dim=32", "model.ssl_embed_dim=32",
     "model.fusion={layers: 1, heads: 2}", "data.image_size=32", "data.shuffle_buffer=16", "data.val=",

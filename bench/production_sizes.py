@@ -26,8 +26,9 @@ def write_bert_sized_tokenizer(folder: Path, size: int = BERT_VOCAB_SIZE) -> str
 
 
 def production_overrides(tokenizer_dir: str, text_length: int, batch: int) -> list[str]:
-    """Overrides of the production config: random-init BERT-base (``model.text.name=`` and BertConfig's
-    defaults), the given tokenizer, text length and micro batch, no evaluation, no checkpoints."""
-    return ["model.text.name=", "model.text.config={}", f"model.tokenizer={tokenizer_dir}",
+    """Overrides of the production config: random-init ViT (``model.image.pretrained=``: the weights change no
+    cost and nothing may download) and BERT-base (``model.text.name=`` and BertConfig's defaults), the given
+    tokenizer, text length and micro batch, no evaluation, no checkpoints."""
+    return ["model.image.pretrained=", "model.text.name=", "model.text.config={}", f"model.tokenizer={tokenizer_dir}",
             f"data.text.max_length={text_length}", f"train.micro_batch_size={batch}", "data.val=",
             "train.eval_every=0", "train.checkpoint_every=0"]
