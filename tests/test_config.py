@@ -204,3 +204,23 @@ def test_generated_deepspeed_config(stage, precision, offload):
     fp32_reduction = {"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}}
     assert {k: ds.get(k) for k in fp32_reduction} == (fp32_reduction if precision == "bf16" else {
         "communication_data_type": None, "data_types": None})
+
+
+def test_checkpoint_hash_survives_a_new_config_key(tmp_path):
+    """A tag written before a config key existed is the same experiment to this version (ablate's reuse and the
+    resume note compare hashes), while a changed value is not."""
+    import json
+
+    from unimlip_train.config import dump_yaml
+    from unimlip_train.engine.checkpoint import STATE_FILE, read_state
+
+    cfg = load_config(None, [])
+    old = yaml.safe_load(dump_yaml(cfg))
+    del old["loss"]["text_ssl_space"]  # as written before the key was added
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 7, "config_hash": "written-by-old-code"}))
+    state = read_state(str(tmp_path))
+    assert state.step == 7 and state.config_hash == cfg.hash()
+    old["loss"]["itc"]["weight"] = 2.0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert read_state(str(tmp_path)).config_hash != cfg.hash()

@@ -137,7 +137,7 @@ def test_hard_negative_sampling_follows_softmax_and_is_seeded():
 
 def fake_outputs(n: int, g: torch.Generator) -> dict:
     keys = ["image_emb", "text_emb", "image_emb_feat", "text_emb_feat", "image_feature_1", "image_feature_2",
-            "text_feature_1", "text_feature_2", "image_ssl_1", "image_ssl_2", "text_view2_emb"]
+            "text_feature_1", "text_feature_2", "image_ssl_1", "image_ssl_2", "text_ssl_1", "text_ssl_2"]
     out = {k: unit_rows(n, 8, g).float() for k in keys}
     out["logit_scale"] = torch.tensor(3.0)
     return out
@@ -158,7 +158,7 @@ def test_objective_terms_and_weighted_total():
         "itc_feature": naive_multi_positive(out["image_emb_feat"], out["text_emb_feat"], 3.0, ids),
         "image_ssl": naive_nt_xent(out["image_ssl_1"], out["image_ssl_2"], t["image_ssl"], ids),
         "image_feature": naive_nt_xent(out["image_feature_1"], out["image_feature_2"], t["image_feature"], ids),
-        "text_ssl": naive_nt_xent(out["text_emb"], out["text_view2_emb"], t["text_ssl"], ids),
+        "text_ssl": naive_nt_xent(out["text_ssl_1"], out["text_ssl_2"], t["text_ssl"], ids),
         "text_feature": naive_nt_xent(out["text_feature_1"], out["text_feature_2"], t["text_feature"], ids),
     }
     assert set(logs) == set(want) | {"loss"}
@@ -170,7 +170,7 @@ def test_objective_terms_and_weighted_total():
     _, plain = UniMlipObjective(cfg)({"report_id": torch.tensor(ids)}, out, None, step=0)
     assert plain["itc"].item() == pytest.approx(naive_infonce(out["image_emb"], out["text_emb"], 3.0), rel=1e-5)
     assert plain["text_ssl"].item() == pytest.approx(
-        naive_nt_xent(out["text_emb"], out["text_view2_emb"], t["text_ssl"]), rel=1e-5)
+        naive_nt_xent(out["text_ssl_1"], out["text_ssl_2"], t["text_ssl"]), rel=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from unimlip_train.models import TrainStep, build_model
 ALL_OUTPUTS = {
     "image_emb", "text_emb", "logit_scale", "image_tokens", "text_tokens", "text_mask", "image_emb_feat",
     "text_emb_feat", "image_feature_1", "image_feature_2", "text_feature_1", "text_feature_2", "image_ssl_1",
-    "image_ssl_2", "text_view2_emb", "mlm_tokens",
+    "image_ssl_2", "text_ssl_1", "text_ssl_2", "mlm_tokens",
 }
 OFF_BUT_ITC = {n: 0.0 for n in ("itc_feature", "image_ssl", "image_feature", "text_ssl", "text_feature", "mlm", "itm")}
 
@@ -36,9 +36,10 @@ def test_outputs_shapes_and_temperature(tokenizer):
     batch = random_batch(4, 9, torch.Generator().manual_seed(0))
     out = model(batch)
     assert set(out) == ALL_OUTPUTS
-    for key in ("image_emb", "text_emb", "image_emb_feat", "text_emb_feat", "text_view2_emb"):
+    for key in ("image_emb", "text_emb", "image_emb_feat", "text_emb_feat"):
         assert out[key].shape == (4, 32) and torch.allclose(out[key].norm(dim=-1), torch.ones(4), atol=1e-5), key
-    assert out["image_ssl_1"].shape == (4, cfg.model.ssl_embed_dim)
+    for key in ("image_ssl_1", "text_ssl_1", "text_ssl_2"):
+        assert out[key].shape == (4, cfg.model.ssl_embed_dim), key
     assert out["image_tokens"].shape == (4, (IMAGE_SIZE // 8) ** 2 + 1, 64)
     assert out["text_tokens"].shape == out["mlm_tokens"].shape == (4, 9, 64)
     assert torch.allclose(model.encode_image(batch["image"]), out["image_emb"], atol=1e-6)
@@ -63,6 +64,26 @@ def test_heads_exist_only_for_enabled_terms(tokenizer):
     assert set(model(batch)) == {"image_emb", "text_emb", "logit_scale", "image_tokens", "text_tokens", "text_mask"}
     mlp = build_model(tiny_config(**{**OFF_BUT_ITC, "itm": 1.0}), tokenizer)
     assert {"fusion", "itm_head"} <= {n for n, _ in mlp.named_children()}
+
+
+def test_text_ssl_space(tokenizer):
+    """text_ssl contrasts in the text SSL head's space by default, in the shared space when asked."""
+    batch = random_batch(3, 7, torch.Generator().manual_seed(2))
+    only_text_ssl = {**OFF_BUT_ITC, "text_ssl": 1.0}
+    torch.manual_seed(0)
+    head = build_model(tiny_config(**only_text_ssl), tokenizer).eval()
+    with torch.no_grad():
+        out = head(batch)
+        pooled = head.text_tower(batch["text_view2_ids"], batch["text_view2_mask"])[0]
+        assert torch.allclose(out["text_ssl_2"], torch.nn.functional.normalize(head.text_ssl_head(pooled), dim=-1))
+    cfg = tiny_config(**only_text_ssl)
+    cfg.loss.text_ssl_space = "shared"
+    shared = build_model(cfg, tokenizer).eval()
+    assert not hasattr(shared, "text_ssl_head")
+    with torch.no_grad():
+        out = shared(batch)
+    assert torch.equal(out["text_ssl_1"], out["text_emb"])
+    assert torch.allclose(out["text_ssl_2"], shared.encode_text(batch["text_view2_ids"], batch["text_view2_mask"]))
 
 
 def test_mean_pooling_and_cnn_three_channels(tokenizer):

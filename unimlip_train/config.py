@@ -155,6 +155,7 @@ class LossConfig:
     itm: TermConfig = field(default_factory=TermConfig)
     positives: str = "report"  # report | report+group | none: which other samples count as the same pair
     feature_perturbation: str = "encoder"  # encoder | pooled_dropout
+    text_ssl_space: str = "ssl_head"  # ssl_head | shared: where text_ssl contrasts report and augmented report
 
     def enabled(self) -> dict:
         """Terms with a non-zero weight, by name."""
@@ -433,6 +434,7 @@ def validate(cfg: Config, origins: dict) -> None:
         "deepspeed.backend": ("", "gloo", "nccl"),
         "loss.positives": ("report", "report+group", "none"),
         "loss.feature_perturbation": ("encoder", "pooled_dropout"),
+        "loss.text_ssl_space": ("ssl_head", "shared"),
         "loss.itc.kind": ("infonce", "sigmoid"),
         "train.negatives": ("accumulated", "micro"),
     }

@@ -390,8 +390,18 @@ def _state_record(path: str) -> dict:
 
 
 def read_state(path: str) -> TrainerState:
+    """The tag's trainer state. Its ``config_hash`` is that of the tag's ``config.yaml`` as this version reads
+    it (new keys at their defaults), so a config key added since the tag was written does not make the same
+    experiment look like another; the hash stored at save time is the fallback."""
     known = {f.name for f in fields(TrainerState)}
-    return TrainerState(**{k: v for k, v in _state_record(path).items() if k in known})
+    state = TrainerState(**{k: v for k, v in _state_record(path).items() if k in known})
+    config = os.path.join(path, "config.yaml")
+    try:
+        with open(config, encoding="utf-8") as f:
+            state.config_hash = config_from_dict(yaml.safe_load(f) or {}, source=config).hash()
+    except (OSError, yaml.YAMLError, ValueError, TypeError):
+        pass
+    return state
 
 
 def check_compatible(path: str, cfg: Config, model: torch.nn.Module) -> None:

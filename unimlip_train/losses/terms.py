@@ -99,10 +99,12 @@ class ImageFeature(_TwoViews):
 
 class TextSSL(_TwoViews):
     """Uni-modal text, data-level: NT-Xent between the report and its augmented copy (sentence shuffle /
-    drop, span masking: the loader's second text view), in the shared embedding space."""
+    drop, span masking: the loader's second text view). ``loss.text_ssl_space``: in the text SSL head's own
+    space (default, as SLIP does for images: instance discrimination there leaves the shared space to ITC) or
+    in the shared image-text space (the alternative, kept for comparison)."""
 
     name = "text_ssl"
-    inputs = ("text_emb", "text_view2_emb")
+    inputs = ("text_ssl_1", "text_ssl_2")
 
 
 class TextFeature(_TwoViews):

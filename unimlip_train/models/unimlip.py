@@ -44,7 +44,8 @@ class UniMlip(nn.Module):
     """Image/text towers, projections, the SSL heads, the learnable temperature and the fused part.
 
     Heads exist only for enabled terms (``cfg.loss.<term>.weight != 0``): ``image_ssl_head`` for
-    image_ssl / image_feature, ``text_ssl_head`` for text_feature (encoder perturbation), ``fusion`` for
+    image_ssl / image_feature, ``text_ssl_head`` for text_ssl (``loss.text_ssl_space=ssl_head``) and
+    text_feature (encoder perturbation), ``fusion`` for
     mlm / itm, ``mlm_head`` for mlm, ``itm_head`` for itm, ``logit_bias`` for the sigmoid ITC loss.
     ``logit_scale`` is a (1,)-shaped parameter (DeepSpeed cannot broadcast 0-dim parameters) holding
     log(1 / temperature); ``forward`` returns it exponentiated. It is *not* clamped in the forward pass
@@ -57,6 +58,7 @@ class UniMlip(nn.Module):
         m = cfg.model
         self.terms = frozenset(cfg.loss.enabled())
         self.perturbation = cfg.loss.feature_perturbation
+        self.text_ssl_in_head = cfg.loss.text_ssl_space == "ssl_head"
         self.feature_dropout = m.feature_dropout
         self.log_scale_bounds = (0.0, math.log(m.max_logit_scale))
         self.image_tower = ImageTower(cfg)
@@ -71,7 +73,8 @@ class UniMlip(nn.Module):
             self.logit_bias = nn.Parameter(torch.full((1,), _SIGLIP_INIT_BIAS))
         if self.terms & {"image_ssl", "image_feature"}:
             self.image_ssl_head = ssl_head(image_dim, m.ssl_embed_dim)
-        if "text_feature" in self.terms and self.perturbation == "encoder":
+        if ("text_feature" in self.terms and self.perturbation == "encoder") or (
+                "text_ssl" in self.terms and self.text_ssl_in_head):
             self.text_ssl_head = ssl_head(text_dim, m.ssl_embed_dim)
         if self.terms & {"mlm", "itm"}:
             self.fusion = FusionEncoder(text_dim, image_dim, m.fusion.layers, m.fusion.heads)
@@ -127,8 +130,8 @@ class UniMlip(nn.Module):
         Keys (``*`` only when its term is on): image_emb, text_emb (normalised, view 1), logit_scale (0-dim,
         exp'd), logit_bias (sigmoid ITC), image_tokens, text_tokens, text_mask; image_emb_feat, text_emb_feat
         (itc_feature*); image_feature_1/2, text_feature_1/2 (image_feature*, text_feature*: the two sides
-        each feature-level NT-Xent contrasts); image_ssl_1, image_ssl_2 (image_ssl*); text_view2_emb
-        (text_ssl*); mlm_tokens (mlm*: text token states of ``mlm_input_ids``).
+        each feature-level NT-Xent contrasts); image_ssl_1, image_ssl_2 (image_ssl*); text_ssl_1,
+        text_ssl_2 (text_ssl*: report and augmented report, in the text SSL head's space or the shared one); mlm_tokens (mlm*: text token states of ``mlm_input_ids``).
         """
         self.check_batch(batch)
         terms = self.terms
@@ -151,7 +154,11 @@ class UniMlip(nn.Module):
             out["image_ssl_1"], out["image_ssl_2"] = image_ssl_1, _unit(self.image_ssl_head(view2_pooled))
         if "text_ssl" in terms:
             view2_pooled, _ = self.text_tower(batch["text_view2_ids"], batch["text_view2_mask"])
-            out["text_view2_emb"] = _unit(self.text_proj(view2_pooled))
+            if self.text_ssl_in_head:
+                out["text_ssl_1"] = _unit(self.text_ssl_head(text_pooled))
+                out["text_ssl_2"] = _unit(self.text_ssl_head(view2_pooled))
+            else:
+                out["text_ssl_1"], out["text_ssl_2"] = out["text_emb"], _unit(self.text_proj(view2_pooled))
         if terms & {"itc_feature", "image_feature", "text_feature"}:
             perturb = self._encoder_features if self.perturbation == "encoder" else self._pooled_dropout_features
             out.update(perturb(batch, image_pooled, text_pooled, image_ssl_1 if "image_feature" in terms else None))
