@@ -145,9 +145,10 @@ def test_shipped_configs_load_with_the_expected_terms():
     assert (prod.deepspeed.zero_stage, prod.deepspeed.precision, prod.model.image.name) == (
         2, "bf16", "vit_base_patch16_224.augreg2_in21k_ft_in1k")
     assert "BiomedBERT" in prod.model.text.name and prod.train.micro_batch_size == 256
-    expected = {"clip_only": {"itc"}, "image_ssl": {"itc", "image_ssl", "image_feature"},
+    expected = {"clip_only": {"itc"}, "cross_feature": {"itc", "itc_feature"}, "image_ssl": {"itc", "image_ssl", "image_feature"},
                 "text_ssl": {"itc", "text_ssl", "text_feature"}, "fused": {"itc", "mlm", "itm"},
                 "all": set(tiny.loss.enabled())}
+    assert {p.stem for p in (CONFIGS / "ablations").glob("*.yaml")} == set(expected)
     for name, terms in expected.items():
         assert set(load_config(str(CONFIGS / "ablations" / f"{name}.yaml")).loss.enabled()) == terms, name
 
