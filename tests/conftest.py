@@ -25,6 +25,15 @@ IU_REPORTS_TGZ = TEST_DATA / "iu_xray_reports" / "NLMCXR_reports.tgz"  # IU X-ra
 PNEUMONIAMNIST_NPZ = TEST_DATA / "pneumoniamnist" / "pneumoniamnist_subset.npz"  # CC BY 4.0
 
 
+def extract_members(tar, dest, members) -> None:
+    """``tar.extractall`` with the "data" filter where this Python has it (3.10.12+, 3.11.4+; Debian 12 ships
+    3.11.2): the members are regular files of the repository's own test archive either way."""
+    import tarfile
+
+    extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    tar.extractall(dest, members=members, **extra)
+
+
 def embed_eval_set(model, cfg, tokenizer, source, split: str = "val", batch_size: int = 16) -> tuple:
     """(image embeddings, text embeddings, reports) of every sample of ``source``/``split``, one process."""
     import torch

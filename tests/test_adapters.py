@@ -16,6 +16,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from conftest import IU_REPORTS_TGZ as IU_TGZ
+from conftest import extract_members
 from data_prep.adapters import iu_xray, mimic_cxr, roco
 from data_prep.cli import main as shard_main
 from data_prep.dicom import read_dicom
@@ -106,7 +107,7 @@ def test_iu_report_2_spot_check(iu_rows):
 def test_iu_extracted_folder_sections_and_images(tmp_path, iu_rows):
     with tarfile.open(IU_TGZ) as tar:
         chosen = [m for m in tar.getmembers() if re.search(r"/(?:[1-9]|1[0-9])\.xml$", m.name)]
-        tar.extractall(tmp_path / "reports", members=chosen, filter="data")
+        extract_members(tar, tmp_path / "reports", chosen)
     images = tmp_path / "images"
     images.mkdir()
     png_or_jpeg(images / "CXR2_IM-0652-1001.png")
@@ -139,7 +140,7 @@ def test_iu_input_errors(tmp_path):
 def test_iu_end_to_end_shards(tmp_path):
     with tarfile.open(IU_TGZ) as tar:
         chosen = [m for m in tar.getmembers() if m.name.endswith(("/1.xml", "/2.xml", "/4.xml"))]
-        tar.extractall(tmp_path / "reports", members=chosen, filter="data")
+        extract_members(tar, tmp_path / "reports", chosen)
     images = tmp_path / "images"
     images.mkdir()
     for image_id in ("CXR1_1_IM-0001-3001", "CXR1_1_IM-0001-4001", "CXR2_IM-0652-1001", "CXR2_IM-0652-2001"):

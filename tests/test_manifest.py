@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import IU_REPORTS_TGZ as IU_TGZ
+from conftest import extract_members
 from data_prep.adapters import manifest as adapter
 from data_prep.cli import main
 from data_prep.rows import InputError
@@ -180,7 +181,7 @@ def _iu_reports(tmp_path: Path, n: int) -> list[dict]:
     wanted = {f"ecgen-radiology/{i}.xml" for i in range(1, 4 * n)}
     with tarfile.open(IU_TGZ) as tar:
         members = [m for m in tar.getmembers() if m.name in wanted]
-        tar.extractall(tmp_path / "iu", members=members, filter="data")
+        extract_members(tar, tmp_path / "iu", members)
     reports = []
     for i in range(1, 4 * n):
         root = ET.parse(tmp_path / "iu" / "ecgen-radiology" / f"{i}.xml").getroot()
