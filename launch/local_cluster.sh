@@ -16,6 +16,8 @@
 # ../shared/notes/local-slurm-facts.md: short credential expiry and scheduler intervals so requeued
 # jobs restart within seconds, zombies count as dead (PID 1 here reaps orphans late), no systemd.
 set -euo pipefail
+# The daemons live in /usr/sbin, which a non-login or minimal environment may leave off PATH.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 STATE_ROOT=${LOCAL_SLURM_DIR:-/tmp/local-slurm}
 ACCOUNTING=${LOCAL_SLURM_ACCOUNTING:-1}
