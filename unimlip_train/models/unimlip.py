@@ -131,7 +131,8 @@ class UniMlip(nn.Module):
         exp'd), logit_bias (sigmoid ITC), image_tokens, text_tokens, text_mask; image_emb_feat, text_emb_feat
         (itc_feature*); image_feature_1/2, text_feature_1/2 (image_feature*, text_feature*: the two sides
         each feature-level NT-Xent contrasts); image_ssl_1, image_ssl_2 (image_ssl*); text_ssl_1,
-        text_ssl_2 (text_ssl*: report and augmented report, in the text SSL head's space or the shared one); mlm_tokens (mlm*: text token states of ``mlm_input_ids``).
+        text_ssl_2 (text_ssl*: report and augmented report, in the text SSL head's space or the shared one);
+        mlm_tokens (mlm*: text token states of ``mlm_input_ids``).
         """
         self.check_batch(batch)
         terms = self.terms
