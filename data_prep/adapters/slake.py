@@ -7,11 +7,10 @@ official files become the train / val / test splits; English questions only unle
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_prep.adapters.vqa import pack_rows
+from data_prep.adapters.vqa import json_questions, pack_rows
 from data_prep.rows import InputError, Row
 
 FILES = {"train": "train.json", "val": "validate.json", "test": "test.json"}
@@ -26,17 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _records(root: Path, images: Path, all_languages: bool) -> Iterator[tuple[str, dict]]:
     for split, name in FILES.items():
-        path = root / name
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{path}: not a JSON file ({e})") from None
-        if not isinstance(data, list):
-            raise InputError(f"{path}: expected a JSON list of questions, got {type(data).__name__}")
-        for i, r in enumerate(data):
-            where = f"{path}: record {i}"
-            if not isinstance(r, dict) or any(k not in r for k in REQUIRED):
-                raise InputError(f"{where}: needs the fields {', '.join(REQUIRED)}")
+        for where, r in json_questions(root / name, REQUIRED):
             if all_languages or r.get("q_lang", "en") == "en":
                 yield where, {**r, "image": str(images / r["img_name"]), "image_name": r["img_name"], "split": split}
 

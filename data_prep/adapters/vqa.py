@@ -9,6 +9,7 @@ so a validation split carved from train never shares an image with it.
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,6 +28,22 @@ def answer_type(value, answer: str, where: str) -> str:
     if text not in ANSWER_TYPES:
         raise InputError(f"{where}: answer_type {value!r} is neither CLOSED nor OPEN")
     return text
+
+
+def json_questions(path: Path, required: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each question of a JSON list file (VQA-RAD, SLAKE), each checked for ``required``
+    fields; a file that is not such a list is an InputError naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON list of questions, got {type(data).__name__}")
+    for i, r in enumerate(data):
+        where = f"{path}: record {i}"
+        if not isinstance(r, dict) or any(k not in r for k in required):
+            raise InputError(f"{where}: needs the fields {', '.join(required)}")
+        yield where, r
 
 
 def pack_rows(records: Iterable[tuple[str, dict]], source: str) -> Iterator[Row]:

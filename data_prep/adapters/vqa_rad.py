@@ -8,11 +8,10 @@ rest is train, as in MEVF, M3AE and PMC-CLIP. An image asked about in both becom
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_prep.adapters.vqa import pack_rows
+from data_prep.adapters.vqa import json_questions, pack_rows
 from data_prep.rows import InputError, Row
 
 REQUIRED = ("image_name", "question", "answer")
@@ -24,16 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _records(path: Path, images: Path) -> Iterator[tuple[str, dict]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not a JSON file ({e})") from None
-    if not isinstance(data, list):
-        raise InputError(f"{path}: expected a JSON list of questions, got {type(data).__name__}")
-    for i, r in enumerate(data):
-        where = f"{path}: record {i}"
-        if not isinstance(r, dict) or any(k not in r for k in REQUIRED):
-            raise InputError(f"{where}: needs the fields {', '.join(REQUIRED)}")
+    for where, r in json_questions(path, REQUIRED):
         split = "test" if str(r.get("phrase_type", "")).startswith("test") else "train"
         yield where, {**r, "image": str(images / r["image_name"]), "split": split}
 
