@@ -74,6 +74,18 @@ def test_vqa_rad_keeps_its_official_test_split_and_every_field(tmp_path):
     assert _shard("vqa-rad", "--json", str(path), "--images", str(images), "--out", str(tmp_path / "bad")) == 2
 
 
+def test_vqa_question_files_that_are_not_question_lists_name_the_file(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for text, message in [("{not json", "not a JSON file"), ('{"a": 1}', "expected a JSON list of questions"),
+                          ('[{"image_name": "x.jpg", "question": "q?"}]', "record 0: needs the fields")]:
+        path = tmp_path / "q.json"
+        path.write_text(text)
+        assert _shard("vqa-rad", "--json", str(path), "--images", str(images), "--out", str(tmp_path / "out")) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(path) in err, err
+
+
 def test_slake_keeps_train_validate_test_and_english_by_default(tmp_path):
     root = tmp_path / "Slake1.0"
     per_file = {"train.json": ("xmlab1", "xmlab2"), "validate.json": ("xmlab3",), "test.json": ("xmlab4",)}
