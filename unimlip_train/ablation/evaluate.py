@@ -3,7 +3,8 @@
 Retrieval on the eval split; when its samples carry labels, zero-shot classification on the same split and a
 linear probe fitted on the training shards' split and scored on it. The eval split is embedded once and
 shared by all three. The result is cached in the run dir (``ablation_eval.json``) with what it was computed
-from (the checkpoint's identity and the evaluation settings), so an unchanged checkpoint is never scored twice.
+from (the checkpoint's identity, the evaluation settings and code), so an unchanged checkpoint is never scored
+twice.
 """
 from __future__ import annotations
 
@@ -42,11 +43,23 @@ class EvalSpec:
         from unimlip_train.eval.zeroshot import DEFAULT_PROMPTS
 
         out = dataclasses.asdict(self)
+        out["eval_code_sha256"] = eval_code_sha256()
         out["prompts_sha256"] = sha256_file(self.prompts or str(DEFAULT_PROMPTS))
         for key in ("data", "probe_data"):
             index = index_of(getattr(self, key)) if getattr(self, key) else None
             out[f"{key}_index_sha256"] = sha256_file(index) if index else ""
         return out
+
+
+def eval_code_sha256() -> str:
+    """One hash of the evaluation code (``unimlip_train/eval`` and this module): metrics cached by other code
+    are recomputed, so a fixed metric never lingers in a table."""
+    import hashlib
+
+    import unimlip_train.eval as eval_package
+
+    files = sorted(Path(eval_package.__file__).parent.glob("*.py")) + [Path(__file__)]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
 def checkpoint_fingerprint(checkpoint: str) -> dict:
