@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data_prep import audit, synthetic, synthetic_vqa
-from data_prep.rows import InputError
 from data_prep.writer import OutOfSpace, add_writer_arguments, encode_results, options_from_args, write_shards
+from unimlip_train.format.rows import InputError
 
 # Subcommand -> adapter module name (each module offers add_arguments(parser) and iter_rows(args)).
 # launch/sharding.py imports adapters through this mapping too.

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data_prep.rows import Row
+from unimlip_train.format.rows import Row
 
 SOURCE_DIR = ".synthetic-src"  # inside --out; the writer reads the generated images from there
 

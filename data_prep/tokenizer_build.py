@@ -14,9 +14,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from data_prep.report_text import report_body
-from data_prep.rows import InputError
 from data_prep.verify import iter_samples, load_index
+from unimlip_train.format.report_text import report_body
+from unimlip_train.format.rows import InputError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _ALPHABET = string.ascii_lowercase + string.digits + string.punctuation

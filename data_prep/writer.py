@@ -43,15 +43,14 @@ from tqdm import tqdm
 
 from data_prep import audit
 from data_prep.images import WINDOWS, ImageError, process_image
-from data_prep.rows import InputError, Row, View
-from data_prep.splits import SPLITS, active_splits, assign_groups
+from unimlip_train.format.rows import InputError, Row, View
+from unimlip_train.format.shards import SHARD_NAME, report_hash, sample_key, sha256_file
+from unimlip_train.format.splits import SPLITS, active_splits, assign_groups
 
 TOOL_NAME = "unimlip-shard"
 JOURNAL = ".unimlip-shard-journal.jsonl"
-SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 _MTIME = 0  # fixed tar header fields: shard bytes must not depend on when or by whom they were written
 _BLOCK, _RECORD = 512, 10240
-_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 @dataclass(frozen=True)
@@ -140,18 +139,6 @@ def options_from_args(args: argparse.Namespace) -> WriterOptions:
                          frame=args.frame, workers=args.workers, audit=not args.no_audit)
 
 
-def sample_key(sample_id: str) -> str:
-    """A webdataset-safe ``__key__``: no dots (webdataset splits names at the first dot), no slashes.
-
-    Ids that are already safe are kept; otherwise the cleaned id gets a hash suffix so different ids
-    never collide, and the name (key + ``.json``) fits a plain ustar header.
-    """
-    clean = _KEY_UNSAFE.sub("_", sample_id)
-    if clean == sample_id and 0 < len(sample_id) <= 90:
-        return clean
-    return f"{clean[:79]}-{hashlib.sha1(sample_id.encode('utf-8')).hexdigest()[:10]}"
-
-
 @dataclass
 class _Planned:
     key: str
@@ -229,14 +216,6 @@ def _fingerprint(by_split: dict[str, list[_Planned]], options: WriterOptions) ->
             r = p.row
             rec = [split, p.key, r.id, r.image, r.text, p.group, list(r.labels), r.metadata]
             h.update(json.dumps(rec, sort_keys=True, default=str).encode("utf-8"))
-    return h.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 
@@ -403,7 +382,7 @@ def _sample(p: _Planned, split: str, source: str, results: list[tuple]) -> tuple
         meta["view"] = first_view.position or first_info.get("dicom_view", "")
     labels = [p.row.labels] if isinstance(p.row.labels, str) else p.row.labels
     meta.update(id=p.row.id, group=p.group, labels=[str(x) for x in labels], split=split,
-                report_hash=audit.report_hash(p.row.text.strip()), **_image_fields(first_info))
+                report_hash=report_hash(p.row.text.strip()), **_image_fields(first_info))
     members = []
     described = []
     for i, (view, (_, ext, data, info)) in enumerate(ok):
