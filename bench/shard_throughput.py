@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from data_prep.writer import WriterOptions, write_shards
+from data_prep.options import WriterOptions
+from data_prep.writer import write_shards
 from unimlip_train.format.rows import Row
 
 

@@ -16,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data_prep import audit, synthetic, synthetic_vqa
-from data_prep.writer import OutOfSpace, add_writer_arguments, encode_results, options_from_args, write_shards
+from data_prep.options import add_writer_arguments, options_from_args
+from data_prep.pool import encode_results
+from data_prep.writer import OutOfSpace, write_shards
 from unimlip_train.format.rows import InputError
 
 # Subcommand -> adapter module name (each module offers add_arguments(parser) and iter_rows(args)).

@@ -55,7 +55,8 @@ def test_a_timm_folder_brings_its_weights_normalisation_and_input_size(tokenizer
         assert torch.equal(model.image_tower.model.state_dict()[name], value), name
 
     # The loader normalises with those statistics: a real shard of a constant image, read back.
-    from data_prep.writer import WriterOptions, write_shards
+    from data_prep.options import WriterOptions
+    from data_prep.writer import write_shards
     from unimlip_train.data.loader import build_eval_loader
     from unimlip_train.format.rows import Row
 
