@@ -54,7 +54,8 @@ def slice_path(out: str | os.PathLike, k: int) -> Path:
 def _planned_tasks(ns: argparse.Namespace) -> list[tuple]:
     """The writer's encode tasks in its order (split by split, rows by key), as a fresh run makes them."""
     from data_prep.cli import ADAPTERS
-    from data_prep.writer import options_from_args, plan, planned_tasks
+    from data_prep.options import options_from_args
+    from data_prep.plan import plan, planned_tasks
 
     adapter = importlib.import_module(ADAPTERS[ns.command])
     options = options_from_args(ns)

@@ -39,9 +39,10 @@ def _write_dataset(root: Path) -> tuple[Path, Path]:
     """Shards (train + val splits, several small shards) and a tokenizer trained on them."""
     from PIL import Image
 
-    from data_prep.rows import Row
+    from data_prep.options import WriterOptions
     from data_prep.tokenizer_build import build_tokenizer
-    from data_prep.writer import WriterOptions, write_shards
+    from data_prep.writer import write_shards
+    from unimlip_train.format.rows import Row
 
     npz = np.load(PNEUMONIAMNIST_NPZ)
     reports = _reports(30)

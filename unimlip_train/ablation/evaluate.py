@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from data_prep.writer import sha256_file
 from unimlip_train.eval.card import build_card, data_identity, index_of
+from unimlip_train.format.shards import sha256_file
 
 CACHE = "ablation_eval.json"
 

@@ -45,12 +45,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.report_text import report_id
-from data_prep.rows import is_frontal
 from unimlip_train.config import Config, LossConfig
 from unimlip_train.data.shards import ShardSource, iter_raw_samples, resolve_sources
 from unimlip_train.data.text import augment_report, model_text
 from unimlip_train.data.transforms import EvalTransform, TrainAugment, decode_image, normalisation, to_tensor
+from unimlip_train.format.report_text import report_id
+from unimlip_train.format.rows import is_frontal
 
 log = logging.getLogger(__name__)
 

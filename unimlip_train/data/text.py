@@ -20,8 +20,8 @@ import random
 import re
 from typing import Optional, Sequence, Union
 
-from data_prep.report_text import clean_report as _clean_deid
-from data_prep.report_text import join_sentences, section_texts, split_sections
+from unimlip_train.format.report_text import clean_report as _clean_deid
+from unimlip_train.format.report_text import join_sentences, section_texts, split_sections
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _ENUMERATOR = re.compile(r"(?:^|(?<=[.!?:;] ))\d{1,2}[.)] +")  # "IMPRESSION: 1. ... 2. ..." list numbers

@@ -9,7 +9,7 @@ import json
 import os
 from typing import Any
 
-from data_prep.writer import sha256_file
+from unimlip_train.format.shards import sha256_file
 
 
 def checkpoint_identity(path: str) -> dict[str, Any]:

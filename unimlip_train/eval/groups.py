@@ -14,7 +14,7 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-from data_prep.splits import group_rank
+from unimlip_train.format.splits import group_rank
 
 
 def _ordered_groups(strata: Sequence[Hashable], groups: Sequence[str], seed: int) -> dict[Hashable, list[str]]:

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data_prep.report_text import normalise_report
+from unimlip_train.format.report_text import normalise_report
 
 RECALL_KS = (1, 5, 10)
 
