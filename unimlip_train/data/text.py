@@ -3,7 +3,7 @@
 Radiology reports carry headers (INDICATION, COMPARISON, FINDINGS, IMPRESSION ...) of which only the
 findings and impression describe the image; de-identification leaves tokens such as ``XXXX`` (IU X-ray)
 or ``___`` (MIMIC-CXR) that carry no meaning and would otherwise dominate the vocabulary. Section splitting
-and de-identification clean-up are the shard adapters' (``data_prep.report_text``, whose docstring states
+and de-identification clean-up are the shard adapters' (``unimlip_train.format.report_text``, whose docstring states
 the rules), so a report reads the same whether it was sharded by us or arrives whole; added here is what
 only training wants: the section choice and order, list numbers dropped, sentence splitting and augmentation.
 
