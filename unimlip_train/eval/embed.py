@@ -17,7 +17,8 @@ import torch.distributed as dist
 import webdataset as wds
 from tqdm import tqdm
 
-from unimlip_train.data.loader import _windows, build_eval_loader
+from unimlip_train.data.eval_loader import build_eval_loader
+from unimlip_train.data.plan import windows as _windows
 from unimlip_train.data.shards import ShardSource, iter_raw_samples, resolve_sources
 
 
