@@ -34,7 +34,7 @@ from train_throughput import count_flops, synthetic_batch  # noqa: E402
 
 def step_flops(cfg, tokenizer) -> tuple[int, object, dict]:
     """FLOPs of one training forward + backward of ``cfg``'s TrainStep; also the model and the batch."""
-    from unimlip_train.data.loader import batch_needs
+    from unimlip_train.data.collate import batch_needs
     from unimlip_train.losses import UniMlipObjective
     from unimlip_train.models import TrainStep, build_model
 

@@ -70,7 +70,7 @@ def inventory(image: str, batch: int, text_length: int) -> Inventory:
     from train_throughput import synthetic_batch
 
     from unimlip_train.config import load_config
-    from unimlip_train.data.loader import batch_needs
+    from unimlip_train.data.collate import batch_needs
     from unimlip_train.data.tokenizer import load_tokenizer
     from unimlip_train.losses import UniMlipObjective
     from unimlip_train.models import build_model

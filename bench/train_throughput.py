@@ -97,7 +97,7 @@ def bench_engine(cfg, tokenizer, args, device, dtype, name: str, flops: Optional
     import itertools
     import tempfile
 
-    from unimlip_train.data.loader import batch_needs
+    from unimlip_train.data.collate import batch_needs
     from unimlip_train.engine.trainer import Trainer
 
     trainer = Trainer(cfg, tempfile.mkdtemp(prefix="unimlip-bench-"), resume="none")
@@ -127,7 +127,7 @@ def bench_engine(cfg, tokenizer, args, device, dtype, name: str, flops: Optional
 
 def bench_plain_clip(cfg, tokenizer, args, device, dtype) -> dict:
     """Baseline: the same towers and projections, symmetric InfoNCE only, torch AdamW, autocast."""
-    from unimlip_train.data.loader import BatchNeeds
+    from unimlip_train.data.collate import BatchNeeds
     from unimlip_train.models import build_model
 
     model = build_model(cfg, tokenizer).to(device)

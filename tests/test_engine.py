@@ -268,7 +268,7 @@ def test_validation_scalars_under_zero3(data, zero23, tmp_path):
 
 
 def test_export_round_trip_gives_identical_embeddings(data, reference, zero23, tmp_path):
-    from unimlip_train.data.loader import build_eval_loader
+    from unimlip_train.data.eval_loader import build_eval_loader
     from unimlip_train.engine.checkpoint import consolidated_state_dict, load_for_eval, resolve_checkpoint
 
     # ZeRO-1: DeepSpeed's module file holds the full fp32 weights; zero_to_fp32 must agree with it exactly.

@@ -59,7 +59,7 @@ def _tar_keys(shards: Path, split: str) -> list[str]:
 
 
 def test_retrieval_on_a_seeded_subset_embeds_only_the_subset(setup, monkeypatch, capsys):
-    from unimlip_train.data import loader
+    from unimlip_train.data import decode
     from unimlip_train.engine.checkpoint import load_for_eval
     from unimlip_train.eval.embed import embed_split
     from unimlip_train.eval.metrics import retrieval_metrics
@@ -68,8 +68,8 @@ def test_retrieval_on_a_seeded_subset_embeds_only_the_subset(setup, monkeypatch,
     shards = str(setup["shards"])
     full = embed_split(model, cfg, tokenizer, shards, "val", 0, 1, batch_size=4)
     decoded = []
-    real_decode = loader.decode_image
-    monkeypatch.setattr(loader, "decode_image", lambda *a: decoded.append(1) or real_decode(*a))
+    real_decode = decode.decode_image
+    monkeypatch.setattr(decode, "decode_image", lambda *a: decoded.append(1) or real_decode(*a))
     sub = embed_split(model, cfg, tokenizer, shards, "val", 0, 1, batch_size=4, progress=True, sample=7, seed=3)
     assert len(decoded) == 7  # the others were skipped before decoding
     expected = sorted(random.Random(3).sample(_tar_keys(setup["shards"], "val"), 7))

@@ -183,7 +183,7 @@ def test_compiled_towers_train_like_eager(shards, tmp_path):
 @trains
 def test_fast_kernels_are_on(device, shards, tmp_path):
     """SDPA attention in both towers; on CUDA also fused AdamW and batches in pinned host memory."""
-    from unimlip_train.data.loader import TrainStream, batch_needs
+    from unimlip_train.data import TrainStream, batch_needs
 
     cfg = load_config(CONFIG, tiny_overrides(shards, tmp_path / "run", 1, **{"data.num_workers": 1}))
     trainer = Trainer(cfg, str(tmp_path / "run"), resume="none")

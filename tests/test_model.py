@@ -200,7 +200,7 @@ def test_feature_level_perturbation_is_not_a_uniformity_penalty():
     more than a push-apart than dropout on the pooled vector does."""
     from data_prep.synthetic import generate
     from unimlip_train.config import load_config
-    from unimlip_train.data.loader import _tokenize
+    from unimlip_train.data.collate import _tokenize
     from unimlip_train.data.text import model_text
     from unimlip_train.data.tokenizer import load_tokenizer
 

@@ -120,7 +120,7 @@ def test_validate_with_examples_returns_rank0s_first_images(tmp_path):
     """Through the real eval loader: the examples are the first validation images, with their embeddings'
     top-3, and the metrics are exactly those of ``validate``."""
     from data_prep.cli import main as shard_main
-    from unimlip_train.data.loader import build_eval_loader
+    from unimlip_train.data.eval_loader import build_eval_loader
     from unimlip_train.data.tokenizer import load_tokenizer
     from unimlip_train.eval import embed_split, validate, validate_with_examples
     from unimlip_train.models import build_model

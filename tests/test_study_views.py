@@ -14,7 +14,9 @@ from transformers import BertTokenizer
 
 from data_prep.cli import main as shard_main
 from unimlip_train.config import Config
-from unimlip_train.data.loader import BatchNeeds, TrainStream, build_eval_loader
+from unimlip_train.data.collate import BatchNeeds
+from unimlip_train.data.eval_loader import build_eval_loader
+from unimlip_train.data.loader import TrainStream
 from unimlip_train.data.text import model_text
 from unimlip_train.data.tokenizer import load_tokenizer
 from unimlip_train.data.transforms import MEAN, STD

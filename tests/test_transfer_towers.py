@@ -57,7 +57,7 @@ def test_a_timm_folder_brings_its_weights_normalisation_and_input_size(tokenizer
     # The loader normalises with those statistics: a real shard of a constant image, read back.
     from data_prep.options import WriterOptions
     from data_prep.writer import write_shards
-    from unimlip_train.data.loader import build_eval_loader
+    from unimlip_train.data.eval_loader import build_eval_loader
     from unimlip_train.format.rows import Row
 
     Image.fromarray(np.full((60, 60), 100, np.uint8)).save(tmp_path / "flat.png")

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from unimlip_train import distributed as du
 from unimlip_train.config import Config, dump_yaml
-from unimlip_train.data.loader import global_skip_stats
+from unimlip_train.data.skips import global_skip_stats
 from unimlip_train.data.transforms import normalisation
 from unimlip_train.engine import checkpoint as ck
 from unimlip_train.engine.ds_config import build_ds_config
@@ -158,7 +158,7 @@ class Trainer:
         """Process group, run dir, model, DeepSpeed engine, data stream; finds the checkpoint to resume."""
         import deepspeed
 
-        from unimlip_train.data.loader import TrainStream, batch_needs
+        from unimlip_train.data import TrainStream, batch_needs
         from unimlip_train.data.tokenizer import load_tokenizer
         from unimlip_train.losses import UniMlipObjective
         from unimlip_train.models import TrainStep, build_model
