@@ -8,6 +8,7 @@ import yaml
 
 from unimlip_train.config import ConfigError, config_from_dict, load_config
 from unimlip_train.engine.ds_config import build_ds_config
+from unimlip_train.models.pretrained import resolve_towers
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -20,7 +21,7 @@ def _write(path: Path, data: dict) -> str:
 
 def _error(path, overrides=None) -> str:
     with pytest.raises(ConfigError) as info:
-        load_config(path, overrides)
+        load_config(path, overrides, resolve=resolve_towers)
     return str(info.value)
 
 
@@ -132,7 +133,8 @@ def test_out_of_range_values_and_unknown_models_name_the_key_and_its_origin(tmp_
 
 
 def test_registry_models_with_a_pretrained_tag_are_accepted():
-    cfg = load_config(str(CONFIGS / "tiny_cpu.yaml"), ["model.image.name=vit_tiny_patch16_224.augreg_in21k"])
+    cfg = load_config(str(CONFIGS / "tiny_cpu.yaml"), ["model.image.name=vit_tiny_patch16_224.augreg_in21k"],
+                      resolve=resolve_towers)
     assert cfg.model.image.name == "vit_tiny_patch16_224.augreg_in21k"
 
 
