@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Union
 
 from data_prep.report_text import clean_report as _clean_deid
 from data_prep.report_text import join_sentences, section_texts, split_sections
+from unimlip_train.config import SECTION_CHOICES
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _ENUMERATOR = re.compile(r"(?:^|(?<=[.!?:;] ))\d{1,2}[.)] +")  # "IMPRESSION: 1. ... 2. ..." list numbers
@@ -38,8 +39,6 @@ def clean_text(text: str) -> str:
     return _clean_deid(_ENUMERATOR.sub("", " ".join(text.split())))
 
 
-SECTION_CHOICES = ("findings+impression", "impression", "findings", "random")
-ORDERS = ("impression_first", "findings_first")
 _RANDOM_FROM = ("findings", "impression")
 
 
