@@ -1,12 +1,14 @@
 """Config loading errors (key + file named), extends/overrides, shipped configs, generated DeepSpeed config."""
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from unimlip_train.config import ConfigError, config_from_dict, load_config
+from unimlip_train.config import Config, ConfigError, config_from_dict, load_config
 from unimlip_train.engine.ds_config import build_ds_config
 from unimlip_train.models.pretrained import resolve_towers
 
@@ -148,11 +150,6 @@ def test_a_bad_choice_names_the_key_its_origin_and_the_choices(override, expect)
 
 def test_every_default_is_one_of_its_choices():
     """The schema's Literal types are the only list of each key's choices; its defaults must be among them."""
-    import dataclasses
-    import typing
-
-    from unimlip_train.config import Config
-
     def walk(obj, prefix=""):
         hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
