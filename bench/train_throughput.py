@@ -199,8 +199,9 @@ def main(argv=None) -> int:
     from unimlip_train import distributed as du
     from unimlip_train.config import load_config
     from unimlip_train.data.tokenizer import load_tokenizer
+    from unimlip_train.models.pretrained import resolve_towers
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, resolve=resolve_towers)
     du.init_distributed(cfg.deepspeed.backend)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if torch.cuda.is_available():
@@ -211,12 +212,10 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.text.name)
     torch.manual_seed(cfg.seed)
     if args.compare_negatives:
-        from unimlip_train.config import load_config as reload
-
         results = []
         for negatives in ("micro", "accumulated"):
-            k_cfg = reload(args.config, [*args.overrides, f"train.grad_accum={args.compare_negatives}",
-                                         f"train.negatives={negatives}"])
+            k_cfg = load_config(args.config, [*args.overrides, f"train.grad_accum={args.compare_negatives}",
+                                              f"train.negatives={negatives}"], resolve=resolve_towers)
             results.append(bench_engine(k_cfg, tokenizer, args, device, dtype,
                                         f"engine, K={args.compare_negatives}, negatives={negatives}"))
         baseline, what = "micro", "accumulated / micro"

@@ -154,8 +154,9 @@ def _wait_local(jobs: list) -> int:
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from launch.jobs import TrainJob
     from unimlip_train.config import dump_yaml, load_config
+    from unimlip_train.models.pretrained import resolve_towers
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, resolve=resolve_towers)
     run_dir = Path(args.run_dir or cfg.run_dir).resolve()
     cfg.run_dir = str(run_dir)
     tasks, gpus = _ranks(args)

@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import BertTokenizer
 
-from unimlip_train.config import Config, _build
+from unimlip_train.config import Config
+from unimlip_train.config.load import _build
 from unimlip_train.losses import (
     AccumulationCache,
     UniMlipObjective,

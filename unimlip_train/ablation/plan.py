@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from unimlip_train.config import Config, ConfigError, load_config
+from unimlip_train.models.pretrained import resolve_towers
 
 # A command-line override looks like ``key.sub=value``; a config path never matches (it has a '/' or no '=').
 OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
@@ -90,7 +91,7 @@ def plan_runs(configs: list[str], data: str, run_root: Path, steps: Optional[int
     for path in configs:
         for seed in seeds if seeds is not None else [None]:
             ovr = base + ([f"seed={seed}"] if seed is not None else []) + list(overrides)
-            cfg = load_config(path, ovr)
+            cfg = load_config(path, ovr, resolve=resolve_towers)
             run_dir = run_root / Path(path).stem / f"seed{cfg.seed}"
             cfg.run_dir = str(run_dir)
             runs.append(AblationRun(Path(path).stem, str(path), cfg.seed, run_dir, ovr, cfg))

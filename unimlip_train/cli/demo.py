@@ -45,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_with_overrides(p, argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from unimlip_train.config import ConfigError, load_config
+    from unimlip_train.models.pretrained import resolve_towers
 
     out = Path(args.out).resolve()
     shards, run_dir = out / "shards", out / "run"
     overrides = [f"data.train={shards}/index.json", f"data.val={shards}/index.json", f"train.steps={args.steps}",
                  *args.overrides]
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, resolve=resolve_towers)
     except ConfigError as e:
         p.exit(2, f"unimlip-demo: config error: {e}\n")
     t0 = time.time()

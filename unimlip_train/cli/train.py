@@ -44,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_with_overrides(parser, argv)
+    from unimlip_train.models.pretrained import resolve_towers  # here, not on top: --help needs no timm/transformers
+
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, resolve=resolve_towers)
     except ConfigError as e:
         parser.exit(2, f"unimlip-train: config error: {e}\n")
     if args.run_dir:

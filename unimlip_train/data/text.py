@@ -20,6 +20,7 @@ import random
 import re
 from typing import Optional, Sequence, Union
 
+from unimlip_train.config import SECTION_CHOICES
 from unimlip_train.format.report_text import clean_report as _clean_deid
 from unimlip_train.format.report_text import join_sentences, section_texts, split_sections
 
@@ -38,8 +39,6 @@ def clean_text(text: str) -> str:
     return _clean_deid(_ENUMERATOR.sub("", " ".join(text.split())))
 
 
-SECTION_CHOICES = ("findings+impression", "impression", "findings", "random")
-ORDERS = ("impression_first", "findings_first")
 _RANDOM_FROM = ("findings", "impression")
 
 
