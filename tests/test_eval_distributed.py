@@ -92,8 +92,8 @@ def worker(export_dir: str, shards: str, out_dir: str) -> None:
     import torch
 
     from unimlip_train.distributed import init_distributed
-    from unimlip_train.engine.checkpoint import load_for_eval
     from unimlip_train.eval import cli, embed_split, validate
+    from unimlip_train.export import load_for_eval
 
     rank, world, _ = init_distributed()
     model, cfg, tokenizer = load_for_eval(export_dir)

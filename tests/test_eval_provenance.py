@@ -60,9 +60,9 @@ def _tar_keys(shards: Path, split: str) -> list[str]:
 
 def test_retrieval_on_a_seeded_subset_embeds_only_the_subset(setup, monkeypatch, capsys):
     from unimlip_train.data import loader
-    from unimlip_train.engine.checkpoint import load_for_eval
     from unimlip_train.eval.embed import embed_split
     from unimlip_train.eval.metrics import retrieval_metrics
+    from unimlip_train.export import load_for_eval
 
     model, cfg, tokenizer = load_for_eval(str(setup["export"]))
     shards = str(setup["shards"])

@@ -120,7 +120,7 @@ def test_finetune_classify_on_a_label_fraction_sampled_by_patient(work, tmp_path
     assert card["samples"] == {"train": len(used["train"]), "val": len(used["val"]), "test": int(doc["num_samples"])}
 
     # the reported test metrics, recomputed naively from the saved model's logits
-    from unimlip_train.engine.checkpoint import load_for_eval
+    from unimlip_train.export import load_for_eval
     from unimlip_train.finetune.classify import Classifier
     from unimlip_train.finetune.data import items
 

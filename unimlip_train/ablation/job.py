@@ -19,7 +19,7 @@ class AblationJob(TrainJob):
     def __call__(self):
         result = super().__call__()  # returns only once training finished (preemption exits or requeues)
         if result.status == "finished" and int(os.environ.get("RANK", "0")) == 0:
-            from unimlip_train.engine.checkpoint import resolve_checkpoint
+            from unimlip_train.export import resolve_checkpoint
 
             evaluate_run(Path(self.run_dir), resolve_checkpoint(self.run_dir), self.spec)
         return result

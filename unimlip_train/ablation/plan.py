@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from unimlip_train.config import Config, ConfigError, load_config
+from unimlip_train.export import read_state, resolve_checkpoint
 
 # A command-line override looks like ``key.sub=value``; a config path never matches (it has a '/' or no '=').
 OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
@@ -54,8 +55,6 @@ class AblationRun:
 
     def checkpoint(self) -> Optional[Checkpoint]:
         """The newest complete checkpoint in the run dir, or None."""
-        from unimlip_train.engine.checkpoint import read_state, resolve_checkpoint
-
         if not self.run_dir.is_dir():
             return None
         try:

@@ -1,7 +1,6 @@
 """Training engine: DeepSpeed loop (trainer), step checkpoints (checkpoint), telemetry (monitor),
 optimizer/schedule (optim), the generated DeepSpeed config (ds_config) and the signal-set stop flag
 (preemption)."""
-from unimlip_train.engine.checkpoint import export, load_for_eval
 from unimlip_train.engine.trainer import NonFiniteLossError, TrainResult, train
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError", "load_for_eval", "export"]
+__all__ = ["train", "TrainResult", "NonFiniteLossError"]

@@ -201,8 +201,8 @@ COMMANDS = {"retrieval": run_retrieval, "zeroshot": run_zeroshot, "linear-probe"
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from unimlip_train.distributed import init_distributed
-    from unimlip_train.engine.checkpoint import load_for_eval
     from unimlip_train.eval.card import build_card, data_identity
+    from unimlip_train.export import load_for_eval
 
     rank, world, local_rank = init_distributed()
     try:

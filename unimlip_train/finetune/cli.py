@@ -96,8 +96,8 @@ def _check(args) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from unimlip_train.engine.checkpoint import load_for_eval
     from unimlip_train.eval.card import build_card, data_identity, write_card
+    from unimlip_train.export import load_for_eval
     from unimlip_train.finetune import classify, vqa
 
     try:
