@@ -23,8 +23,13 @@ import subprocess
 from typing import Any, Optional
 
 import submitit
+import torch.distributed as dist
 
+from unimlip_train.config import config_from_dict
+from unimlip_train.distributed import all_reduce_max
 from unimlip_train.engine.preemption import PreemptionFlag
+from unimlip_train.engine.run import run_training
+from unimlip_train.eval import validate_with_examples
 
 
 class RequeueLimitReached(RuntimeError):
@@ -46,7 +51,7 @@ def requeue_count() -> int:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """``unimlip_train.engine.trainer.train`` on every task of the job, with self-requeue on preemption.
+    """``unimlip_train.engine.run.run_training`` on every task of the job, with self-requeue on preemption.
 
     It stays a Submitit ``Checkpointable`` for the window before ``__call__`` replaces Submitit's USR2
     handler: should the signal land there, Submitit resubmits this same object, and the rerun resumes
@@ -65,17 +70,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         print(f"unimlip job: rank {dist_env.rank}/{dist_env.world_size} (local {dist_env.local_rank}), "
               f"rendezvous {dist_env.master_addr}:{dist_env.master_port}, requeues so far {requeue_count()}, "
               f"run dir {self.run_dir}", flush=True)
-
-        from unimlip_train.config import config_from_dict
-        from unimlip_train.distributed import init_distributed
-        from unimlip_train.engine.run_lock import RunLock, check_free
-        from unimlip_train.engine.trainer import train
-
         cfg = config_from_dict(self.config, source=os.path.join(self.run_dir, "config.yaml"))
-        check_free(self.run_dir)  # another live job on this run dir: fail now, on every task, before the rendezvous
-        init_distributed(cfg.deepspeed.backend)
-        with RunLock.acquire(self.run_dir):  # a requeued run of this job takes its own earlier lock over
-            result = train(cfg, self.run_dir, resume="auto", stop_requested=flag)
+        # Another live job on this run dir fails now, on every task, before the rendezvous; a requeued run of
+        # this job takes its own earlier lock over.
+        result = run_training(cfg, self.run_dir, resume="auto", stop_requested=flag, validate=validate_with_examples)
         if result.status != "preempted":
             _shutdown_process_group()
             return result
@@ -84,8 +82,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         if _slurm_job_id() is None:
             return result  # not under SLURM: nothing to requeue, the caller sees "preempted"
         # Any rank's USR2 (the time-limit warning) means requeue: SLURM may signal only some tasks.
-        from unimlip_train.distributed import all_reduce_max
-
         if all_reduce_max(1.0 if "SIGUSR2" in flag.received else 0.0) > 0:
             self._requeue(dist_env.rank, result.step)
         _shutdown_process_group()
@@ -123,8 +119,6 @@ def _export_rendezvous():
 
 
 def _shutdown_process_group() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
