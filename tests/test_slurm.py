@@ -58,7 +58,7 @@ def cluster() -> str:
 
 
 def submit(*args: str, expect: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "launch.submit", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "unimlip_train.cli.submit", *args], capture_output=True, text=True,
                           timeout=300, cwd=REPO, env=env)
     assert done.returncode == expect, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     return done

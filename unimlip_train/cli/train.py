@@ -11,18 +11,8 @@ import argparse
 import signal
 import sys
 
-import torch.distributed as dist
-
-from unimlip_train import distributed as du
 from unimlip_train.cli.args import parse_with_overrides
 from unimlip_train.config import ConfigError, dump_yaml, load_config
-from unimlip_train.engine.checkpoint import CheckpointWriteError
-from unimlip_train.engine.health import CorruptDataError, NonFiniteLossError
-from unimlip_train.engine.monitor import MissingPackageError
-from unimlip_train.engine.preemption import PreemptionFlag
-from unimlip_train.engine.run import StartRefused, run_training
-from unimlip_train.engine.run_lock import RunDirInUse
-from unimlip_train.eval import validate_with_examples
 
 EXIT_IN_USE = 3
 EXIT_INTERRUPTED = 130
@@ -61,6 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    # torch, the towers and the engine load only now: --help and --print-config stay quick
+    import torch.distributed as dist
+
+    from unimlip_train import distributed as du
+    from unimlip_train.engine.checkpoint import CheckpointWriteError
+    from unimlip_train.engine.health import CorruptDataError, NonFiniteLossError
+    from unimlip_train.engine.monitor import MissingPackageError
+    from unimlip_train.engine.preemption import PreemptionFlag
+    from unimlip_train.engine.run import StartRefused, run_training
+    from unimlip_train.engine.run_lock import RunDirInUse
+    from unimlip_train.eval import validate_with_examples
 
     main_rank = du.env_rank() == 0
     stop = PreemptionFlag()  # sbatch --signal USR2@N, preemption, Ctrl-C: checkpoint on all ranks, then exit
