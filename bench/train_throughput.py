@@ -110,14 +110,14 @@ def bench_engine(cfg, tokenizer, args, device, dtype, name: str, flops: Optional
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             split = dict.fromkeys(split, 0.0)
-            trainer.window["wait"] = 0.0
+            trainer.window.wait = 0.0
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         trainer.train_step()
         sync()
         split["compute"] += time.perf_counter() - t0
-    split["data"] = trainer.window["wait"]
+    split["data"] = trainer.window.wait
     split["compute"] -= split["data"]
     trainer.batches = None  # stops the loader's workers
     trainer.monitor.close()

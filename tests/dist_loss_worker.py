@@ -152,7 +152,7 @@ def zero3_check(inp: dict, rank: int, world_size: int) -> dict:
     engine.step()
     # The in-place temperature clamp reaches ZeRO-3's partitioned master weights: after one more optimizer
     # step the value is still next to the bound (an unclamped master would have put it back near ln(1/0.07)).
-    from unimlip_train.engine.trainer import clamp_parameter_
+    from unimlip_train.engine.optim import clamp_parameter_
 
     clamp_parameter_(model.logit_scale, 0.0, 1.0)
     clamped = engine(batch, inp["step"])[1]["logit_scale"]

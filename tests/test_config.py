@@ -210,8 +210,8 @@ def test_overrides_anywhere_on_the_command_line(tmp_path):
     cfg = config_from_dict(yaml.safe_load(out.stdout))
     assert (cfg.train.steps, cfg.data.num_workers, cfg.model.embed_dim, cfg.run_dir) == (9, 0, 16, str(tmp_path / "r"))
 
-    from launch.submit import build_parser as submit_parser
     from unimlip_train.cli.args import parse_with_overrides
+    from unimlip_train.cli.submit import build_parser as submit_parser
     from unimlip_train.cli.train import build_parser as train_parser
 
     args = parse_with_overrides(submit_parser(), ["train", "--config", "c.yaml", "a.b=1", "--nodes", "2", "c=2",

@@ -92,9 +92,11 @@ def worker(export_dir: str, shards: str, out_dir: str) -> None:
     """Run under torchrun: every evaluation entry point, results written per rank."""
     import torch
 
+    from unimlip_train.cli import eval as cli
     from unimlip_train.distributed import init_distributed
-    from unimlip_train.engine.checkpoint import load_for_eval
-    from unimlip_train.eval import cli, embed_split, validate
+    from unimlip_train.eval import embed_split, validate
+    from unimlip_train.eval import run as eval_run
+    from unimlip_train.export import load_for_eval
 
     rank, world, _ = init_distributed()
     model, cfg, tokenizer = load_for_eval(export_dir)
@@ -106,11 +108,11 @@ def worker(export_dir: str, shards: str, out_dir: str) -> None:
     parser = cli.build_parser()
     common = ["--checkpoint", export_dir, "--data", shards, "--batch-size", "3"]
     zs = parser.parse_args(["zeroshot", *common, "--classes", "normal,pneumonia"])
-    result["zeroshot"] = cli.run_zeroshot(zs, model, cfg, tokenizer, rank, world, False)["metrics"]
+    result["zeroshot"] = eval_run.run_zeroshot(zs, model, cfg, tokenizer, rank, world, False)["metrics"]
     ml = parser.parse_args(["zeroshot", *common, "--classes", "normal,pneumonia", "--multi-label", "--split", "train"])
-    result["multilabel"] = cli.run_zeroshot(ml, model, cfg, tokenizer, rank, world, False)["metrics"]
+    result["multilabel"] = eval_run.run_zeroshot(ml, model, cfg, tokenizer, rank, world, False)["metrics"]
     lp = parser.parse_args(["linear-probe", *common])
-    result["probe"] = cli.run_linear_probe(lp, model, cfg, tokenizer, rank, world, False)["metrics"]
+    result["probe"] = eval_run.run_linear_probe(lp, model, cfg, tokenizer, rank, world, False)["metrics"]
     result["world"] = world
     if world > 1:
         # One rank failing mid-embedding: every rank raises its error instead of waiting in the gather.

@@ -60,9 +60,9 @@ def _tar_keys(shards: Path, split: str) -> list[str]:
 
 def test_retrieval_on_a_seeded_subset_embeds_only_the_subset(setup, monkeypatch, capsys):
     from unimlip_train.data import decode
-    from unimlip_train.engine.checkpoint import load_for_eval
     from unimlip_train.eval.embed import embed_split
     from unimlip_train.eval.metrics import retrieval_metrics
+    from unimlip_train.export import load_for_eval
 
     model, cfg, tokenizer = load_for_eval(str(setup["export"]))
     shards = str(setup["shards"])
@@ -87,7 +87,7 @@ def test_retrieval_on_a_seeded_subset_embeds_only_the_subset(setup, monkeypatch,
 
 def test_every_result_carries_its_card_also_beside_out(setup, tmp_path):
     out = tmp_path / "res" / "retrieval.json"
-    cmd = [sys.executable, "-m", "unimlip_train.eval.cli", "retrieval", "--checkpoint", str(setup["export"]),
+    cmd = [sys.executable, "-m", "unimlip_train.cli.eval", "retrieval", "--checkpoint", str(setup["export"]),
            "--data", str(setup["shards"]), "--sample", "9", "--seed", "5", "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -110,7 +110,7 @@ def test_every_result_carries_its_card_also_beside_out(setup, tmp_path):
     assert json.loads((tmp_path / "res" / "card-retrieval.json").read_text()) == card
     assert "embed val: 100%" in run.stderr and "9/9" in run.stderr
 
-    zs = subprocess.run([sys.executable, "-m", "unimlip_train.eval.cli", "zeroshot", "--checkpoint",
+    zs = subprocess.run([sys.executable, "-m", "unimlip_train.cli.eval", "zeroshot", "--checkpoint",
                          str(setup["export"]), "--data", str(setup["shards"]), "--classes", "No Finding,Opacity"],
                         capture_output=True, text=True, timeout=300)
     assert zs.returncode == 0, zs.stderr[-3000:]

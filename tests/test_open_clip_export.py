@@ -18,8 +18,8 @@ from conftest import IU_REPORTS_TGZ, PNEUMONIAMNIST_NPZ
 from unimlip_train.cli.export import main as export_main
 from unimlip_train.config import dump_yaml, load_config
 from unimlip_train.data.tokenizer import load_tokenizer
-from unimlip_train.engine.checkpoint import load_for_eval
-from unimlip_train.engine.open_clip_export import LUMA
+from unimlip_train.export import load_for_eval
+from unimlip_train.export.open_clip_export import LUMA
 from unimlip_train.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent

@@ -58,7 +58,7 @@ def cluster() -> str:
 
 
 def submit(*args: str, expect: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "launch.submit", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "unimlip_train.cli.submit", *args], capture_output=True, text=True,
                           timeout=300, cwd=REPO, env=env)
     assert done.returncode == expect, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     return done
@@ -298,7 +298,7 @@ def test_eval_job_writes_metrics_into_the_run_dir(cluster, synthetic_shards, ref
     assert result["num_samples"] == val
     # against R@1 counted by plain loops over this process's embeddings of the same checkpoint
     from conftest import embed_eval_set, naive_recall_at_1
-    from unimlip_train.engine.checkpoint import load_for_eval
+    from unimlip_train.export import load_for_eval
 
     model, cfg, tok = load_for_eval(str(reference_run))
     i2t, t2i = naive_recall_at_1(*embed_eval_set(model, cfg, tok, str(synthetic_shards / "index.json")))

@@ -6,20 +6,13 @@ trained again. Every config is loaded and validated before anything trains, so a
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from unimlip_train.config import Config, ConfigError, load_config
+from unimlip_train.export import read_state, resolve_checkpoint
 from unimlip_train.models.pretrained import resolve_towers
-
-# A command-line override looks like ``key.sub=value``; a config path never matches (it has a '/' or no '=').
-OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
-
-
-def is_override(token: str) -> bool:
-    return bool(OVERRIDE_RE.match(token))
 
 
 @dataclass
@@ -55,8 +48,6 @@ class AblationRun:
 
     def checkpoint(self) -> Optional[Checkpoint]:
         """The newest complete checkpoint in the run dir, or None."""
-        from unimlip_train.engine.checkpoint import read_state, resolve_checkpoint
-
         if not self.run_dir.is_dir():
             return None
         try:

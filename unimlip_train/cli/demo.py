@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] training exited with {code}; resuming from the latest checkpoint (restart {restarts} of 2)")
         code = _run(train, "resume training", check=restarts == 2)
 
-    from unimlip_train.engine.checkpoint import load_for_eval, resolve_checkpoint
     from unimlip_train.eval import validate
+    from unimlip_train.export import load_for_eval, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(str(run_dir))
     model, _, tokenizer = load_for_eval(checkpoint)
