@@ -35,8 +35,8 @@ from train_throughput import count_flops, synthetic_batch  # noqa: E402
 def step_flops(cfg, tokenizer) -> tuple[int, object, dict]:
     """FLOPs of one training forward + backward of ``cfg``'s TrainStep; also the model and the batch."""
     from unimlip_train.data.collate import batch_needs
-    from unimlip_train.losses import UniMlipObjective
-    from unimlip_train.models import TrainStep, build_model
+    from unimlip_train.losses.objective import UniMlipObjective
+    from unimlip_train.models.build import TrainStep, build_model
 
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="further config overrides")
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from unimlip_train.config import load_config
+    from unimlip_train.config.load import load_config
     from unimlip_train.data.tokenizer import load_tokenizer
     from unimlip_train.models.pretrained import resolve_towers
 

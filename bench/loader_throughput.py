@@ -30,7 +30,7 @@ import webdataset as wds  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from transformers import BertTokenizer  # noqa: E402
 
-from unimlip_train.config import Config  # noqa: E402
+from unimlip_train.config.schema import Config  # noqa: E402
 from unimlip_train.data.collate import BatchNeeds  # noqa: E402
 from unimlip_train.data.loader import TrainStream  # noqa: E402
 from unimlip_train.data.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer  # noqa: E402

@@ -128,7 +128,7 @@ def bench_engine(cfg, tokenizer, args, device, dtype, name: str, flops: Optional
 def bench_plain_clip(cfg, tokenizer, args, device, dtype) -> dict:
     """Baseline: the same towers and projections, symmetric InfoNCE only, torch AdamW, autocast."""
     from unimlip_train.data.collate import BatchNeeds
-    from unimlip_train.models import build_model
+    from unimlip_train.models.build import build_model
 
     model = build_model(cfg, tokenizer).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -196,8 +196,8 @@ def main(argv=None) -> int:
 
     args = parse_with_overrides(p, argv)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    from unimlip_train import distributed as du
-    from unimlip_train.config import load_config
+    import unimlip_train.distributed.process_group as du
+    from unimlip_train.config.load import load_config
     from unimlip_train.data.tokenizer import load_tokenizer
     from unimlip_train.models.pretrained import resolve_towers
 

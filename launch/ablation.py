@@ -30,7 +30,7 @@ from unimlip_train.ablation.runner import (
     run_locally,
     train_command,
 )
-from unimlip_train.config import ConfigError
+from unimlip_train.config.origins import ConfigError
 
 
 def _last_job(run) -> Optional[dict]:

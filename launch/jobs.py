@@ -29,12 +29,12 @@ import submitit
 import torch.distributed as dist
 
 from unimlip_train.ablation.evaluate import EvalSpec, evaluate_run
-from unimlip_train.config import config_from_dict
-from unimlip_train.distributed import all_reduce_max
+from unimlip_train.config.load import config_from_dict
+from unimlip_train.distributed.process_group import all_reduce_max
 from unimlip_train.engine.preemption import PreemptionFlag
 from unimlip_train.engine.run import run_training
-from unimlip_train.eval import validate_with_examples
 from unimlip_train.eval.run import run_eval
+from unimlip_train.eval.validate import validate_with_examples
 from unimlip_train.export import resolve_checkpoint
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 
 from launch.slurm import LaunchError
-from unimlip_train.config import ConfigError, config_diff, config_from_dict, dump_yaml
+from unimlip_train.config.load import config_diff, config_from_dict, dump_yaml
+from unimlip_train.config.origins import ConfigError
 
 SUBMISSIONS = "submissions.jsonl"
 

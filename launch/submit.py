@@ -21,7 +21,7 @@ from launch.options import after_dashes, preflight, ranks, resources
 from launch.runs import check_run_dir, record_submission, write_config
 from launch.sharding import encode_slice, merge_slices, parse_shard_argv
 from launch.slurm import LaunchError
-from unimlip_train.config import dump_yaml, load_config
+from unimlip_train.config.load import dump_yaml, load_config
 from unimlip_train.models.pretrained import resolve_towers
 
 

@@ -14,19 +14,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import BertTokenizer
 
-from unimlip_train.config import Config
+import unimlip_train.losses.gather as gather
 from unimlip_train.config.load import _build
-from unimlip_train.losses import (
-    AccumulationCache,
-    UniMlipObjective,
-    contrastive_loss,
-    gather,
-    nt_xent,
-    sample_hard_negatives,
-    sigmoid_loss,
-)
-from unimlip_train.losses.contrastive import positive_mask
-from unimlip_train.models import TrainStep, build_model
+from unimlip_train.config.schema import Config
+from unimlip_train.losses.contrastive import contrastive_loss, nt_xent, positive_mask, sigmoid_loss
+from unimlip_train.losses.hard_negatives import sample_hard_negatives
+from unimlip_train.losses.objective import AccumulationCache, UniMlipObjective
+from unimlip_train.models.build import TrainStep, build_model
 
 
 def config_from_dict(data: dict) -> Config:

@@ -8,9 +8,9 @@ import sys
 
 import torch.distributed as dist
 
-from unimlip_train.config import load_config
+from unimlip_train.config.load import load_config
 from unimlip_train.engine.trainer import train
-from unimlip_train.eval import validate_with_examples
+from unimlip_train.eval.validate import validate_with_examples
 
 if __name__ == "__main__":
     for config, run_dir, overrides in json.loads(sys.argv[1]):

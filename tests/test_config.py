@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unimlip_train.config import Config, ConfigError, config_from_dict, load_config
+from unimlip_train.config.load import config_from_dict, load_config
+from unimlip_train.config.origins import ConfigError
+from unimlip_train.config.schema import Config
 from unimlip_train.engine.ds_config import build_ds_config
 from unimlip_train.models.pretrained import resolve_towers
 
@@ -248,7 +250,7 @@ def test_checkpoint_hash_survives_a_new_config_key(tmp_path):
     resume note compare hashes), while a changed value is not."""
     import json
 
-    from unimlip_train.config import dump_yaml
+    from unimlip_train.config.load import dump_yaml
     from unimlip_train.engine.checkpoint import STATE_FILE, read_state
 
     cfg = load_config(None, [])

@@ -399,11 +399,11 @@ def test_resume_with_another_micro_batch_continues_the_stream(data, reference):
 
 
 def test_a_checkpoint_of_another_model_is_named_by_its_config_keys(data, reference, tmp_path):
-    from unimlip_train.config import load_config
+    from unimlip_train.config.load import load_config
     from unimlip_train.data.tokenizer import load_tokenizer
     from unimlip_train.engine.checkpoint import CheckpointError, check_compatible, resolve_checkpoint
     from unimlip_train.export import export
-    from unimlip_train.models import build_model
+    from unimlip_train.models.build import build_model
 
     tag = resolve_checkpoint(str(reference["dir"]))
     tok = load_tokenizer(data["tok"])
@@ -616,11 +616,11 @@ def test_time_based_checkpoints(data):
 
 
 def test_param_groups_and_schedule(data):
-    from unimlip_train.config import load_config
+    from unimlip_train.config.load import load_config
     from unimlip_train.data.tokenizer import load_tokenizer
     from unimlip_train.engine.optim import WarmupCosine, build_scheduler, param_groups
-    from unimlip_train.losses import UniMlipObjective
-    from unimlip_train.models import TrainStep, build_model
+    from unimlip_train.losses.objective import UniMlipObjective
+    from unimlip_train.models.build import TrainStep, build_model
 
     cfg = load_config(CONFIG, overrides(data, 100, **{"train.lr_image": 1e-4, "train.lr_text": 2e-5,
                                                       "train.min_lr_ratio": 0.1, "train.warmup_steps": 10}))
@@ -654,7 +654,7 @@ def test_param_groups_and_schedule(data):
 
 
 def test_slurm_environment_is_translated(monkeypatch):
-    from unimlip_train import distributed
+    import unimlip_train.distributed.process_group as distributed
 
     # _export_env writes os.environ; a private copy keeps RANK=5 / WORLD_SIZE=16 from leaking into the
     # processes that later tests start (they would wait forever for 15 peers).

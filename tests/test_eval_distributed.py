@@ -70,9 +70,9 @@ def _export_tiny_model(root: Path, shards: Path, tok_dir: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from unimlip_train.config import dump_yaml, load_config
+    from unimlip_train.config.load import dump_yaml, load_config
     from unimlip_train.data.tokenizer import load_tokenizer
-    from unimlip_train.models import build_model
+    from unimlip_train.models.build import build_model
 
     cfg = load_config(str(REPO / "configs" / "tiny_cpu.yaml"),
                       [f"data.train={shards}", f"data.val={shards}", "data.image_size=32", "data.num_workers=1",
@@ -92,10 +92,11 @@ def worker(export_dir: str, shards: str, out_dir: str) -> None:
     """Run under torchrun: every evaluation entry point, results written per rank."""
     import torch
 
-    from unimlip_train.cli import eval as cli
-    from unimlip_train.distributed import init_distributed
-    from unimlip_train.eval import embed_split, validate
-    from unimlip_train.eval import run as eval_run
+    import unimlip_train.cli.eval as cli
+    import unimlip_train.eval.run as eval_run
+    from unimlip_train.distributed.process_group import init_distributed
+    from unimlip_train.eval import embed_split
+    from unimlip_train.eval.validate import validate
     from unimlip_train.export import load_for_eval
 
     rank, world, _ = init_distributed()

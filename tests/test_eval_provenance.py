@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from unimlip_train.eval import groups as eval_groups
+import unimlip_train.eval.groups as eval_groups
 from unimlip_train.eval.linear_probe import carve_validation
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 def setup(tmp_path_factory):
     from safetensors.torch import save_file
 
-    from unimlip_train.config import dump_yaml, load_config
+    from unimlip_train.config.load import dump_yaml, load_config
     from unimlip_train.data.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
-    from unimlip_train.models import build_model
+    from unimlip_train.models.build import build_model
 
     root = tmp_path_factory.mktemp("provenance")
     subprocess.run([sys.executable, "-m", "data_prep.cli", "synthetic", "--n", "60", "--image-size", "32",
@@ -59,7 +59,7 @@ def _tar_keys(shards: Path, split: str) -> list[str]:
 
 
 def test_retrieval_on_a_seeded_subset_embeds_only_the_subset(setup, monkeypatch, capsys):
-    from unimlip_train.data import decode
+    import unimlip_train.data.decode as decode
     from unimlip_train.eval.embed import embed_split
     from unimlip_train.eval.metrics import retrieval_metrics
     from unimlip_train.export import load_for_eval
@@ -97,7 +97,7 @@ def test_every_result_carries_its_card_also_beside_out(setup, tmp_path):
     import yaml
 
     from unimlip_train import __version__
-    from unimlip_train.config import config_from_dict
+    from unimlip_train.config.load import config_from_dict
 
     cfg = config_from_dict(yaml.safe_load((setup["export"] / "config.yaml").read_text()))
     assert card == {"tool": "unimlip-eval retrieval", "version": __version__,

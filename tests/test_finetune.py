@@ -57,10 +57,10 @@ def work(tmp_path_factory):
 def test_a_locked_tower_stays_bit_identical_to_its_file_and_has_no_optimizer_state(work):
     import yaml
 
-    from unimlip_train.config import config_from_dict
+    from unimlip_train.config.load import config_from_dict
     from unimlip_train.data.tokenizer import load_tokenizer
     from unimlip_train.engine.checkpoint import consolidated_state_dict, resolve_checkpoint
-    from unimlip_train.models import build_model
+    from unimlip_train.models.build import build_model
 
     tag = resolve_checkpoint(str(work / "run"))
     assert tag.endswith(f"step_{PRETRAIN_STEPS:07d}")

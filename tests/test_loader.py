@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 from transformers import BertTokenizer
 
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 from unimlip_train.data.collate import BatchNeeds, batch_needs
 from unimlip_train.data.eval_loader import build_eval_loader
 from unimlip_train.data.loader import TrainStream

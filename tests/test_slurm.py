@@ -157,7 +157,7 @@ def test_clear_errors(tmp_path, cluster):
     err = submit(*base, "--partition", "no-such-partition", expect=2).stderr
     assert "unknown partition 'no-such-partition'" in err and cluster in err
     # A run dir that belongs to another config is refused and the differing key named.
-    from unimlip_train.config import dump_yaml, load_config
+    from unimlip_train.config.load import dump_yaml, load_config
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(dump_yaml(load_config(str(TINY), ["train.lr=0.5"])))
@@ -175,7 +175,7 @@ def test_clear_errors(tmp_path, cluster):
 def test_failing_job_surfaces_as_failed_with_its_error(tmp_path, cluster):
     """An exception in training (missing data) ends as FAILED with the error in the log, not a hang;
     --force lets a run dir of another config be reused."""
-    from unimlip_train.config import dump_yaml, load_config
+    from unimlip_train.config.load import dump_yaml, load_config
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

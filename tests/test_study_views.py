@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import BertTokenizer
 
 from data_prep.cli import main as shard_main
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 from unimlip_train.data.collate import BatchNeeds
 from unimlip_train.data.eval_loader import build_eval_loader
 from unimlip_train.data.loader import TrainStream

@@ -16,9 +16,10 @@ from PIL import Image
 from timm.models import save_for_hf
 
 from unimlip_tiny import IMAGE_SIZE, tiny_config, tiny_tokenizer
-from unimlip_train.config import ConfigError, load_config
+from unimlip_train.config.load import load_config
+from unimlip_train.config.origins import ConfigError
 from unimlip_train.engine.optim import group_lrs, param_groups
-from unimlip_train.models import build_model
+from unimlip_train.models.build import build_model
 from unimlip_train.models.pretrained import resolve_towers
 
 REPO = Path(__file__).resolve().parent.parent

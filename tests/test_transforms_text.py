@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import BertTokenizer
 
 from conftest import IU_REPORTS_TGZ
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 from unimlip_train.data.collate import mlm_mask
 from unimlip_train.data.text import augment_report, clean_text, model_text, sections_or_whole, split_sentences
 from unimlip_train.data.tokenizer import load_tokenizer

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from unimlip_train.config import Config, ConfigError, load_config
+from unimlip_train.config.load import load_config
+from unimlip_train.config.origins import ConfigError
+from unimlip_train.config.schema import Config
 from unimlip_train.export import read_state, resolve_checkpoint
 from unimlip_train.models.pretrained import resolve_towers
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from unimlip_train.ablation import table
+import unimlip_train.ablation.table as table
 from unimlip_train.ablation.evaluate import EvalSpec, evaluate_run
 from unimlip_train.ablation.plan import AblationRun
 from unimlip_train.ablation.table import HEADLINE

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for image/ and text/ (created)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, as for unimlip-train")
     args = p.parse_args(argv)
-    from unimlip_train.config import ConfigError, load_config
+    from unimlip_train.config.load import load_config
+    from unimlip_train.config.origins import ConfigError
     from unimlip_train.models.pretrained import HUB, resolve_towers
 
     try:

@@ -9,12 +9,12 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+import unimlip_train.cli.eval as eval_cli
 from launch.options import add_slurm_arguments, after_dashes
 from launch.slurm import LaunchError
 from launch.status import show_status
-from unimlip_train.cli import eval as eval_cli
 from unimlip_train.cli.args import parse_with_overrides
-from unimlip_train.config import ConfigError
+from unimlip_train.config.origins import ConfigError
 
 EPILOG = """examples:
   unimlip-submit train --config configs/vitb16_biomedbert.yaml --run-dir runs/vitb16 \\

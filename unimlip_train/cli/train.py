@@ -12,7 +12,8 @@ import signal
 import sys
 
 from unimlip_train.cli.args import parse_with_overrides
-from unimlip_train.config import ConfigError, dump_yaml, load_config
+from unimlip_train.config.load import dump_yaml, load_config
+from unimlip_train.config.origins import ConfigError
 
 EXIT_IN_USE = 3
 EXIT_INTERRUPTED = 130
@@ -56,14 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     # torch, the towers and the engine load only now: --help and --print-config stay quick
     import torch.distributed as dist
 
-    from unimlip_train import distributed as du
+    import unimlip_train.distributed.process_group as du
     from unimlip_train.engine.checkpoint import CheckpointWriteError
     from unimlip_train.engine.health import CorruptDataError, NonFiniteLossError
     from unimlip_train.engine.monitor import MissingPackageError
     from unimlip_train.engine.preemption import PreemptionFlag
     from unimlip_train.engine.run import StartRefused, run_training
     from unimlip_train.engine.run_lock import RunDirInUse
-    from unimlip_train.eval import validate_with_examples
+    from unimlip_train.eval.validate import validate_with_examples
 
     main_rank = du.env_rank() == 0
     stop = PreemptionFlag()  # sbatch --signal USR2@N, preemption, Ctrl-C: checkpoint on all ranks, then exit

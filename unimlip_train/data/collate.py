@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from unimlip_train.config import Config, LossConfig
+from unimlip_train.config.schema import Config, LossConfig
 from unimlip_train.data.plan import stable_seed
 from unimlip_train.data.transforms import normalisation, to_tensor
 from unimlip_train.format.report_text import report_id

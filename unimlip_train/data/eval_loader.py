@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 from unimlip_train.data.collate import BatchNeeds, Collate, collated_batches
 from unimlip_train.data.decode import decoded, eval_view
 from unimlip_train.data.plan import window_pieces, windows

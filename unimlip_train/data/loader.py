@@ -29,7 +29,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 from unimlip_train.data.collate import BatchNeeds, Collate, collated_batches
 from unimlip_train.data.decode import choose_views, decoded
 from unimlip_train.data.plan import source_quotas, stable_seed, windows

@@ -11,7 +11,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from unimlip_train import distributed as du
+import unimlip_train.distributed.process_group as du
 
 if TYPE_CHECKING:
     from unimlip_train.data.loader import TrainStream

@@ -20,7 +20,7 @@ import random
 import re
 from typing import Optional, Sequence, Union
 
-from unimlip_train.config import SECTION_CHOICES
+from unimlip_train.config.schema import SECTION_CHOICES
 from unimlip_train.format.report_text import clean_report as _clean_deid
 from unimlip_train.format.report_text import join_sentences, section_texts, split_sections
 

@@ -2,8 +2,3 @@
 (checkpoint/), the log window (telemetry), periodic evaluation through a given callable (validation),
 non-finite steps and corrupt data (health), the metrics sinks (monitor), optimizer/schedule (optim), the
 generated DeepSpeed config (ds_config), the signal-set stop flag (preemption) and the run dir lock (run_lock)."""
-from unimlip_train.engine.health import NonFiniteLossError
-from unimlip_train.engine.run import run_training
-from unimlip_train.engine.trainer import TrainResult, train
-
-__all__ = ["train", "run_training", "TrainResult", "NonFiniteLossError"]

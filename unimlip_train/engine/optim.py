@@ -18,7 +18,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 
 GROUPS = ("image", "text", "head", "temperature")
 

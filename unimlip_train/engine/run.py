@@ -12,8 +12,8 @@ from __future__ import annotations
 import signal
 from typing import Optional, Sequence
 
-from unimlip_train import distributed as du
-from unimlip_train.config import Config
+import unimlip_train.distributed.process_group as du
+from unimlip_train.config.schema import Config
 from unimlip_train.engine.checkpoint import resolve_checkpoint
 from unimlip_train.engine.preemption import PreemptionFlag
 from unimlip_train.engine.run_lock import RunLock, check_free

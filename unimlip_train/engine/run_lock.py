@@ -28,7 +28,7 @@ import time
 import uuid
 from typing import Iterator, Optional
 
-from unimlip_train import distributed as du
+import unimlip_train.distributed.process_group as du
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0

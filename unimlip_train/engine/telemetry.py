@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from unimlip_train import distributed as du
+import unimlip_train.distributed.process_group as du
 from unimlip_train.data.skips import SkipStats, global_skip_stats
 from unimlip_train.engine.checkpoint import TrainerState
 from unimlip_train.engine.monitor import gpu_memory_gib

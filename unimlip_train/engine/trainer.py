@@ -26,12 +26,14 @@ from typing import Callable, Literal, Optional
 
 import torch
 
-from unimlip_train import distributed as du
-from unimlip_train.config import Config, dump_yaml
-from unimlip_train.data import TrainStream, batch_needs
+import unimlip_train.distributed.process_group as du
+import unimlip_train.engine.checkpoint as ck
+from unimlip_train.config.load import dump_yaml
+from unimlip_train.config.schema import Config
+from unimlip_train.data.collate import batch_needs
+from unimlip_train.data.loader import TrainStream
 from unimlip_train.data.tokenizer import load_tokenizer
 from unimlip_train.data.transforms import normalisation
-from unimlip_train.engine import checkpoint as ck
 from unimlip_train.engine.ds_config import build_ds_config
 from unimlip_train.engine.health import (
     CorruptDataError,
@@ -49,8 +51,8 @@ from unimlip_train.engine.optim import (
 )
 from unimlip_train.engine.telemetry import SampleKeyLog, StepWindow, summary
 from unimlip_train.engine.validation import PeriodicValidation, Validate, asks_for_validation
-from unimlip_train.losses import AccumulationCache, UniMlipObjective
-from unimlip_train.models import TrainStep, build_model
+from unimlip_train.losses.objective import AccumulationCache, UniMlipObjective
+from unimlip_train.models.build import TrainStep, build_model
 
 
 @dataclass

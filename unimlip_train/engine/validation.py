@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from unimlip_train.config import Config
-from unimlip_train.models import build_model
+from unimlip_train.config.schema import Config
+from unimlip_train.models.build import build_model
 
 # validate(model, cfg, tokenizer, rank, world) -> (metrics, retrieval examples to show); called on every rank,
 # every rank gets the same metrics.

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from unimlip_train.distributed import init_distributed
+from unimlip_train.distributed.process_group import init_distributed
 from unimlip_train.eval.card import build_card, data_identity, write_card
 from unimlip_train.eval.embed import embed_split, model_device
 from unimlip_train.eval.linear_probe import linear_probe

@@ -8,7 +8,8 @@ from typing import Any
 import yaml
 from safetensors.torch import load_file
 
-from unimlip_train.config import Config, config_from_dict
+from unimlip_train.config.load import config_from_dict
+from unimlip_train.config.schema import Config
 from unimlip_train.data.tokenizer import load_tokenizer
 from unimlip_train.engine.checkpoint import (
     CheckpointError,
@@ -17,7 +18,7 @@ from unimlip_train.engine.checkpoint import (
     resolve_checkpoint,
     shape_differences,
 )
-from unimlip_train.models import build_model
+from unimlip_train.models.build import build_model
 
 
 def _build_for_eval(cfg: Config, tokenizer, weights: dict) -> Any:

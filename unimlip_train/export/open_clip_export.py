@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModel
 
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 from unimlip_train.data.transforms import normalisation
 from unimlip_train.export.load import load_for_eval
 

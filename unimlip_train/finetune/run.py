@@ -13,9 +13,10 @@ import os
 
 import torch
 
+import unimlip_train.finetune.classify as classify
+import unimlip_train.finetune.vqa as vqa
 from unimlip_train.eval.card import build_card, data_identity, write_card
 from unimlip_train.export import load_for_eval
-from unimlip_train.finetune import classify, vqa
 
 
 def _fmt(v) -> str:

@@ -25,7 +25,8 @@ from typing import Iterator
 import timm
 from timm.models import parse_model_name
 
-from unimlip_train.config import Config, ConfigError, Origins
+from unimlip_train.config.origins import ConfigError, Origins
+from unimlip_train.config.schema import Config
 
 HUB = "hub"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth")

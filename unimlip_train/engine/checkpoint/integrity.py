@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 import yaml
 
-from unimlip_train import distributed as du
-from unimlip_train.config import Config, config_diff, config_from_dict
+import unimlip_train.distributed.process_group as du
+from unimlip_train.config.load import config_diff, config_from_dict
+from unimlip_train.config.schema import Config
 from unimlip_train.engine.checkpoint.state import (
     LATEST,
     STATE_FILE,

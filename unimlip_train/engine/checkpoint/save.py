@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from unimlip_train import distributed as du
-from unimlip_train.config import Config, dump_yaml
+import unimlip_train.distributed.process_group as du
+from unimlip_train.config.load import dump_yaml
+from unimlip_train.config.schema import Config
 from unimlip_train.engine.checkpoint.integrity import file_records, is_complete, latest_pointer, newest_complete
 from unimlip_train.engine.checkpoint.state import (
     LATEST,
