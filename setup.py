@@ -23,14 +23,14 @@ setup(
     extras_require={"test": _pinned("requirements-test.txt")},
     entry_points={
         "console_scripts": [
-            "unimlip-shard=data_prep.cli:main",
+            "unimlip-shard=unimlip_train.cli.shard:main",
             "unimlip-train=unimlip_train.cli.train:main",
             "unimlip-demo=unimlip_train.cli.demo:main",
             "unimlip-export=unimlip_train.cli.export:main",
-            "unimlip-eval=unimlip_train.eval.cli:main",
-            "unimlip-finetune=unimlip_train.finetune.cli:main",
+            "unimlip-eval=unimlip_train.cli.eval:main",
+            "unimlip-finetune=unimlip_train.cli.finetune:main",
             "unimlip-fetch-weights=unimlip_train.cli.fetch_weights:main",
-            "unimlip-submit=launch.submit:main",
+            "unimlip-submit=unimlip_train.cli.submit:main",
             "unimlip-ablate=unimlip_train.cli.ablate:main",
         ]
     },

@@ -34,9 +34,9 @@ from train_throughput import count_flops, synthetic_batch  # noqa: E402
 
 def step_flops(cfg, tokenizer) -> tuple[int, object, dict]:
     """FLOPs of one training forward + backward of ``cfg``'s TrainStep; also the model and the batch."""
-    from unimlip_train.data.loader import batch_needs
-    from unimlip_train.losses import UniMlipObjective
-    from unimlip_train.models import TrainStep, build_model
+    from unimlip_train.data.collate import batch_needs
+    from unimlip_train.losses.objective import UniMlipObjective
+    from unimlip_train.models.build import TrainStep, build_model
 
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer)
@@ -86,18 +86,21 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="further config overrides")
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from unimlip_train.config import load_config
+    from unimlip_train.config.load import load_config
     from unimlip_train.data.tokenizer import load_tokenizer
+    from unimlip_train.models.pretrained import resolve_towers
 
     tok_dir = write_bert_sized_tokenizer(Path(tempfile.mkdtemp(prefix="unimlip-flops-")) / "tokenizer")
     tokenizer = load_tokenizer(tok_dir)
     base = [*production_overrides(tok_dir, args.text_length, args.batch), f"model.image.name={args.image}",
             *args.overrides]
     b = args.batch
-    clip_total, clip_model, clip_batch = step_flops(load_config(PRODUCTION_CONFIG, base + CLIP_ONLY), tokenizer)
+    clip_cfg = load_config(PRODUCTION_CONFIG, base + CLIP_ONLY, resolve=resolve_towers)
+    clip_total, clip_model, clip_batch = step_flops(clip_cfg, tokenizer)
     clip_passes = pass_flops(clip_model, clip_batch)
     del clip_model
-    full_total, full_model, full_batch = step_flops(load_config(PRODUCTION_CONFIG, base), tokenizer)
+    full_cfg = load_config(PRODUCTION_CONFIG, base, resolve=resolve_towers)
+    full_total, full_model, full_batch = step_flops(full_cfg, tokenizer)
     passes = pass_flops(full_model, full_batch)
 
     g = lambda flops: flops / b / 1e9  # noqa: E731  GFLOP per sample

@@ -97,9 +97,10 @@ class Suite:
         return str(out / "index.json")
 
     def config(self, *extra: str):
-        from unimlip_train.config import load_config
+        from unimlip_train.config.load import load_config
+        from unimlip_train.models.pretrained import resolve_towers
 
-        return load_config(PRODUCTION_CONFIG, [*self.overrides, *extra])
+        return load_config(PRODUCTION_CONFIG, [*self.overrides, *extra], resolve=resolve_towers)
 
     def run(self, name: str, fn) -> dict | None:
         """One case: skipped past the budget, reported (not fatal) when it fails."""

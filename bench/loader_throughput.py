@@ -30,8 +30,9 @@ import webdataset as wds  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from transformers import BertTokenizer  # noqa: E402
 
-from unimlip_train.config import Config  # noqa: E402
-from unimlip_train.data.loader import BatchNeeds, TrainStream  # noqa: E402
+from unimlip_train.config.schema import Config  # noqa: E402
+from unimlip_train.data.collate import BatchNeeds  # noqa: E402
+from unimlip_train.data.loader import TrainStream  # noqa: E402
 from unimlip_train.data.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer  # noqa: E402
 
 WORDS = ("the heart size is normal lungs are clear no pleural effusion pneumothorax opacity left right lower "

@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from unimlip_train.losses import contrastive
+import unimlip_train.losses.contrastive as contrastive
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -69,14 +69,16 @@ def inventory(image: str, batch: int, text_length: int) -> Inventory:
     """Build the production model on the meta device and walk the enabled terms' collectives."""
     from train_throughput import synthetic_batch
 
-    from unimlip_train.config import load_config
-    from unimlip_train.data.loader import batch_needs
+    from unimlip_train.config.load import load_config
+    from unimlip_train.data.collate import batch_needs
     from unimlip_train.data.tokenizer import load_tokenizer
-    from unimlip_train.losses import UniMlipObjective
-    from unimlip_train.models import build_model
+    from unimlip_train.losses.objective import UniMlipObjective
+    from unimlip_train.models.build import build_model
+    from unimlip_train.models.pretrained import resolve_towers
 
     tok = write_bert_sized_tokenizer(Path(tempfile.mkdtemp(prefix="unimlip-scaling-")) / "tokenizer")
-    cfg = load_config(PRODUCTION_CONFIG, [*production_overrides(tok, text_length, 2), f"model.image.name={image}"])
+    cfg = load_config(PRODUCTION_CONFIG, [*production_overrides(tok, text_length, 2), f"model.image.name={image}"],
+                      resolve=resolve_towers)
     tokenizer = load_tokenizer(tok)
     model, objective = build_model(cfg, tokenizer), UniMlipObjective(cfg)
     with torch.no_grad():

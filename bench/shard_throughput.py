@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from data_prep.rows import Row
-from data_prep.writer import WriterOptions, write_shards
+from data_prep.options import WriterOptions
+from data_prep.writer import write_shards
+from unimlip_train.format.rows import Row
 
 
 def make_sources(root: Path, n: int, size: int) -> list[Row]:

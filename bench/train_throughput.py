@@ -97,7 +97,7 @@ def bench_engine(cfg, tokenizer, args, device, dtype, name: str, flops: Optional
     import itertools
     import tempfile
 
-    from unimlip_train.data.loader import batch_needs
+    from unimlip_train.data.collate import batch_needs
     from unimlip_train.engine.trainer import Trainer
 
     trainer = Trainer(cfg, tempfile.mkdtemp(prefix="unimlip-bench-"), resume="none")
@@ -110,14 +110,14 @@ def bench_engine(cfg, tokenizer, args, device, dtype, name: str, flops: Optional
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             split = dict.fromkeys(split, 0.0)
-            trainer.window["wait"] = 0.0
+            trainer.window.wait = 0.0
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         trainer.train_step()
         sync()
         split["compute"] += time.perf_counter() - t0
-    split["data"] = trainer.window["wait"]
+    split["data"] = trainer.window.wait
     split["compute"] -= split["data"]
     trainer.batches = None  # stops the loader's workers
     trainer.monitor.close()
@@ -127,8 +127,8 @@ def bench_engine(cfg, tokenizer, args, device, dtype, name: str, flops: Optional
 
 def bench_plain_clip(cfg, tokenizer, args, device, dtype) -> dict:
     """Baseline: the same towers and projections, symmetric InfoNCE only, torch AdamW, autocast."""
-    from unimlip_train.data.loader import BatchNeeds
-    from unimlip_train.models import build_model
+    from unimlip_train.data.collate import BatchNeeds
+    from unimlip_train.models.build import build_model
 
     model = build_model(cfg, tokenizer).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -196,11 +196,12 @@ def main(argv=None) -> int:
 
     args = parse_with_overrides(p, argv)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    from unimlip_train import distributed as du
-    from unimlip_train.config import load_config
+    import unimlip_train.distributed.process_group as du
+    from unimlip_train.config.load import load_config
     from unimlip_train.data.tokenizer import load_tokenizer
+    from unimlip_train.models.pretrained import resolve_towers
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, resolve=resolve_towers)
     du.init_distributed(cfg.deepspeed.backend)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if torch.cuda.is_available():
@@ -211,12 +212,10 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.text.name)
     torch.manual_seed(cfg.seed)
     if args.compare_negatives:
-        from unimlip_train.config import load_config as reload
-
         results = []
         for negatives in ("micro", "accumulated"):
-            k_cfg = reload(args.config, [*args.overrides, f"train.grad_accum={args.compare_negatives}",
-                                         f"train.negatives={negatives}"])
+            k_cfg = load_config(args.config, [*args.overrides, f"train.grad_accum={args.compare_negatives}",
+                                              f"train.negatives={negatives}"], resolve=resolve_towers)
             results.append(bench_engine(k_cfg, tokenizer, args, device, dtype,
                                         f"engine, K={args.compare_negatives}, negatives={negatives}"))
         baseline, what = "micro", "accumulated / micro"

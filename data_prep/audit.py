@@ -5,8 +5,8 @@ What counts (a *finding* is one image / report / group seen in more than one sam
 - identical images: equal ``pixel_sha256`` (sha256 of the decoded stored pixels);
 - near-duplicate images: different pixels whose perceptual hashes (``phash``, 64-bit pHash) differ in at most
   ``near_threshold`` bits (resized, re-encoded or re-windowed copies); linked transitively;
-- identical reports: equal ``report_hash`` (``data_prep.report_text.report_id``: the project's one duplicate rule,
-  whitespace collapsed and case folded, as evaluation scores duplicates);
+- identical reports: equal ``report_hash`` (``unimlip_train.format.shards.report_hash``: the project's one
+  duplicate rule, whitespace collapsed and case folded, as evaluation scores duplicates);
 - shared groups: one ``group`` (patient / study) in more than one split or set.
 A finding's scope is ``within-split``, ``cross-split`` (one set, several splits) or ``cross-set``. It is a *leak*
 when it crosses splits of a set, or crosses an audited set and an ``--against`` set (without ``--against``:
@@ -28,18 +28,13 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.fingerprint import image_fingerprint
-from data_prep.report_text import report_body, report_id
+from data_prep.verify import iter_samples
+from unimlip_train.format.shards import report_hash
 
 KINDS = ("identical_images", "near_duplicate_images", "identical_reports", "shared_groups")
 DEFAULT_NEAR_THRESHOLD = 3  # resized / re-encoded copies differ by <= 2 bits; distinct real X-rays by >= 4
 EXAMPLES = 20
 _IMAGE_EXTS = ("jpg", "jpeg", "png")
-
-
-def report_hash(text: str) -> str:
-    """The shard json's ``report_hash``: the duplicate rule's 63-bit report id (of the report's body, headers
-    aside) as 16 hex digits."""
-    return f"{report_id(report_body(text)):016x}"
 
 
 @dataclass
@@ -79,8 +74,6 @@ def _from_members(set_name: str, split: str, key: str, members: dict) -> Sample:
 
 def read_shard(path: str, set_name: str, split: str) -> Iterator[Sample]:
     """The samples of one shard (image bytes are only decoded when a sample lacks stored hashes)."""
-    from data_prep.verify import iter_samples  # verify imports the writer, which imports this module
-
     for key, members in iter_samples(path):
         yield _from_members(set_name, split, key, members)
 

@@ -16,8 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data_prep import audit, synthetic, synthetic_vqa
-from data_prep.rows import InputError
-from data_prep.writer import OutOfSpace, add_writer_arguments, encode_results, options_from_args, write_shards
+from data_prep.options import add_writer_arguments, options_from_args
+from data_prep.pool import encode_results
+from data_prep.tokenizer_build import build_tokenizer
+from data_prep.verify import verify_dir
+from data_prep.writer import OutOfSpace, write_shards
+from unimlip_train.format.rows import InputError
 
 # Subcommand -> adapter module name (each module offers add_arguments(parser) and iter_rows(args)).
 # launch/sharding.py imports adapters through this mapping too.
@@ -91,8 +95,6 @@ def _run_generated(name: str, module) -> Callable[[argparse.Namespace], int]:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from data_prep.verify import verify_dir
-
     problems = verify_dir(args.dir, decode=args.decode, progress=not args.no_progress)
     for p in problems:
         print(p)
@@ -121,8 +123,6 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 
 def _run_tokenizer(args: argparse.Namespace) -> int:
-    from data_prep.tokenizer_build import build_tokenizer
-
     size = build_tokenizer(args.data, args.out, vocab_size=args.vocab_size, split=args.split)
     print(f"wrote a WordPiece tokenizer with {size} tokens to {args.out}")
     return 0

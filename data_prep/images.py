@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from data_prep.dicom import UnsupportedDicom, read_dicom
 from data_prep.fingerprint import image_fingerprint
 
 RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP")
@@ -58,8 +59,6 @@ def load_image(path: str, keep_16bit: bool, max_size: int | None = None, window:
     if not Path(path).is_file():
         raise ImageError(f"image not found: {path}")
     if is_dicom(path):
-        from data_prep.dicom import UnsupportedDicom, read_dicom  # lazy: pydicom only when DICOM is used
-
         try:
             dcm = read_dicom(path, keep_16bit=keep_16bit, frame=frame)
         except UnsupportedDicom as e:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data_prep.rows import Row
+from unimlip_train.format.rows import Row
 
 SOURCE_DIR = ".synthetic-src"  # inside --out; the writer reads the generated images from there
 
@@ -414,7 +414,7 @@ def iter_rows(args: argparse.Namespace) -> Iterator[Row]:
         for rows in map(_write_patient, tasks):
             yield from (Row(**r) for r in rows)
         return
-    with mp.get_context("spawn").Pool(workers, initializer=signal.signal,  # as in data_prep.writer.encode_results
+    with mp.get_context("spawn").Pool(workers, initializer=signal.signal,  # as in data_prep.pool.encode_results
                                       initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         for rows in pool.imap(_write_patient, tasks, chunksize=16):
             yield from (Row(**r) for r in rows)

@@ -23,7 +23,7 @@ import numpy as np
 
 from data_prep import synthetic
 from data_prep.adapters.vqa import pack_rows
-from data_prep.rows import Row
+from unimlip_train.format.rows import Row
 
 add_arguments = synthetic.add_arguments
 

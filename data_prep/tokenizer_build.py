@@ -14,9 +14,11 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from data_prep.report_text import report_body
-from data_prep.rows import InputError
+from tokenizers import normalizers, pre_tokenizers
+
 from data_prep.verify import iter_samples, load_index
+from unimlip_train.format.report_text import report_body
+from unimlip_train.format.rows import InputError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
@@ -57,8 +59,6 @@ def train_vocab(texts: Iterable[str], vocab_size: int) -> list[str]:
     by (frequency, then spelling) and taken until ``vocab_size``; any other word is split by WordPiece's
     greedy longest match into known pieces, down to single characters, so nothing becomes ``[UNK]``.
     """
-    from tokenizers import normalizers, pre_tokenizers
-
     normalizer = normalizers.BertNormalizer(lowercase=True)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     counts: Counter = Counter()
@@ -77,7 +77,7 @@ def train_vocab(texts: Iterable[str], vocab_size: int) -> list[str]:
 
 def save_tokenizer(vocab: list[str], out_dir: str | Path, model_max_length: int = 512) -> Path:
     """Write vocab.txt, the transformers tokenizer files, special_tokens_map.json and config.json."""
-    from transformers import BertTokenizer
+    from transformers import BertTokenizer  # deferred: heavy (about a second to import), only this step needs it
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

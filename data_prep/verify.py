@@ -16,8 +16,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep.rows import InputError
-from data_prep.writer import SHARD_NAME, sha256_file
+from unimlip_train.format.rows import InputError
+from unimlip_train.format.shards import SHARD_NAME, sha256_file
 
 IMAGE_EXTS = ("jpg", "png")
 

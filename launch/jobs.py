@@ -1,4 +1,5 @@
-"""The callables Submitit runs inside a SLURM job (or locally): training that requeues itself, and evaluation.
+"""The callables Submitit runs inside a SLURM job (or locally): training that requeues itself, evaluation, and an
+ablation run (training, then its evaluation into the run dir's cache).
 
 Training and preemption, step by step:
 1. SLURM sends ``USR2`` ``--signal-seconds`` before the time limit (or ``scancel --signal USR2`` does). Our
@@ -16,15 +17,25 @@ rerun resumes from that checkpoint, or from the last periodic one if the grace p
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any, Optional
 
 import submitit
+import torch.distributed as dist
 
+from unimlip_train.ablation.evaluate import EvalSpec, evaluate_run
+from unimlip_train.config.load import config_from_dict
+from unimlip_train.distributed.process_group import all_reduce_max
 from unimlip_train.engine.preemption import PreemptionFlag
+from unimlip_train.engine.run import run_training
+from unimlip_train.eval.run import run_eval
+from unimlip_train.eval.validate import validate_with_examples
+from unimlip_train.export import resolve_checkpoint
 
 
 class RequeueLimitReached(RuntimeError):
@@ -46,7 +57,7 @@ def requeue_count() -> int:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """``unimlip_train.engine.trainer.train`` on every task of the job, with self-requeue on preemption.
+    """``unimlip_train.engine.run.run_training`` on every task of the job, with self-requeue on preemption.
 
     It stays a Submitit ``Checkpointable`` for the window before ``__call__`` replaces Submitit's USR2
     handler: should the signal land there, Submitit resubmits this same object, and the rerun resumes
@@ -65,17 +76,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         print(f"unimlip job: rank {dist_env.rank}/{dist_env.world_size} (local {dist_env.local_rank}), "
               f"rendezvous {dist_env.master_addr}:{dist_env.master_port}, requeues so far {requeue_count()}, "
               f"run dir {self.run_dir}", flush=True)
-
-        from unimlip_train.config import config_from_dict
-        from unimlip_train.distributed import init_distributed
-        from unimlip_train.engine.run_lock import RunLock, check_free
-        from unimlip_train.engine.trainer import train
-
         cfg = config_from_dict(self.config, source=os.path.join(self.run_dir, "config.yaml"))
-        check_free(self.run_dir)  # another live job on this run dir: fail now, on every task, before the rendezvous
-        init_distributed(cfg.deepspeed.backend)
-        with RunLock.acquire(self.run_dir):  # a requeued run of this job takes its own earlier lock over
-            result = train(cfg, self.run_dir, resume="auto", stop_requested=flag)
+        # Another live job on this run dir fails now, on every task, before the rendezvous; a requeued run of
+        # this job takes its own earlier lock over.
+        result = run_training(cfg, self.run_dir, resume="auto", stop_requested=flag, validate=validate_with_examples)
         if result.status != "preempted":
             _shutdown_process_group()
             return result
@@ -84,8 +88,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         if _slurm_job_id() is None:
             return result  # not under SLURM: nothing to requeue, the caller sees "preempted"
         # Any rank's USR2 (the time-limit warning) means requeue: SLURM may signal only some tasks.
-        from unimlip_train.distributed import all_reduce_max
-
         if all_reduce_max(1.0 if "SIGUSR2" in flag.received else 0.0) > 0:
             self._requeue(dist_env.rank, result.step)
         _shutdown_process_group()
@@ -115,6 +117,22 @@ class TrainJob(submitit.helpers.Checkpointable):
                   flush=True)
 
 
+class AblationJob(TrainJob):
+    """The array task of ``unimlip-ablate --submit``: train one config (requeueing itself on preemption, exactly as
+    ``unimlip-submit train`` does), then evaluate its final checkpoint on rank 0 into the run dir's cache, so the
+    table is built without a GPU on the login node."""
+
+    def __init__(self, config: dict, run_dir: str, max_requeues: int, spec: EvalSpec):
+        super().__init__(config, run_dir, max_requeues)
+        self.spec = spec
+
+    def __call__(self):
+        result = super().__call__()  # returns only once training finished (preemption exits or requeues)
+        if result.status == "finished" and int(os.environ.get("RANK", "0")) == 0:
+            evaluate_run(Path(self.run_dir), resolve_checkpoint(self.run_dir), self.spec)
+        return result
+
+
 def _export_rendezvous():
     """Ranks and rendezvous from SLURM into torch's env variables. Every task keeps seeing all of the node's
     GPUs (``set_cuda_visible_devices=False``): the trainer picks ``cuda:LOCAL_RANK``, which would not exist if
@@ -123,26 +141,23 @@ def _export_rendezvous():
 
 
 def _shutdown_process_group() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 class EvalJob:
-    """``unimlip-eval`` on every task of the job (ranks from SLURM, metrics JSON into the run dir)."""
+    """``unimlip-eval`` on every task of the job (ranks from SLURM, metrics JSON into the run dir): its arguments as
+    ``unimlip-eval`` parsed them on the submitting machine, with ``--out`` set to ``out``."""
 
-    def __init__(self, argv: list[str], out: str):
-        self.argv = argv
+    def __init__(self, args: argparse.Namespace, out: str):
+        self.args = argparse.Namespace(**{**vars(args), "out": out})
         self.out = out
 
     def __call__(self) -> dict:
-        from unimlip_train.eval.cli import main
-
         _export_rendezvous()
         os.makedirs(os.path.dirname(self.out), exist_ok=True)
         try:
-            main([*self.argv, "--out", self.out])
+            run_eval(self.args)
         except SystemExit as e:  # its usage errors exit; make them a failed job with the message
             if e.code not in (None, 0):
                 raise RuntimeError(f"unimlip-eval failed: {e.code}") from None

@@ -14,6 +14,8 @@ from pathlib import Path
 import yaml
 
 from launch.slurm import LaunchError
+from unimlip_train.config.load import config_diff, config_from_dict, dump_yaml
+from unimlip_train.config.origins import ConfigError
 
 SUBMISSIONS = "submissions.jsonl"
 
@@ -24,8 +26,6 @@ def check_run_dir(run_dir: Path, cfg, force: bool) -> None:
     The comparison is ``Config.hash()``, which ignores bookkeeping such as ``run_dir``; the error lists the
     keys that differ so the user can tell a typo from a deliberate change.
     """
-    from unimlip_train.config import ConfigError, config_diff, config_from_dict
-
     path = run_dir / "config.yaml"
     if not path.is_file() or force:
         return
@@ -48,8 +48,6 @@ def check_run_dir(run_dir: Path, cfg, force: bool) -> None:
 
 def write_config(run_dir: Path, cfg) -> None:
     """Claim the run dir for ``cfg`` at submission time (the trainer rewrites the same file when it starts)."""
-    from unimlip_train.config import dump_yaml
-
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "config.yaml.tmp"
     tmp.write_text(dump_yaml(cfg), encoding="utf-8")

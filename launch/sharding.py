@@ -23,6 +23,10 @@ import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from data_prep.cli import ADAPTERS, build_parser, run_adapter
+from data_prep.options import options_from_args
+from data_prep.plan import plan, planned_tasks
+from data_prep.pool import encode_results
 from launch.slurm import LaunchError
 
 ARRAY_DIR = ".unimlip-array"
@@ -33,8 +37,6 @@ NOT_SLICEABLE = {"synthetic", "verify", "tokenizer"}
 
 def parse_shard_argv(argv: list[str]) -> argparse.Namespace:
     """Parse ``unimlip-shard`` arguments with its own parser, so usage errors appear before submission."""
-    from data_prep.cli import build_parser
-
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)
@@ -53,9 +55,6 @@ def slice_path(out: str | os.PathLike, k: int) -> Path:
 
 def _planned_tasks(ns: argparse.Namespace) -> list[tuple]:
     """The writer's encode tasks in its order (split by split, rows by key), as a fresh run makes them."""
-    from data_prep.cli import ADAPTERS
-    from data_prep.writer import options_from_args, plan, planned_tasks
-
     adapter = importlib.import_module(ADAPTERS[ns.command])
     options = options_from_args(ns)
     by_split, _ = plan(adapter.iter_rows(ns), options, progress=False)
@@ -86,8 +85,6 @@ def encode_slice(argv: list[str], k: int, num_slices: int) -> dict:
     A rerun (requeue, or the same command submitted again after a failure) keeps a finished slice file
     made from the same rows and options: the file only appears, by rename, once complete.
     """
-    from data_prep import writer
-
     ns = parse_shard_argv(argv)
     path = slice_path(ns.out, k)
     tasks = _planned_tasks(ns)
@@ -104,7 +101,7 @@ def encode_slice(argv: list[str], k: int, num_slices: int) -> dict:
     with tarfile.open(tmp, "w") as tar:
         _add(tar, HEADER, json.dumps(fingerprint).encode("utf-8"))
         # The writer's own per-image function and pool, so results are exactly what it would compute.
-        for i, (task, result) in enumerate(zip(tasks[lo:hi], writer.encode_results(tasks[lo:hi], workers))):
+        for i, (task, result) in enumerate(zip(tasks[lo:hi], encode_results(tasks[lo:hi], workers))):
             entry = {"task": list(task), "status": result[0]}
             if result[0] == "ok":
                 entry.update(ext=result[1], info=result[3])
@@ -161,8 +158,6 @@ def merge_slices(argv: list[str], num_slices: int) -> dict:
         raise RuntimeError(f"{len(missing)} of {num_slices} slices missing (array tasks {missing[:20]}): those "
                            "tasks failed or were cancelled, see their logs; resubmitting the same command redoes "
                            "only what is missing")
-    from data_prep.cli import ADAPTERS, run_adapter
-
     ns.workers = 1
     adapter = importlib.import_module(ADAPTERS[ns.command])
     code = run_adapter(ns.command, adapter, ns, encoder=_results_from_slices(ns.out, num_slices))

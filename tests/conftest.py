@@ -38,7 +38,7 @@ def embed_eval_set(model, cfg, tokenizer, source, split: str = "val", batch_size
     """(image embeddings, text embeddings, reports) of every sample of ``source``/``split``, one process."""
     import torch
 
-    from unimlip_train.data.loader import build_eval_loader
+    from unimlip_train.data.eval_loader import build_eval_loader
 
     images, texts, reports = [], [], []
     with torch.no_grad():

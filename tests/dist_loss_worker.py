@@ -14,18 +14,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import BertTokenizer
 
-from unimlip_train.config import Config, _build
-from unimlip_train.losses import (
-    AccumulationCache,
-    UniMlipObjective,
-    contrastive_loss,
-    gather,
-    nt_xent,
-    sample_hard_negatives,
-    sigmoid_loss,
-)
-from unimlip_train.losses.contrastive import positive_mask
-from unimlip_train.models import TrainStep, build_model
+import unimlip_train.losses.gather as gather
+from unimlip_train.config.load import _build
+from unimlip_train.config.schema import Config
+from unimlip_train.losses.contrastive import contrastive_loss, nt_xent, positive_mask, sigmoid_loss
+from unimlip_train.losses.hard_negatives import sample_hard_negatives
+from unimlip_train.losses.objective import AccumulationCache, UniMlipObjective
+from unimlip_train.models.build import TrainStep, build_model
 
 
 def config_from_dict(data: dict) -> Config:
@@ -151,7 +146,7 @@ def zero3_check(inp: dict, rank: int, world_size: int) -> dict:
     engine.step()
     # The in-place temperature clamp reaches ZeRO-3's partitioned master weights: after one more optimizer
     # step the value is still next to the bound (an unclamped master would have put it back near ln(1/0.07)).
-    from unimlip_train.engine.trainer import clamp_parameter_
+    from unimlip_train.engine.optim import clamp_parameter_
 
     clamp_parameter_(model.logit_scale, 0.0, 1.0)
     clamped = engine(batch, inp["step"])[1]["logit_scale"]

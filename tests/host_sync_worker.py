@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import unimlip_train
-from unimlip_train.config import load_config
+from unimlip_train.config.load import load_config
 from unimlip_train.engine.trainer import Trainer
 
 PACKAGE = str(Path(unimlip_train.__file__).parent)

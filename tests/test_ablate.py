@@ -89,7 +89,7 @@ def test_rows_match_unimlip_eval(data, first):
     assert len(classes) >= 2  # the synthetic set's single labels
     for row in (ok[0], ok[3]):
         common = ["--checkpoint", row["checkpoint"], "--data", data["shards"], "--workers", "1"]
-        base = [sys.executable, "-m", "unimlip_train.eval.cli"]
+        base = [sys.executable, "-m", "unimlip_train.cli.eval"]
         cmds = {"": base + ["retrieval", *common],
                 "zeroshot/": base + ["zeroshot", *common, "--classes", ",".join(classes)],
                 "linear_probe/": base + ["linear-probe", *common, "--classes", ",".join(classes)]}
@@ -222,7 +222,7 @@ def test_submit_runs_an_array_on_slurm(data, request, tmp_path):
     assert [(r["config"], r["status"], r["step"]) for r in rows] == [("clip_only", "ok", 2), ("all", "ok", 2)]
     # The array tasks trained and evaluated; the table read their results.
     assert all(r["trained"] and not r["evaluated"] for r in rows)
-    reference = last_json(run([sys.executable, "-m", "unimlip_train.eval.cli", "retrieval", "--checkpoint",
+    reference = last_json(run([sys.executable, "-m", "unimlip_train.cli.eval", "retrieval", "--checkpoint",
                                rows[1]["checkpoint"], "--data", data["shards"], "--workers", "1"]))
     assert reference.pop("card")["checkpoint"] == rows[1]["card"]["checkpoint"]
     assert all(rows[1][k] == pytest.approx(v, rel=1e-9, abs=1e-9) for k, v in reference.items())

@@ -20,7 +20,7 @@ from conftest import extract_members
 from data_prep.adapters import iu_xray, mimic_cxr, roco
 from data_prep.cli import main as shard_main
 from data_prep.dicom import read_dicom
-from data_prep.rows import InputError
+from unimlip_train.format.rows import InputError
 
 
 def rows_of(adapter, argv: list[str]) -> list:
@@ -352,7 +352,7 @@ def test_roco_end_to_end_shards(tmp_path):
 
 
 def test_report_text_cleanup_rules(iu_rows):
-    from data_prep.report_text import clean_report, select_sections, split_sections
+    from unimlip_train.format.report_text import clean_report, select_sections, split_sections
 
     assert [r.text for r in iu_rows if r.group == "1"][0].endswith("Normal chest x-ray.")  # real "x-XXXX."
     assert clean_report("Comparison XXXX, XXXX. XXXX right pleural effusion. XXXX.") == "Comparison. Right pleural effusion."

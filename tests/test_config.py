@@ -1,13 +1,18 @@
 """Config loading errors (key + file named), extends/overrides, shipped configs, generated DeepSpeed config."""
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from unimlip_train.config import ConfigError, config_from_dict, load_config
+from unimlip_train.config.load import config_from_dict, load_config
+from unimlip_train.config.origins import ConfigError
+from unimlip_train.config.schema import Config
 from unimlip_train.engine.ds_config import build_ds_config
+from unimlip_train.models.pretrained import resolve_towers
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -20,7 +25,7 @@ def _write(path: Path, data: dict) -> str:
 
 def _error(path, overrides=None) -> str:
     with pytest.raises(ConfigError) as info:
-        load_config(path, overrides)
+        load_config(path, overrides, resolve=resolve_towers)
     return str(info.value)
 
 
@@ -131,8 +136,41 @@ def test_out_of_range_values_and_unknown_models_name_the_key_and_its_origin(tmp_
     assert f"key '{key}'" in msg and f in msg, msg
 
 
+@pytest.mark.parametrize("override, expect", [
+    ("data.view=lateral", "must be one of ('random', 'frontal', 'pair'), got 'lateral'"),
+    ("data.text.order=x", "must be one of ('impression_first', 'findings_first'), got 'x'"),
+    ("data.in_chans=2", "must be one of (1, 3), got 2"),
+    ("model.projection=cnn", "must be one of ('linear', 'mlp'), got 'cnn'"),
+    ("data.text.sections=foo", "must be one of ('findings+impression', 'impression', 'findings', 'random') or a list"),
+    ("model.projection=3", "expected str, got int 3"),  # the type is checked before the choice
+    ("deepspeed.zero_stage=true", "expected int, got bool True"),  # True == 1, but it is not a ZeRO stage
+])
+def test_a_bad_choice_names_the_key_its_origin_and_the_choices(override, expect):
+    msg = _error(str(CONFIGS / "tiny_cpu.yaml"), [override])
+    assert f"command line: key '{override.split('=')[0]}': {expect}" in msg, msg
+
+
+def test_every_default_is_one_of_its_choices():
+    """The schema's Literal types are the only list of each key's choices; its defaults must be among them."""
+    def walk(obj, prefix=""):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value, typ = getattr(obj, f.name), hints[f.name]
+            if dataclasses.is_dataclass(value):
+                yield from walk(value, f"{prefix}{f.name}.")
+            choices = [a for a in (typ, *typing.get_args(typ)) if typing.get_origin(a) is typing.Literal]
+            if choices:
+                yield f"{prefix}{f.name}", value, typing.get_args(choices[0])
+
+    checked = list(walk(Config()))
+    assert len(checked) >= 20  # 8 loss terms' kind and a dozen other choices
+    for key, value, allowed in checked:
+        assert value in allowed, (key, value, allowed)
+
+
 def test_registry_models_with_a_pretrained_tag_are_accepted():
-    cfg = load_config(str(CONFIGS / "tiny_cpu.yaml"), ["model.image.name=vit_tiny_patch16_224.augreg_in21k"])
+    cfg = load_config(str(CONFIGS / "tiny_cpu.yaml"), ["model.image.name=vit_tiny_patch16_224.augreg_in21k"],
+                      resolve=resolve_towers)
     assert cfg.model.image.name == "vit_tiny_patch16_224.augreg_in21k"
 
 
@@ -174,8 +212,8 @@ def test_overrides_anywhere_on_the_command_line(tmp_path):
     cfg = config_from_dict(yaml.safe_load(out.stdout))
     assert (cfg.train.steps, cfg.data.num_workers, cfg.model.embed_dim, cfg.run_dir) == (9, 0, 16, str(tmp_path / "r"))
 
-    from launch.submit import build_parser as submit_parser
     from unimlip_train.cli.args import parse_with_overrides
+    from unimlip_train.cli.submit import build_parser as submit_parser
     from unimlip_train.cli.train import build_parser as train_parser
 
     args = parse_with_overrides(submit_parser(), ["train", "--config", "c.yaml", "a.b=1", "--nodes", "2", "c=2",
@@ -212,7 +250,7 @@ def test_checkpoint_hash_survives_a_new_config_key(tmp_path):
     resume note compare hashes), while a changed value is not."""
     import json
 
-    from unimlip_train.config import dump_yaml
+    from unimlip_train.config.load import dump_yaml
     from unimlip_train.engine.checkpoint import STATE_FILE, read_state
 
     cfg = load_config(None, [])

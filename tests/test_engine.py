@@ -251,7 +251,7 @@ def test_validation_scalars_under_zero3(data, zero23, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from conftest import embed_eval_set, naive_recall_at_1
-    from unimlip_train.engine.checkpoint import export, load_for_eval
+    from unimlip_train.export import export, load_for_eval
 
     acc = EventAccumulator(str(zero23[3] / "tb"))
     acc.Reload()
@@ -268,8 +268,9 @@ def test_validation_scalars_under_zero3(data, zero23, tmp_path):
 
 
 def test_export_round_trip_gives_identical_embeddings(data, reference, zero23, tmp_path):
-    from unimlip_train.data.loader import build_eval_loader
-    from unimlip_train.engine.checkpoint import consolidated_state_dict, load_for_eval, resolve_checkpoint
+    from unimlip_train.data.eval_loader import build_eval_loader
+    from unimlip_train.engine.checkpoint import consolidated_state_dict, resolve_checkpoint
+    from unimlip_train.export import load_for_eval
 
     # ZeRO-1: DeepSpeed's module file holds the full fp32 weights; zero_to_fp32 must agree with it exactly.
     tag = resolve_checkpoint(str(reference["dir"]))
@@ -398,10 +399,11 @@ def test_resume_with_another_micro_batch_continues_the_stream(data, reference):
 
 
 def test_a_checkpoint_of_another_model_is_named_by_its_config_keys(data, reference, tmp_path):
-    from unimlip_train.config import load_config
+    from unimlip_train.config.load import load_config
     from unimlip_train.data.tokenizer import load_tokenizer
-    from unimlip_train.engine.checkpoint import CheckpointError, check_compatible, export, resolve_checkpoint
-    from unimlip_train.models import build_model
+    from unimlip_train.engine.checkpoint import CheckpointError, check_compatible, resolve_checkpoint
+    from unimlip_train.export import export
+    from unimlip_train.models.build import build_model
 
     tag = resolve_checkpoint(str(reference["dir"]))
     tok = load_tokenizer(data["tok"])
@@ -546,7 +548,8 @@ each optimizer step: it holds at 1, and every step starts there.
 
     # bf16 with fp32 gradient accumulation puts ZeRO-1 on DeepSpeed's BF16_Optimizer, whose checkpoints its own
     # consolidation refuses: ours reads the fp32 master, which rounds to exactly the bf16 weights trained with.
-    from unimlip_train.engine.checkpoint import _module_states, consolidated_state_dict, resolve_checkpoint
+    from unimlip_train.engine.checkpoint import consolidated_state_dict, resolve_checkpoint
+    from unimlip_train.engine.checkpoint.consolidate import _module_states
 
     tag = resolve_checkpoint(str(data["root"] / "acc_bf16"))
     assert (Path(tag) / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
@@ -613,11 +616,11 @@ def test_time_based_checkpoints(data):
 
 
 def test_param_groups_and_schedule(data):
-    from unimlip_train.config import load_config
+    from unimlip_train.config.load import load_config
     from unimlip_train.data.tokenizer import load_tokenizer
     from unimlip_train.engine.optim import WarmupCosine, build_scheduler, param_groups
-    from unimlip_train.losses import UniMlipObjective
-    from unimlip_train.models import TrainStep, build_model
+    from unimlip_train.losses.objective import UniMlipObjective
+    from unimlip_train.models.build import TrainStep, build_model
 
     cfg = load_config(CONFIG, overrides(data, 100, **{"train.lr_image": 1e-4, "train.lr_text": 2e-5,
                                                       "train.min_lr_ratio": 0.1, "train.warmup_steps": 10}))
@@ -651,7 +654,7 @@ def test_param_groups_and_schedule(data):
 
 
 def test_slurm_environment_is_translated(monkeypatch):
-    from unimlip_train import distributed
+    import unimlip_train.distributed.process_group as distributed
 
     # _export_env writes os.environ; a private copy keeps RANK=5 / WORLD_SIZE=16 from leaking into the
     # processes that later tests start (they would wait forever for 15 peers).

@@ -39,9 +39,10 @@ def _write_dataset(root: Path) -> tuple[Path, Path]:
     """Shards (train + val splits, several small shards) and a tokenizer trained on them."""
     from PIL import Image
 
-    from data_prep.rows import Row
+    from data_prep.options import WriterOptions
     from data_prep.tokenizer_build import build_tokenizer
-    from data_prep.writer import WriterOptions, write_shards
+    from data_prep.writer import write_shards
+    from unimlip_train.format.rows import Row
 
     npz = np.load(PNEUMONIAMNIST_NPZ)
     reports = _reports(30)
@@ -69,9 +70,9 @@ def _export_tiny_model(root: Path, shards: Path, tok_dir: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from unimlip_train.config import dump_yaml, load_config
+    from unimlip_train.config.load import dump_yaml, load_config
     from unimlip_train.data.tokenizer import load_tokenizer
-    from unimlip_train.models import build_model
+    from unimlip_train.models.build import build_model
 
     cfg = load_config(str(REPO / "configs" / "tiny_cpu.yaml"),
                       [f"data.train={shards}", f"data.val={shards}", "data.image_size=32", "data.num_workers=1",
@@ -91,9 +92,12 @@ def worker(export_dir: str, shards: str, out_dir: str) -> None:
     """Run under torchrun: every evaluation entry point, results written per rank."""
     import torch
 
-    from unimlip_train.distributed import init_distributed
-    from unimlip_train.engine.checkpoint import load_for_eval
-    from unimlip_train.eval import cli, embed_split, validate
+    import unimlip_train.cli.eval as cli
+    import unimlip_train.eval.run as eval_run
+    from unimlip_train.distributed.process_group import init_distributed
+    from unimlip_train.eval.embed import embed_split
+    from unimlip_train.eval.validate import validate
+    from unimlip_train.export import load_for_eval
 
     rank, world, _ = init_distributed()
     model, cfg, tokenizer = load_for_eval(export_dir)
@@ -105,11 +109,11 @@ def worker(export_dir: str, shards: str, out_dir: str) -> None:
     parser = cli.build_parser()
     common = ["--checkpoint", export_dir, "--data", shards, "--batch-size", "3"]
     zs = parser.parse_args(["zeroshot", *common, "--classes", "normal,pneumonia"])
-    result["zeroshot"] = cli.run_zeroshot(zs, model, cfg, tokenizer, rank, world, False)["metrics"]
+    result["zeroshot"] = eval_run.run_zeroshot(zs, model, cfg, tokenizer, rank, world, False)["metrics"]
     ml = parser.parse_args(["zeroshot", *common, "--classes", "normal,pneumonia", "--multi-label", "--split", "train"])
-    result["multilabel"] = cli.run_zeroshot(ml, model, cfg, tokenizer, rank, world, False)["metrics"]
+    result["multilabel"] = eval_run.run_zeroshot(ml, model, cfg, tokenizer, rank, world, False)["metrics"]
     lp = parser.parse_args(["linear-probe", *common])
-    result["probe"] = cli.run_linear_probe(lp, model, cfg, tokenizer, rank, world, False)["metrics"]
+    result["probe"] = eval_run.run_linear_probe(lp, model, cfg, tokenizer, rank, world, False)["metrics"]
     result["world"] = world
     if world > 1:
         # One rank failing mid-embedding: every rank raises its error instead of waiting in the gather.

@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import BertTokenizer
 
-from unimlip_train.eval import linear_probe, metrics, zeroshot
+import unimlip_train.eval.linear_probe as linear_probe
+import unimlip_train.eval.metrics as metrics
+import unimlip_train.eval.zeroshot as zeroshot
 
 # ---------------------------------------------------------------------------------------------- retrieval
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from unimlip_train.eval import groups as eval_groups
+import unimlip_train.eval.groups as eval_groups
 from unimlip_train.eval.linear_probe import carve_validation
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 def setup(tmp_path_factory):
     from safetensors.torch import save_file
 
-    from unimlip_train.config import dump_yaml, load_config
+    from unimlip_train.config.load import dump_yaml, load_config
     from unimlip_train.data.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
-    from unimlip_train.models import build_model
+    from unimlip_train.models.build import build_model
 
     root = tmp_path_factory.mktemp("provenance")
     subprocess.run([sys.executable, "-m", "data_prep.cli", "synthetic", "--n", "60", "--image-size", "32",
@@ -59,17 +59,17 @@ def _tar_keys(shards: Path, split: str) -> list[str]:
 
 
 def test_retrieval_on_a_seeded_subset_embeds_only_the_subset(setup, monkeypatch, capsys):
-    from unimlip_train.data import loader
-    from unimlip_train.engine.checkpoint import load_for_eval
+    import unimlip_train.data.decode as decode
     from unimlip_train.eval.embed import embed_split
     from unimlip_train.eval.metrics import retrieval_metrics
+    from unimlip_train.export import load_for_eval
 
     model, cfg, tokenizer = load_for_eval(str(setup["export"]))
     shards = str(setup["shards"])
     full = embed_split(model, cfg, tokenizer, shards, "val", 0, 1, batch_size=4)
     decoded = []
-    real_decode = loader.decode_image
-    monkeypatch.setattr(loader, "decode_image", lambda *a: decoded.append(1) or real_decode(*a))
+    real_decode = decode.decode_image
+    monkeypatch.setattr(decode, "decode_image", lambda *a: decoded.append(1) or real_decode(*a))
     sub = embed_split(model, cfg, tokenizer, shards, "val", 0, 1, batch_size=4, progress=True, sample=7, seed=3)
     assert len(decoded) == 7  # the others were skipped before decoding
     expected = sorted(random.Random(3).sample(_tar_keys(setup["shards"], "val"), 7))
@@ -87,7 +87,7 @@ def test_retrieval_on_a_seeded_subset_embeds_only_the_subset(setup, monkeypatch,
 
 def test_every_result_carries_its_card_also_beside_out(setup, tmp_path):
     out = tmp_path / "res" / "retrieval.json"
-    cmd = [sys.executable, "-m", "unimlip_train.eval.cli", "retrieval", "--checkpoint", str(setup["export"]),
+    cmd = [sys.executable, "-m", "unimlip_train.cli.eval", "retrieval", "--checkpoint", str(setup["export"]),
            "--data", str(setup["shards"]), "--sample", "9", "--seed", "5", "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -97,7 +97,7 @@ def test_every_result_carries_its_card_also_beside_out(setup, tmp_path):
     import yaml
 
     from unimlip_train import __version__
-    from unimlip_train.config import config_from_dict
+    from unimlip_train.config.load import config_from_dict
 
     cfg = config_from_dict(yaml.safe_load((setup["export"] / "config.yaml").read_text()))
     assert card == {"tool": "unimlip-eval retrieval", "version": __version__,
@@ -110,7 +110,7 @@ def test_every_result_carries_its_card_also_beside_out(setup, tmp_path):
     assert json.loads((tmp_path / "res" / "card-retrieval.json").read_text()) == card
     assert "embed val: 100%" in run.stderr and "9/9" in run.stderr
 
-    zs = subprocess.run([sys.executable, "-m", "unimlip_train.eval.cli", "zeroshot", "--checkpoint",
+    zs = subprocess.run([sys.executable, "-m", "unimlip_train.cli.eval", "zeroshot", "--checkpoint",
                          str(setup["export"]), "--data", str(setup["shards"]), "--classes", "No Finding,Opacity"],
                         capture_output=True, text=True, timeout=300)
     assert zs.returncode == 0, zs.stderr[-3000:]

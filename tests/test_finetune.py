@@ -57,10 +57,10 @@ def work(tmp_path_factory):
 def test_a_locked_tower_stays_bit_identical_to_its_file_and_has_no_optimizer_state(work):
     import yaml
 
-    from unimlip_train.config import config_from_dict
+    from unimlip_train.config.load import config_from_dict
     from unimlip_train.data.tokenizer import load_tokenizer
     from unimlip_train.engine.checkpoint import consolidated_state_dict, resolve_checkpoint
-    from unimlip_train.models import build_model
+    from unimlip_train.models.build import build_model
 
     tag = resolve_checkpoint(str(work / "run"))
     assert tag.endswith(f"step_{PRETRAIN_STEPS:07d}")
@@ -93,7 +93,7 @@ def _naive_auroc(scores, positive) -> float:
 
 def test_finetune_classify_on_a_label_fraction_sampled_by_patient(work, tmp_path):
     out = tmp_path / "cls"
-    stdout = _run("unimlip_train.finetune.cli", "classify", "--checkpoint", str(work / "run"), "--data",
+    stdout = _run("unimlip_train.cli.finetune", "classify", "--checkpoint", str(work / "run"), "--data",
                   str(work / "pre"), "--label-key", "labels", "--classes", "No Finding,Opacity", "--fraction", "0.5",
                   "--epochs", "10", "--lr", "5e-4", "--batch-size", "16", "--val-split", "", "--test-split", "val",
                   "--workers", "0", "--out", str(out))
@@ -120,7 +120,7 @@ def test_finetune_classify_on_a_label_fraction_sampled_by_patient(work, tmp_path
     assert card["samples"] == {"train": len(used["train"]), "val": len(used["val"]), "test": int(doc["num_samples"])}
 
     # the reported test metrics, recomputed naively from the saved model's logits
-    from unimlip_train.engine.checkpoint import load_for_eval
+    from unimlip_train.export import load_for_eval
     from unimlip_train.finetune.classify import Classifier
     from unimlip_train.finetune.data import items
 
@@ -145,7 +145,7 @@ def test_finetune_classify_on_a_label_fraction_sampled_by_patient(work, tmp_path
     assert doc["auroc"] > 80, doc  # chance is 50
 
     # multi-label, image tower locked but for its last group: the locked part comes out as it went in
-    stdout = _run("unimlip_train.finetune.cli", "classify", "--checkpoint", str(work / "run"), "--data",
+    stdout = _run("unimlip_train.cli.finetune", "classify", "--checkpoint", str(work / "run"), "--data",
                   str(work / "pre"), "--label-key", "labels", "--classes", "Opacity,Pleural Effusion,Cardiomegaly",
                   "--multi-label", "--lock-image", "--unlocked-groups", "1", "--epochs", "1", "--test-split", "val",
                   "--workers", "0", "--out", str(tmp_path / "ml"))
@@ -160,7 +160,7 @@ def test_finetune_classify_on_a_label_fraction_sampled_by_patient(work, tmp_path
 
 def test_finetune_vqa_beats_the_question_only_baseline_by_15_points(work, tmp_path):
     out = tmp_path / "vqa"
-    stdout = _run("unimlip_train.finetune.cli", "vqa", "--checkpoint", str(work / "run"), "--data", str(work / "vqa"),
+    stdout = _run("unimlip_train.cli.finetune", "vqa", "--checkpoint", str(work / "run"), "--data", str(work / "vqa"),
                   "--epochs", "12", "--lr", "2e-4", "--workers", "0", "--out", str(out))
     doc = json.loads(stdout.strip().splitlines()[-1])
     assert {"closed_accuracy", "open_accuracy", "overall_accuracy", "majority_baseline", "card"} <= set(doc)

@@ -25,7 +25,7 @@ import torch
 from test_losses_distributed import case, rel_err  # noqa: F401  (case: the shared gathered-negatives fixture)
 
 from unimlip_tiny import random_batch, tiny_config, tiny_tokenizer
-from unimlip_train.config import load_config
+from unimlip_train.config.load import load_config
 from unimlip_train.engine.trainer import Trainer, train
 
 pytestmark = pytest.mark.gpu
@@ -48,7 +48,7 @@ def own_process_group():
     yield
     import torch.distributed as dist
 
-    from unimlip_train import distributed as du
+    import unimlip_train.distributed.process_group as du
 
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -111,8 +111,8 @@ def test_bf16_forward_backward_of_every_term(device, tmp_path):
     """The model in bf16 (as DeepSpeed's bf16 engine holds it, inputs cast as the trainer casts them) gives
     every term within bf16 rounding of the fp32 model, and gradients along the fp32 ones."""
     from unimlip_train.engine.trainer import _to_device
-    from unimlip_train.losses import UniMlipObjective
-    from unimlip_train.models import TrainStep, build_model
+    from unimlip_train.losses.objective import UniMlipObjective
+    from unimlip_train.models.build import TrainStep, build_model
 
     cfg = tiny_config(dropout=0.0)  # no random perturbation: both precisions see the same computation
     torch.manual_seed(0)
@@ -183,7 +183,8 @@ def test_compiled_towers_train_like_eager(shards, tmp_path):
 @trains
 def test_fast_kernels_are_on(device, shards, tmp_path):
     """SDPA attention in both towers; on CUDA also fused AdamW and batches in pinned host memory."""
-    from unimlip_train.data.loader import TrainStream, batch_needs
+    from unimlip_train.data.collate import batch_needs
+    from unimlip_train.data.loader import TrainStream
 
     cfg = load_config(CONFIG, tiny_overrides(shards, tmp_path / "run", 1, **{"data.num_workers": 1}))
     trainer = Trainer(cfg, str(tmp_path / "run"), resume="none")

@@ -14,9 +14,12 @@ import webdataset as wds
 from PIL import Image
 from transformers import BertTokenizer
 
-from unimlip_train.config import Config
-from unimlip_train.data.loader import BatchNeeds, SkipStats, TrainStream, batch_needs, build_eval_loader
+from unimlip_train.config.schema import Config
+from unimlip_train.data.collate import BatchNeeds, batch_needs
+from unimlip_train.data.eval_loader import build_eval_loader
+from unimlip_train.data.loader import TrainStream
 from unimlip_train.data.shards import resolve_sources
+from unimlip_train.data.skips import SkipStats
 from unimlip_train.data.tokenizer import load_tokenizer
 
 WORDS = ("the heart size is normal lungs are clear no pleural effusion or pneumothorax mild opacity in left "
@@ -330,7 +333,7 @@ def test_corrupt_samples_skipped_and_counted(tmp_path, tokenizer, caplog):
     raw = shard.read_bytes()
     shard.write_bytes(raw[: len(raw) // 2 + 100])  # truncated tar: index.json still claims 20 samples
     cfg = make_cfg(str(data), workers=0, mb=4)
-    with caplog.at_level(logging.WARNING, logger="unimlip_train.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="unimlip_train.data.skips"):
         evaluated = keys(build_eval_loader(cfg, str(data), tokenizer, 8, 0, 1, split="train"))
     good = {f"s{i:05d}" for i in range(60) if i not in bad_image | bad_json}
     complete_shards = {k for k in good if int(k[1:]) < 40}

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from unimlip_tiny import random_batch, tiny_config, tiny_tokenizer
-from unimlip_train.losses import UniMlipObjective, contrastive_loss, nt_xent, sample_hard_negatives, sigmoid_loss
-from unimlip_train.models import build_model
+from unimlip_train.losses.contrastive import contrastive_loss, nt_xent, sigmoid_loss
+from unimlip_train.losses.hard_negatives import sample_hard_negatives
+from unimlip_train.losses.objective import UniMlipObjective
+from unimlip_train.models.build import build_model
 
 
 def unit_rows(n: int, d: int, g: torch.Generator) -> torch.Tensor:

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from dist_loss_worker import pair_losses
 from unimlip_tiny import random_batch, tiny_config, tiny_tokenizer
-from unimlip_train.losses import UniMlipObjective, nt_xent, sample_hard_negatives
-from unimlip_train.losses.contrastive import positive_mask
-from unimlip_train.models import TrainStep, build_model
+from unimlip_train.losses.contrastive import nt_xent, positive_mask
+from unimlip_train.losses.hard_negatives import sample_hard_negatives
+from unimlip_train.losses.objective import UniMlipObjective
+from unimlip_train.models.build import TrainStep, build_model
 
 pytestmark = pytest.mark.multiprocess
 

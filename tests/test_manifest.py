@@ -18,8 +18,8 @@ from conftest import IU_REPORTS_TGZ as IU_TGZ
 from conftest import extract_members
 from data_prep.adapters import manifest as adapter
 from data_prep.cli import main
-from data_prep.rows import InputError
 from data_prep.verify import iter_samples
+from unimlip_train.format.rows import InputError
 
 
 def _rows(path: Path, images_root: Path | None = None, *options: str) -> list:

@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from transformers import BertConfig, BertModel
 
 from unimlip_tiny import IMAGE_SIZE, NUM_WORDS, SPECIAL, random_batch, tiny_config, tiny_tokenizer
-from unimlip_train.losses import UniMlipObjective, nt_xent
-from unimlip_train.models import TrainStep, build_model
+from unimlip_train.losses.contrastive import nt_xent
+from unimlip_train.losses.objective import UniMlipObjective
+from unimlip_train.models.build import TrainStep, build_model
 
 ALL_OUTPUTS = {
     "image_emb", "text_emb", "logit_scale", "image_tokens", "text_tokens", "text_mask", "image_emb_feat",
@@ -199,8 +200,8 @@ def test_feature_level_perturbation_is_not_a_uniformity_penalty():
     inside the encoders (spatial dropout of the CNN stages, BERT's own dropout) must make the term clearly
     more than a push-apart than dropout on the pooled vector does."""
     from data_prep.synthetic import generate
-    from unimlip_train.config import load_config
-    from unimlip_train.data.loader import _tokenize
+    from unimlip_train.config.load import load_config
+    from unimlip_train.data.collate import _tokenize
     from unimlip_train.data.text import model_text
     from unimlip_train.data.tokenizer import load_tokenizer
 

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
 
-from unimlip_train.config import ConfigError, load_config
+from unimlip_train.config.load import load_config
+from unimlip_train.config.origins import ConfigError
 from unimlip_train.data.transforms import to_tensor
 from unimlip_train.engine.monitor import EXAMPLES_TAG, VIEWS_TAG, WANDB_RUN_ID_FILE, Monitor
 from unimlip_train.eval.embed import EmbeddedSet
@@ -120,10 +121,11 @@ def test_validate_with_examples_returns_rank0s_first_images(tmp_path):
     """Through the real eval loader: the examples are the first validation images, with their embeddings'
     top-3, and the metrics are exactly those of ``validate``."""
     from data_prep.cli import main as shard_main
-    from unimlip_train.data.loader import build_eval_loader
+    from unimlip_train.data.eval_loader import build_eval_loader
     from unimlip_train.data.tokenizer import load_tokenizer
-    from unimlip_train.eval import embed_split, validate, validate_with_examples
-    from unimlip_train.models import build_model
+    from unimlip_train.eval.embed import embed_split
+    from unimlip_train.eval.validate import validate, validate_with_examples
+    from unimlip_train.models.build import build_model
 
     shards = tmp_path / "shards"
     assert shard_main(["synthetic", "--n", "24", "--image-size", "32", "--max-size", "32", "--val-fraction", "0.5",

@@ -16,11 +16,11 @@ from safetensors.torch import save_file
 
 from conftest import IU_REPORTS_TGZ, PNEUMONIAMNIST_NPZ
 from unimlip_train.cli.export import main as export_main
-from unimlip_train.config import dump_yaml, load_config
+from unimlip_train.config.load import dump_yaml, load_config
 from unimlip_train.data.tokenizer import load_tokenizer
-from unimlip_train.engine.checkpoint import load_for_eval
-from unimlip_train.engine.open_clip_export import LUMA
-from unimlip_train.models import build_model
+from unimlip_train.export import load_for_eval
+from unimlip_train.export.open_clip_export import LUMA
+from unimlip_train.models.build import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from unimlip_train.engine import run_lock
+import unimlip_train.engine.run_lock as run_lock
 from unimlip_train.engine.run_lock import LOCK_FILE, RunDirInUse, RunLock, check_free
 
 CLEAN_ENV = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",

@@ -58,7 +58,7 @@ def cluster() -> str:
 
 
 def submit(*args: str, expect: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "launch.submit", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "unimlip_train.cli.submit", *args], capture_output=True, text=True,
                           timeout=300, cwd=REPO, env=env)
     assert done.returncode == expect, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     return done
@@ -157,7 +157,7 @@ def test_clear_errors(tmp_path, cluster):
     err = submit(*base, "--partition", "no-such-partition", expect=2).stderr
     assert "unknown partition 'no-such-partition'" in err and cluster in err
     # A run dir that belongs to another config is refused and the differing key named.
-    from unimlip_train.config import dump_yaml, load_config
+    from unimlip_train.config.load import dump_yaml, load_config
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(dump_yaml(load_config(str(TINY), ["train.lr=0.5"])))
@@ -175,7 +175,7 @@ def test_clear_errors(tmp_path, cluster):
 def test_failing_job_surfaces_as_failed_with_its_error(tmp_path, cluster):
     """An exception in training (missing data) ends as FAILED with the error in the log, not a hang;
     --force lets a run dir of another config be reused."""
-    from unimlip_train.config import dump_yaml, load_config
+    from unimlip_train.config.load import dump_yaml, load_config
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -298,7 +298,7 @@ def test_eval_job_writes_metrics_into_the_run_dir(cluster, synthetic_shards, ref
     assert result["num_samples"] == val
     # against R@1 counted by plain loops over this process's embeddings of the same checkpoint
     from conftest import embed_eval_set, naive_recall_at_1
-    from unimlip_train.engine.checkpoint import load_for_eval
+    from unimlip_train.export import load_for_eval
 
     model, cfg, tok = load_for_eval(str(reference_run))
     i2t, t2i = naive_recall_at_1(*embed_eval_set(model, cfg, tok, str(synthetic_shards / "index.json")))

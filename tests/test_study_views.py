@@ -13,12 +13,14 @@ from PIL import Image
 from transformers import BertTokenizer
 
 from data_prep.cli import main as shard_main
-from data_prep.report_text import report_id
-from unimlip_train.config import Config
-from unimlip_train.data.loader import BatchNeeds, TrainStream, build_eval_loader
+from unimlip_train.config.schema import Config
+from unimlip_train.data.collate import BatchNeeds
+from unimlip_train.data.eval_loader import build_eval_loader
+from unimlip_train.data.loader import TrainStream
 from unimlip_train.data.text import model_text
 from unimlip_train.data.tokenizer import load_tokenizer
 from unimlip_train.data.transforms import MEAN, STD
+from unimlip_train.format.report_text import report_id
 
 LEVEL = {"PA": 40, "AP": 110, "LATERAL": 200}  # each view position has its own grey level
 STUDIES = 24

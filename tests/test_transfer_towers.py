@@ -16,9 +16,11 @@ from PIL import Image
 from timm.models import save_for_hf
 
 from unimlip_tiny import IMAGE_SIZE, tiny_config, tiny_tokenizer
-from unimlip_train.config import ConfigError, load_config
+from unimlip_train.config.load import load_config
+from unimlip_train.config.origins import ConfigError
 from unimlip_train.engine.optim import group_lrs, param_groups
-from unimlip_train.models import build_model
+from unimlip_train.models.build import build_model
+from unimlip_train.models.pretrained import resolve_towers
 
 REPO = Path(__file__).resolve().parent.parent
 VIT = {"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
@@ -43,10 +45,11 @@ def test_a_timm_folder_brings_its_weights_normalisation_and_input_size(tokenizer
                              "input_size": (3, 48, 48)}
     save_for_hf(source, tmp_path / "vit", safe_serialization=True)  # the layout unimlip-fetch-weights writes
 
-    cfg = load_config(None, _vit_overrides(tmp_path / "vit", "data.in_chans=3"))
+    cfg = load_config(None, _vit_overrides(tmp_path / "vit", "data.in_chans=3"), resolve=resolve_towers)
     assert cfg.data.mean == pytest.approx([0.2, 0.3, 0.4]) and cfg.data.std == pytest.approx([0.1, 0.2, 0.3])
     assert cfg.data.image_size == 48  # from the weights' config, not the schema default 224
-    gray = load_config(None, _vit_overrides(tmp_path / "vit", "data.in_chans=1", "data.image_size=32"))
+    gray = load_config(None, _vit_overrides(tmp_path / "vit", "data.in_chans=1", "data.image_size=32"),
+                       resolve=resolve_towers)
     assert gray.data.mean == pytest.approx([0.3]) and gray.data.std == pytest.approx([0.2])  # channel averages
     assert gray.data.image_size == 32  # an explicit size wins
 
@@ -55,9 +58,10 @@ def test_a_timm_folder_brings_its_weights_normalisation_and_input_size(tokenizer
         assert torch.equal(model.image_tower.model.state_dict()[name], value), name
 
     # The loader normalises with those statistics: a real shard of a constant image, read back.
-    from data_prep.rows import Row
-    from data_prep.writer import WriterOptions, write_shards
-    from unimlip_train.data.loader import build_eval_loader
+    from data_prep.options import WriterOptions
+    from data_prep.writer import write_shards
+    from unimlip_train.data.eval_loader import build_eval_loader
+    from unimlip_train.format.rows import Row
 
     Image.fromarray(np.full((60, 60), 100, np.uint8)).save(tmp_path / "flat.png")
     write_shards([Row(id="flat", image=str(tmp_path / "flat.png"), text="No finding.")], tmp_path / "shards",
@@ -72,11 +76,11 @@ def test_a_timm_folder_brings_its_weights_normalisation_and_input_size(tokenizer
 def test_a_weights_file_takes_the_tag_config_and_bad_values_fail_at_load_naming_the_key(tmp_path):
     torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), tmp_path / "r10.pth")
     cfg = load_config(None, ["model.image.name=resnet10t.c3_in1k", f"model.image.pretrained={tmp_path / 'r10.pth'}",
-                             "data.in_chans=3"])
+                             "data.in_chans=3"], resolve=resolve_towers)
     tag = timm.models.get_pretrained_cfg("resnet10t.c3_in1k")
     assert cfg.data.mean == pytest.approx(tag.mean) and cfg.data.image_size == tag.input_size[-1] == 176
     # the production config: ViT-B/16 in21k->in1k from the hub, normalisation 0.5 and 224 px, nothing downloaded
-    prod = load_config(str(REPO / "configs" / "vitb16_biomedbert.yaml"))
+    prod = load_config(str(REPO / "configs" / "vitb16_biomedbert.yaml"), resolve=resolve_towers)
     assert prod.model.image.pretrained == "hub"
     assert prod.data.mean == prod.data.std == [0.5, 0.5, 0.5] and prod.data.image_size == 224
 
@@ -91,7 +95,7 @@ def test_a_weights_file_takes_the_tag_config_and_bad_values_fail_at_load_naming_
         (["data.mean=[0.5]", "data.std=[0.5]", "data.in_chans=3"], ["data.mean", "3 numbers"]),
     ]:
         with pytest.raises(ConfigError) as err:
-            load_config(None, overrides)
+            load_config(None, overrides, resolve=resolve_towers)
         assert all(n in str(err.value) for n in needles), (str(err.value), needles)
         assert "command line" in str(err.value)
 
@@ -101,12 +105,14 @@ def test_missing_hub_weights_offline_give_one_line_naming_the_key(tmp_path):
     line naming the key and the download, not a traceback."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     script = """
-from unimlip_train.config import load_config
+from unimlip_train.config.load import load_config
 from unimlip_train.data.tokenizer import load_tokenizer
 from unimlip_train.models.image_tower import ImageTower
+from unimlip_train.models.pretrained import resolve_towers
 from unimlip_train.models.text_tower import TextTower
 cfg = load_config(None, ["model.image.name=resnet10t.c3_in1k", "model.image.pretrained=hub",
-                         "model.text.name=microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext"])
+                         "model.text.name=microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext"],
+                  resolve=resolve_towers)
 for build in (lambda: ImageTower(cfg), lambda: TextTower(cfg, load_tokenizer())):
     try:
         build()

@@ -13,8 +13,8 @@ from PIL import Image
 from transformers import BertTokenizer
 
 from conftest import IU_REPORTS_TGZ
-from unimlip_train.config import Config
-from unimlip_train.data.loader import mlm_mask
+from unimlip_train.config.schema import Config
+from unimlip_train.data.collate import mlm_mask
 from unimlip_train.data.text import augment_report, clean_text, model_text, sections_or_whole, split_sentences
 from unimlip_train.data.tokenizer import load_tokenizer
 from unimlip_train.data.transforms import MEAN, STD, EvalTransform, TrainAugment, _decode_jpeg, decode_image, to_tensor

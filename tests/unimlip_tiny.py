@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import BertTokenizer
 
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 NUM_WORDS = 59

@@ -3,7 +3,7 @@
 One row per (report, parentImage): both views of a study share the report text and the group (the report id),
 so the writer's group-wise split keeps a study in one split.
 - text: the ``--sections`` AbstractText sections (default FINDINGS then IMPRESSION), de-identification tokens
-  cleaned as documented in ``data_prep.report_text``; a report without those sections gives rows with empty
+  cleaned as documented in ``unimlip_train.format.report_text``; a report without those sections gives rows with empty
   text, which the writer skips and records.
 - labels: the MeSH ``major`` tags reduced to their head term ("Cardiomegaly/borderline" -> "Cardiomegaly",
   "Catheters, Indwelling/right" -> "Catheters, Indwelling"), duplicates removed; the full tags are kept in
@@ -23,8 +23,8 @@ import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 
-from data_prep.report_text import parse_sections, select_sections
-from data_prep.rows import InputError, Row
+from unimlip_train.format.report_text import parse_sections, select_sections
+from unimlip_train.format.rows import InputError, Row
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

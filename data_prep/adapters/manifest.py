@@ -27,8 +27,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_prep.report_text import normalise_report
-from data_prep.rows import SPLIT_NAMES, InputError, Row, View, study_order
+from unimlip_train.format.report_text import normalise_report
+from unimlip_train.format.rows import SPLIT_NAMES, InputError, Row, View, study_order
 
 REQUIRED = ("image", "text")
 _LABEL_SEP = re.compile(r"[|;]")

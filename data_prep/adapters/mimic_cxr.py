@@ -4,9 +4,9 @@ study's free-text report beside the folder as ``files/pXX/pSUBJECT/sSTUDY.txt``.
 One row per image, or with ``--group-views study`` one row per study holding its images (at most ``--max-views``,
 frontal PA/AP first by the metadata CSV, then by dicom_id; a view position the CSV lacks is read from the DICOM
 header). group = the subject id ("p10000032"), so every study of a patient lands in one split.
-- text: the ``--sections`` parsed from the report's ``HEADER:`` lines, by the rules in ``data_prep.report_text``
+- text: the ``--sections`` parsed from the report's ``HEADER:`` lines, by the rules in ``unimlip_train.format.report_text``
   (default FINDINGS then IMPRESSION; "FINDINGS AND IMPRESSION" counts for both); when the report has none of them, the whole report
-  (metadata ``text_from`` says which). ``___`` de-identification gaps are cleaned as in ``data_prep.report_text``.
+  (metadata ``text_from`` says which). ``___`` de-identification gaps are cleaned as in ``unimlip_train.format.report_text``.
   A study without a report file still yields its images, with empty text, so the writer records them.
 - An image present both as DICOM and JPEG/PNG in one study is used once, the DICOM preferred (the source of truth,
   possibly 16-bit).
@@ -23,8 +23,8 @@ import re
 import sys
 from collections.abc import Iterator
 
-from data_prep.report_text import clean_report, parse_sections, select_sections, split_sections
-from data_prep.rows import InputError, Row, View, study_order
+from unimlip_train.format.report_text import clean_report, parse_sections, select_sections, split_sections
+from unimlip_train.format.rows import InputError, Row, View, study_order
 
 _PREFERENCE = {".dcm": 0, ".png": 1, ".jpg": 2, ".jpeg": 2}  # lower is preferred for one dicom_id
 

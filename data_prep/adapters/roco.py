@@ -17,7 +17,7 @@ import json
 import os
 from collections.abc import Iterator
 
-from data_prep.rows import InputError, Row
+from unimlip_train.format.rows import InputError, Row
 
 _ID_KEYS = ("id", "image_id", "name")
 _CAPTION_KEYS = ("caption", "text")

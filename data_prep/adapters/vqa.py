@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from data_prep.rows import InputError, Row
+from unimlip_train.format.rows import InputError, Row
 
 ANSWER_TYPES = ("CLOSED", "OPEN")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")

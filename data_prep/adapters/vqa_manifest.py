@@ -15,7 +15,7 @@ from pathlib import Path
 
 from data_prep.adapters.manifest import _inside, _records, _split
 from data_prep.adapters.vqa import pack_rows
-from data_prep.rows import InputError, Row
+from unimlip_train.format.rows import InputError, Row
 
 REQUIRED = ("image", "question", "answer")
 

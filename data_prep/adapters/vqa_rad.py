@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from data_prep.adapters.vqa import json_questions, pack_rows
-from data_prep.rows import InputError, Row
+from unimlip_train.format.rows import InputError, Row
 
 REQUIRED = ("image_name", "question", "answer")
 

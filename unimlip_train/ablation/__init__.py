@@ -3,5 +3,7 @@ checkpoint the same way, and tabulate the metrics next to the CLIP-only row (``u
 
 ``plan`` turns configs x seeds into run directories and knows when one is finished; ``evaluate`` scores a
 checkpoint (retrieval, zero-shot, linear probe) and caches the result beside it; ``table`` builds the rows,
-the per-config means and the markdown; ``job`` is the SLURM array task.
+the per-config means and the markdown; ``runner`` trains and evaluates one run here and writes the table.
+The command line is ``unimlip_train.cli.ablate``; the SLURM array and its task (``AblationJob``) are in
+``launch.ablation`` and ``launch.jobs``.
 """

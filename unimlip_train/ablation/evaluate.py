@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -17,8 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from data_prep.writer import sha256_file
+import torch
+
+import unimlip_train.eval as eval_package
+from unimlip_train.ablation.table import json_safe
 from unimlip_train.eval.card import build_card, data_identity, index_of
+from unimlip_train.eval.embed import embed_split, model_device
+from unimlip_train.eval.linear_probe import linear_probe
+from unimlip_train.eval.metrics import retrieval_metrics
+from unimlip_train.eval.zeroshot import DEFAULT_PROMPTS, label_targets, load_prompts, zeroshot_evaluate
+from unimlip_train.export import load_for_eval
+from unimlip_train.format.shards import sha256_file
 
 CACHE = "ablation_eval.json"
 
@@ -40,8 +50,6 @@ class EvalSpec:
 
     def fingerprint(self) -> dict:
         """The settings plus the content hashes of the files they name: a changed file re-evaluates."""
-        from unimlip_train.eval.zeroshot import DEFAULT_PROMPTS
-
         out = dataclasses.asdict(self)
         out["eval_code_sha256"] = eval_code_sha256()
         out["prompts_sha256"] = sha256_file(self.prompts or str(DEFAULT_PROMPTS))
@@ -54,10 +62,6 @@ class EvalSpec:
 def eval_code_sha256() -> str:
     """One hash of the evaluation code (``unimlip_train/eval`` and this module): metrics cached by other code
     are recomputed, so a fixed metric never lingers in a table."""
-    import hashlib
-
-    import unimlip_train.eval as eval_package
-
     files = sorted(Path(eval_package.__file__).parent.glob("*.py")) + [Path(__file__)]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
@@ -78,14 +82,6 @@ def evaluate_checkpoint(checkpoint: str, spec: EvalSpec) -> tuple[dict[str, floa
     """``(metrics, card)``. Metrics in percent: retrieval keys as ``unimlip-eval retrieval`` prints them, then
     ``zeroshot/...`` and ``linear_probe/...`` when the eval split carries at least two classes; the card is
     ``unimlip-eval``'s provenance card for all of them. Raises ValueError on unusable data."""
-    import torch
-
-    from unimlip_train.engine.checkpoint import load_for_eval
-    from unimlip_train.eval.embed import embed_split, model_device
-    from unimlip_train.eval.linear_probe import linear_probe
-    from unimlip_train.eval.metrics import retrieval_metrics
-    from unimlip_train.eval.zeroshot import label_targets, load_prompts, zeroshot_evaluate
-
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation prints; stdout is the caller's
         model, cfg, tokenizer = load_for_eval(checkpoint)
     if spec.workers is not None:
@@ -142,8 +138,6 @@ def cached_metrics(run_dir: Path, checkpoint: str, spec: EvalSpec) -> Optional[t
 
 def store_metrics(run_dir: Path, checkpoint: str, spec: EvalSpec, metrics: dict, card: dict) -> None:
     """Write the cache atomically (a crash never leaves a half file that would be trusted)."""
-    from .table import json_safe
-
     doc = {"checkpoint": checkpoint_fingerprint(checkpoint), "spec": spec.fingerprint(),
            "metrics": json_safe([metrics])[0], "card": card}
     tmp = run_dir / f"{CACHE}.tmp{os.getpid()}"

@@ -6,19 +6,15 @@ trained again. Every config is loaded and validated before anything trains, so a
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from unimlip_train.config import Config, ConfigError, load_config
-
-# A command-line override looks like ``key.sub=value``; a config path never matches (it has a '/' or no '=').
-OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
-
-
-def is_override(token: str) -> bool:
-    return bool(OVERRIDE_RE.match(token))
+from unimlip_train.config.load import load_config
+from unimlip_train.config.origins import ConfigError
+from unimlip_train.config.schema import Config
+from unimlip_train.export import read_state, resolve_checkpoint
+from unimlip_train.models.pretrained import resolve_towers
 
 
 @dataclass
@@ -54,8 +50,6 @@ class AblationRun:
 
     def checkpoint(self) -> Optional[Checkpoint]:
         """The newest complete checkpoint in the run dir, or None."""
-        from unimlip_train.engine.checkpoint import read_state, resolve_checkpoint
-
         if not self.run_dir.is_dir():
             return None
         try:
@@ -90,7 +84,7 @@ def plan_runs(configs: list[str], data: str, run_root: Path, steps: Optional[int
     for path in configs:
         for seed in seeds if seeds is not None else [None]:
             ovr = base + ([f"seed={seed}"] if seed is not None else []) + list(overrides)
-            cfg = load_config(path, ovr)
+            cfg = load_config(path, ovr, resolve=resolve_towers)
             run_dir = run_root / Path(path).stem / f"seed{cfg.seed}"
             cfg.run_dir = str(run_dir)
             runs.append(AblationRun(Path(path).stem, str(path), cfg.seed, run_dir, ovr, cfg))

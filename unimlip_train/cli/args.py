@@ -6,7 +6,15 @@ would leave ``b=2`` unrecognised. Every CLI that takes overrides parses through 
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Optional, Sequence
+
+# A command-line override looks like ``key.sub=value``; a config path never matches (it has a '/' or no '=').
+OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+
+
+def is_override(token: str) -> bool:
+    return bool(OVERRIDE_RE.match(token))
 
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -44,14 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="extra config overrides")
     args = parse_with_overrides(p, argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from unimlip_train.config import ConfigError, load_config
+    from unimlip_train.config.load import load_config
+    from unimlip_train.config.origins import ConfigError
+    from unimlip_train.models.pretrained import resolve_towers
 
     out = Path(args.out).resolve()
     shards, run_dir = out / "shards", out / "run"
     overrides = [f"data.train={shards}/index.json", f"data.val={shards}/index.json", f"train.steps={args.steps}",
                  *args.overrides]
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, resolve=resolve_towers)
     except ConfigError as e:
         p.exit(2, f"unimlip-demo: config error: {e}\n")
     t0 = time.time()
@@ -71,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] training exited with {code}; resuming from the latest checkpoint (restart {restarts} of 2)")
         code = _run(train, "resume training", check=restarts == 2)
 
-    from unimlip_train.engine.checkpoint import load_for_eval, resolve_checkpoint
-    from unimlip_train.eval import validate
+    from unimlip_train.eval.validate import validate
+    from unimlip_train.export import load_for_eval, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(str(run_dir))
     model, _, tokenizer = load_for_eval(checkpoint)

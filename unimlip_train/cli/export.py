@@ -1,7 +1,7 @@
 """``unimlip-export CHECKPOINT --out DIR [--format safetensors|open_clip]``.
 
 ``safetensors`` (default): consolidated fp32 weights + config + tokenizer, loadable with
-``unimlip_train.engine.checkpoint.load_for_eval(DIR)`` without DeepSpeed, for evaluation and fine-tuning.
+``unimlip_train.export.load_for_eval(DIR)`` without DeepSpeed, for evaluation and fine-tuning.
 ``open_clip``: a folder ``open_clip.create_model_and_transforms("local-dir:DIR")`` loads (image and text towers,
 projections, temperature, tokenizer); configurations open_clip cannot express are refused with the reason.
 """
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.format == "open_clip":
-            from unimlip_train.engine.open_clip_export import export_open_clip
+            from unimlip_train.export import export_open_clip
 
             config = export_open_clip(args.checkpoint, args.out)
             left = config["unimlip"]["left_behind"]
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("note: open_clip reads the text tower's config.json from this folder by its absolute path "
                       "(text_cfg.hf_model_name): export again after moving the folder")
         else:
-            from unimlip_train.engine.checkpoint import export
+            from unimlip_train.export import export
 
             print(f"exported {args.checkpoint} -> {export(args.checkpoint, args.out)}")
     except (ValueError, FileNotFoundError) as e:

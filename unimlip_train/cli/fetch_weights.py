@@ -48,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for image/ and text/ (created)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, as for unimlip-train")
     args = p.parse_args(argv)
-    from unimlip_train.config import ConfigError, load_config
-    from unimlip_train.models.pretrained import HUB
+    from unimlip_train.config.load import load_config
+    from unimlip_train.config.origins import ConfigError
+    from unimlip_train.models.pretrained import HUB, resolve_towers
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, resolve=resolve_towers)
     except ConfigError as e:
         p.exit(2, f"unimlip-fetch-weights: config error: {e}\n")
     icfg, tcfg = cfg.model.image, cfg.model.text

@@ -12,9 +12,8 @@ import signal
 import sys
 
 from unimlip_train.cli.args import parse_with_overrides
-from unimlip_train.config import ConfigError, dump_yaml, load_config
-from unimlip_train.engine.preemption import PreemptionFlag
-from unimlip_train.engine.run_lock import RunDirInUse, RunLock, check_free
+from unimlip_train.config.load import dump_yaml, load_config
+from unimlip_train.config.origins import ConfigError
 
 EXIT_IN_USE = 3
 EXIT_INTERRUPTED = 130
@@ -44,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_with_overrides(parser, argv)
+    from unimlip_train.models.pretrained import resolve_towers  # here, not on top: --help needs no timm/transformers
+
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, resolve=resolve_towers)
     except ConfigError as e:
         parser.exit(2, f"unimlip-train: config error: {e}\n")
     if args.run_dir:
@@ -53,44 +54,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    # torch, the towers and the engine load only now: --help and --print-config stay quick
+    import torch.distributed as dist
 
-    from unimlip_train import distributed as du
-    from unimlip_train.engine import checkpoint as ck
+    import unimlip_train.distributed.process_group as du
+    from unimlip_train.engine.checkpoint import CheckpointWriteError
+    from unimlip_train.engine.health import CorruptDataError, NonFiniteLossError
+    from unimlip_train.engine.monitor import MissingPackageError
+    from unimlip_train.engine.preemption import PreemptionFlag
+    from unimlip_train.engine.run import StartRefused, run_training
+    from unimlip_train.engine.run_lock import RunDirInUse
+    from unimlip_train.eval.validate import validate_with_examples
 
     main_rank = du.env_rank() == 0
+    stop = PreemptionFlag()  # sbatch --signal USR2@N, preemption, Ctrl-C: checkpoint on all ranks, then exit
     try:
-        check_free(cfg.run_dir)  # every rank, before the rendezvous: a refused launch never waits in one
-        if args.resume not in ("auto", "none"):
-            ck.resolve_checkpoint(args.resume)  # a damaged or missing checkpoint: one line, before any start
-    except RunDirInUse as e:
+        result = run_training(cfg, cfg.run_dir, resume=args.resume, stop_requested=stop,
+                              validate=validate_with_examples, listen=(signal.SIGUSR2, signal.SIGTERM, signal.SIGINT))
+    except RunDirInUse as e:  # check_free (every rank, before the rendezvous) or the lock itself
         if main_rank:
             print(f"unimlip-train: {e}", file=sys.stderr, flush=True)
         return EXIT_IN_USE
-    except ValueError as e:
+    except StartRefused as e:  # a damaged or missing --resume checkpoint: one line, before any start
         if main_rank:
             print(f"unimlip-train: error: {e}", file=sys.stderr, flush=True)
         return 2
-
-    stop = PreemptionFlag()  # sbatch --signal USR2@N, preemption, Ctrl-C: checkpoint on all ranks, then exit
-    stop.install(signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
-    import torch.distributed as dist
-
-    from unimlip_train.engine.monitor import MissingPackageError
-    from unimlip_train.engine.trainer import CorruptDataError, NonFiniteLossError, train  # imports DeepSpeed
-
-    try:
-        du.init_distributed(cfg.deepspeed.backend)
-        with RunLock.acquire(cfg.run_dir):
-            result = train(cfg, cfg.run_dir, resume=args.resume, stop_requested=stop)
-    except RunDirInUse as e:
-        if main_rank:
-            print(f"unimlip-train: {e}", file=sys.stderr, flush=True)
-        return EXIT_IN_USE
     except (NonFiniteLossError, CorruptDataError, MissingPackageError) as e:  # raised on every rank alike
         if main_rank:
             print(f"unimlip-train: {e}", file=sys.stderr, flush=True)
         return 1
-    except (FileNotFoundError, ValueError, ck.CheckpointWriteError) as e:  # the message names the file
+    except (FileNotFoundError, ValueError, CheckpointWriteError) as e:  # the message names the file
         print(f"unimlip-train: error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -1,5 +1,1 @@
 """Data path on the training side: shard sources, report text, augmentation, tokenizer, streaming loader."""
-from unimlip_train.data.loader import BatchNeeds, TrainStream, batch_needs, build_eval_loader
-from unimlip_train.data.tokenizer import load_tokenizer
-
-__all__ = ["BatchNeeds", "TrainStream", "batch_needs", "build_eval_loader", "load_tokenizer"]

@@ -3,7 +3,7 @@
 Radiology reports carry headers (INDICATION, COMPARISON, FINDINGS, IMPRESSION ...) of which only the
 findings and impression describe the image; de-identification leaves tokens such as ``XXXX`` (IU X-ray)
 or ``___`` (MIMIC-CXR) that carry no meaning and would otherwise dominate the vocabulary. Section splitting
-and de-identification clean-up are the shard adapters' (``data_prep.report_text``, whose docstring states
+and de-identification clean-up are the shard adapters' (``unimlip_train.format.report_text``, whose docstring states
 the rules), so a report reads the same whether it was sharded by us or arrives whole; added here is what
 only training wants: the section choice and order, list numbers dropped, sentence splitting and augmentation.
 
@@ -20,8 +20,9 @@ import random
 import re
 from typing import Optional, Sequence, Union
 
-from data_prep.report_text import clean_report as _clean_deid
-from data_prep.report_text import join_sentences, section_texts, split_sections
+from unimlip_train.config.schema import SECTION_CHOICES
+from unimlip_train.format.report_text import clean_report as _clean_deid
+from unimlip_train.format.report_text import join_sentences, section_texts, split_sections
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _ENUMERATOR = re.compile(r"(?:^|(?<=[.!?:;] ))\d{1,2}[.)] +")  # "IMPRESSION: 1. ... 2. ..." list numbers
@@ -38,8 +39,6 @@ def clean_text(text: str) -> str:
     return _clean_deid(_ENUMERATOR.sub("", " ".join(text.split())))
 
 
-SECTION_CHOICES = ("findings+impression", "impression", "findings", "random")
-ORDERS = ("impression_first", "findings_first")
 _RANDOM_FROM = ("findings", "impression")
 
 

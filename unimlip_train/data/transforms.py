@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unimlip_train.config import DataConfig
+from unimlip_train.config.schema import DataConfig
 
 # CLIP's normalisation constants: the default for a random-init tower (a pretrained one brings its own, data.mean/std).
 MEAN = {1: (0.48145466,), 3: (0.48145466, 0.4578275, 0.40821073)}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 
 
 def build_ds_config(cfg: Config, world_size: int) -> dict:

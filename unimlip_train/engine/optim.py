@@ -5,7 +5,9 @@ is a single scalar that must not be decayed; hence four groups (each split into 
 ``train.layer_decay`` < 1 the tower groups are split further by depth (BEiT / MAE layer-wise decay): a
 parameter in layer group ``l`` of a tower whose top group is ``L`` gets ``layer_decay ** (L + 1 - l)`` times its
 tower's lr, so the top block trains at ``layer_decay`` times it and the heads above the towers at the full lr.
-Locked (frozen) parameters are in no group, so the optimizer keeps no state for them.
+Locked (frozen) parameters are in no group, so the optimizer keeps no state for them. A resumed run follows
+its current config's schedule (``follow_config_schedule``) or, after a layout change, a fresh one set to the
+resumed step (``fast_forward``).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 
 GROUPS = ("image", "text", "head", "temperature")
 
@@ -82,11 +84,11 @@ def build_optimizer(groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
     kind = "cpu_adam" if cfg.deepspeed.offload_optimizer else cfg.train.optimizer
     kw = dict(lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=1e-6, weight_decay=cfg.train.weight_decay)
     if kind == "fused_adam":
-        from deepspeed.ops.adam import FusedAdam
+        from deepspeed.ops.adam import FusedAdam  # deepspeed: heavy, and its ops build only on request
 
         return FusedAdam(groups, adam_w_mode=True, **kw)
     if kind == "cpu_adam":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # deepspeed: heavy, and its ops build only on request
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
     return torch.optim.AdamW(groups, fused=torch.cuda.is_available() or None, **kw)
@@ -122,3 +124,47 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     for g in optimizer.param_groups:
         out.setdefault(g.get("name", "group").removesuffix("_no_decay"), g["lr"] / g.get("lr_scale", 1.0))
     return out
+
+
+def fast_forward(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a fresh LambdaLR at ``step`` without stepping an optimizer (world-size-change resume)."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def follow_config_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, groups: list[dict], cfg: Config,
+                           step: int) -> None:
+    """A resumed run follows *this* config's lr, warm-up, length, weight decay and betas: loading the engine
+    restored the saved ones with the optimizer and scheduler state, so ``train.steps=600`` on a run saved at
+    300 of 300 would otherwise train at the final lr. With an unchanged config nothing changes. ``groups`` are
+    built afresh from the config (``param_groups``), in the optimizer's group order."""
+    for group, fresh in zip(scheduler.optimizer.param_groups, groups):
+        group.update(weight_decay=fresh["weight_decay"], betas=tuple(cfg.train.betas))
+    scheduler.base_lrs = [g["lr"] for g in groups]
+    scheduler.lr_lambdas = [WarmupCosine(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
+                            for _ in groups]
+    fast_forward(scheduler, step)
+
+
+@torch.no_grad()
+def clamp_parameter_(param: torch.nn.Parameter, lo: float, hi: float) -> None:
+    """Clamp a parameter in place where the optimizer keeps it, so the next step starts from the clamped
+    value: DeepSpeed's fp32 master fragment (ZeRO 1/2, bf16), the ZeRO-3 local partition, and the model's own
+    copy. Elementwise, so each rank clamps the elements it holds and no communication is needed."""
+    if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the master and of the model copy
+        # deepspeed: heavy; a ZeRO-3 parameter means the engine has loaded it already
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        local = safe_get_local_fp32_param(param)
+        if local is not None and local.numel():
+            safe_set_local_fp32_param(param, local.clamp(lo, hi))
+        param.ds_tensor.data.clamp_(lo, hi)
+        param.data.clamp_(lo, hi)  # a small ("persistent") parameter stays gathered between steps
+        return
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is not None:
+        mapping.hp_fragment.data.clamp_(lo, hi)
+    param.data.clamp_(lo, hi)

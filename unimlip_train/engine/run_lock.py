@@ -28,6 +28,8 @@ import time
 import uuid
 from typing import Iterator, Optional
 
+import unimlip_train.distributed.process_group as du
+
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 180.0
@@ -160,8 +162,6 @@ class RunLock:
     def acquire(cls, run_dir: str) -> "RunLock":
         """Collective: rank 0 takes the lock (a stale one is taken over, with a note), every rank learns whether
         it did; all raise RunDirInUse otherwise. Call after the process group is up, before writing."""
-        from unimlip_train import distributed as du
-
         path = os.path.join(run_dir, LOCK_FILE)
         record, refusal = None, ""
         du.barrier()  # every rank has passed check_free: none can mistake rank 0's fresh lock for a foreign one

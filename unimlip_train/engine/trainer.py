@@ -3,8 +3,13 @@
 ``Trainer`` is split into the steps a reader looks for: ``build`` (process group, model, engine, stream),
 ``resume``, ``train_step`` (one optimizer step of ``grad_accum`` micro batches, each a
 ``forward_backward_step``), ``log_step``, ``evaluate_step`` and ``checkpoint_step``; ``run`` strings them
-together. Every decision that changes control flow (stop requested, checkpoint due, step skipped) is the same
-on every rank, so no rank ever waits in a collective the others skipped.
+together. What they lean on lives beside this file: ``checkpoint/`` (saving, integrity, consolidation),
+``telemetry`` (the log window and its scalars), ``validation`` (periodic evaluation through the ``validate``
+callable the trainer is given; the engine never imports ``unimlip_train.eval``), ``health`` (non-finite steps,
+corrupt data), ``optim`` (groups, schedule, clamping) and ``run`` (the one start-up sequence of a job).
+
+Every decision that changes control flow (stop requested, checkpoint due, step skipped) is the same on every
+rank, so no rank ever waits in a collective the others skipped.
 
 No host synchronisation per micro step: the loss terms are summed on the device and read once per
 ``train.log_every``; a non-finite loss or gradient is caught by DeepSpeed's own gradient-overflow check
@@ -20,35 +25,40 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 import torch
-import torch.distributed as dist
 
-from unimlip_train import distributed as du
-from unimlip_train.config import Config, dump_yaml
-from unimlip_train.data.loader import global_skip_stats
+import unimlip_train.distributed.process_group as du
+import unimlip_train.engine.checkpoint as ck
+from unimlip_train.config.load import dump_yaml
+from unimlip_train.config.schema import Config
+from unimlip_train.data.collate import batch_needs
+from unimlip_train.data.loader import TrainStream
+from unimlip_train.data.tokenizer import load_tokenizer
 from unimlip_train.data.transforms import normalisation
-from unimlip_train.engine import checkpoint as ck
 from unimlip_train.engine.ds_config import build_ds_config
-from unimlip_train.engine.monitor import Monitor, gpu_memory_gib
-from unimlip_train.engine.optim import WarmupCosine, build_optimizer, build_scheduler, group_lrs, param_groups
-
-# Debug aid for exactness checks: when set to 1, each rank appends the sample keys of every micro batch to
-# run_dir/debug/sample_keys.rank{R}.jsonl as {"start": first step of this launch, "step": step, "keys": [...]}.
-SAMPLE_LOG_ENV = "UNIMLIP_LOG_SAMPLE_KEYS"
+from unimlip_train.engine.health import (
+    CorruptDataError,
+    NonFiniteSteps,
+    drop_gradients_unless_finite,
+)
+from unimlip_train.engine.monitor import Monitor
+from unimlip_train.engine.optim import (
+    build_optimizer,
+    build_scheduler,
+    clamp_parameter_,
+    fast_forward,
+    follow_config_schedule,
+    param_groups,
+)
+from unimlip_train.engine.telemetry import SampleKeyLog, StepWindow, summary
+from unimlip_train.engine.validation import PeriodicValidation, Validate, asks_for_validation
+from unimlip_train.losses.objective import AccumulationCache, UniMlipObjective
+from unimlip_train.models.build import TrainStep, build_model
 
 
 @dataclass
 class TrainResult:
     status: Literal["finished", "preempted"]
     step: int
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised (on every rank) after ``train.max_nonfinite_in_row`` consecutive skipped (non-finite) steps."""
-
-
-class CorruptDataError(RuntimeError):
-    """Raised (on every rank, after a checkpoint) when more than ``data.max_skip_fraction`` of the samples read
-    were corrupt."""
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -64,16 +74,6 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Average device scalars over ranks and read them once (same key order on every rank: sorted)."""
-    keys = sorted(values)
-    t = torch.stack([values[k].detach().double().reshape(()) for k in keys])
-    if du.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= du.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
 def _model_prefix(step_module: torch.nn.Module, model: torch.nn.Module) -> str:
     for name, child in step_module.named_children():
         if child is model:
@@ -81,87 +81,26 @@ def _model_prefix(step_module: torch.nn.Module, model: torch.nn.Module) -> str:
     raise RuntimeError("TrainStep does not hold the model as a direct submodule")
 
 
-def _fast_forward(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
-    """Put a fresh LambdaLR at ``step`` without stepping an optimizer (world-size-change resume)."""
-    scheduler.last_epoch = step
-    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs
-
-
-def _follow_config_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, groups: list[dict], cfg: Config,
-                            step: int) -> None:
-    """A resumed run follows *this* config's lr, warm-up, length, weight decay and betas: loading the engine
-    restored the saved ones with the optimizer and scheduler state, so ``train.steps=600`` on a run saved at
-    300 of 300 would otherwise train at the final lr. With an unchanged config nothing changes. ``groups`` are
-    built afresh from the config (``param_groups``), in the optimizer's group order."""
-    for group, fresh in zip(scheduler.optimizer.param_groups, groups):
-        group.update(weight_decay=fresh["weight_decay"], betas=tuple(cfg.train.betas))
-    scheduler.base_lrs = [g["lr"] for g in groups]
-    scheduler.lr_lambdas = [WarmupCosine(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
-                            for _ in groups]
-    _fast_forward(scheduler, step)
-
-
-@torch.no_grad()
-def clamp_parameter_(param: torch.nn.Parameter, lo: float, hi: float) -> None:
-    """Clamp a parameter in place where the optimizer keeps it, so the next step starts from the clamped
-    value: DeepSpeed's fp32 master fragment (ZeRO 1/2, bf16), the ZeRO-3 local partition, and the model's own
-    copy. Elementwise, so each rank clamps the elements it holds and no communication is needed."""
-    if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the master and of the model copy
-        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
-
-        local = safe_get_local_fp32_param(param)
-        if local is not None and local.numel():
-            safe_set_local_fp32_param(param, local.clamp(lo, hi))
-        param.ds_tensor.data.clamp_(lo, hi)
-        param.data.clamp_(lo, hi)  # a small ("persistent") parameter stays gathered between steps
-        return
-    mapping = getattr(param, "_hp_mapping", None)
-    if mapping is not None:
-        mapping.hp_fragment.data.clamp_(lo, hi)
-    param.data.clamp_(lo, hi)
-
-
-def _validate(model, eval_copy, cfg: Config, tokenizer, rank: int, world: int, autocast) -> tuple:
-    """Periodic evaluation on every rank: the metrics, and a few retrieval examples to show. Under ZeRO-3 the weights are gathered once into ``eval_copy``, a plain
-    model without DeepSpeed's hooks: eval forwards through the hooked modules (a different module order than
-    the recorded training trace, uneven per-rank batch counts) leave the ranks' parameter fetches out of step."""
-    from unimlip_train.eval import validate_with_examples
-
-    if eval_copy is not None:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            eval_copy.load_state_dict({k: v.detach() for k, v in model.state_dict().items()})
-        model = eval_copy
-    with torch.no_grad(), autocast:
-        return validate_with_examples(model, cfg, tokenizer, rank, world, num_examples=4)
-
-
 class Trainer:
     """One training run in ``run_dir``: build it, then ``run()``.
 
     ``resume``: 'auto' (latest complete checkpoint here, if any), 'none', or a checkpoint path.
     ``stop_requested()`` true on any rank makes ``run`` checkpoint collectively and return 'preempted'.
+    ``validate``: the periodic evaluation (``validation.Validate``, e.g. ``unimlip_train.eval.validate_with_examples``);
+    required when the config asks for one (``train.eval_every`` and ``data.val``).
     """
 
     def __init__(self, cfg: Config, run_dir: str, resume: str = "auto",
-                 stop_requested: Optional[Callable[[], bool]] = None):
+                 stop_requested: Optional[Callable[[], bool]] = None, validate: Optional[Validate] = None):
         self.cfg, self.run_dir, self.stop_requested = cfg, run_dir, stop_requested
+        self.validate = validate
         self.build(resume)
         self.resume()
 
     # ------------------------------------------------------------------------------------------ build
     def build(self, resume: str) -> None:
         """Process group, run dir, model, DeepSpeed engine, data stream; finds the checkpoint to resume."""
-        import deepspeed
-
-        from unimlip_train.data.loader import TrainStream, batch_needs
-        from unimlip_train.data.tokenizer import load_tokenizer
-        from unimlip_train.losses import UniMlipObjective
-        from unimlip_train.models import TrainStep, build_model
+        import deepspeed  # deepspeed: heavy (and CUDA-probing), imported when an engine is built
 
         cfg, run_dir = self.cfg, self.run_dir
         self.rank, self.world, self.local_rank = du.init_distributed(cfg.deepspeed.backend)
@@ -220,6 +159,7 @@ class Trainer:
         self.accumulate = cfg.train.grad_accum > 1 and cfg.train.negatives == "accumulated"
         # ZeRO's optimizers skip a step whose gradients are not finite (and count it); without ZeRO we check.
         self.own_finite_check = cfg.deepspeed.zero_stage == 0
+        self.validation = PeriodicValidation(self.validate, cfg, self.tokenizer, self.device, self.compute_dtype)
 
     # ----------------------------------------------------------------------------------------- resume
     def resume(self) -> None:
@@ -233,13 +173,13 @@ class Trainer:
                                f"{saved.config_hash} -> {state.config_hash}); continuing with the new config")
         if self.same_layout:
             ck.load_engine(self.engine, source)
-            _follow_config_schedule(self.scheduler, self.fresh_param_groups(), cfg, state.step)
+            follow_config_schedule(self.scheduler, self.fresh_param_groups(), cfg, state.step)
             rank_state = ck.read_rank_state(source, self.rank)
             self.stream.load_state_dict(rank_state["stream"])
             ck.set_rng_state(rank_state["rng"])
             self.monitor.event(f"resumed from {source} at step {state.step} ({state.samples_seen} samples seen)")
         else:
-            _fast_forward(self.scheduler, state.step)
+            fast_forward(self.scheduler, state.step)
             self.stream.load_state_dict(ck.read_rank_state(source, 0)["stream"], strict=False)
             self.monitor.event(
                 f"resumed from {source} at step {state.step}, but the layout changed ({saved.world_size} -> "
@@ -254,22 +194,19 @@ class Trainer:
         self.start_step = self.state.step
         self.last_saved = self.state.step if self.saved is not None else -1
         self.last_saved_time = time.time()
-        self.nonfinite_in_row = 0
-        self.eval_copy = None
-        self.window = {"t0": time.time(), "wait": 0.0, "samples": 0}
-        self.sums: dict[str, torch.Tensor] = {}  # per-step means of the logged terms, summed since the last log
-        self.steps_in_window = 0
-        self.sample_log = None
-        if os.environ.get(SAMPLE_LOG_ENV) == "1":
-            os.makedirs(os.path.join(self.run_dir, "debug"), exist_ok=True)
-            self.sample_log = open(os.path.join(self.run_dir, "debug", f"sample_keys.rank{self.rank}.jsonl"), "a",
-                                   encoding="utf-8")
+        self.nonfinite = NonFiniteSteps(self.cfg.train.max_nonfinite_in_row)
+        self.window = StepWindow()  # what log_step reports: the logged terms' sums, throughput, data wait
+        self.sample_log = SampleKeyLog.if_requested(self.run_dir, self.rank, self.start_step)
         self.batches = iter(self.stream)
         self.engine.train()
 
     def run(self) -> TrainResult:
         """Train until ``train.steps`` or a stop request; checkpoints at the end either way."""
         cfg, state = self.cfg, self.state
+        if self.validate is None and asks_for_validation(cfg):
+            raise ValueError(f"train.eval_every={cfg.train.eval_every} with data.val set asks for periodic evaluation, "
+                             "but the trainer was given no validate callable (pass "
+                             "validate=unimlip_train.eval.validate_with_examples)")
         self.start()
         try:
             while True:
@@ -311,14 +248,12 @@ class Trainer:
             t = time.time()
             with torch.random.fork_rng(devices=[]):  # the stream (DataLoader seeding) must not shift dropout RNG
                 batch = next(self.batches)
-            self.window["wait"] += time.time() - t
+            self.window.wait += time.time() - t
             global_micro = self.cfg.train.micro_batch_size * self.world
             self.state.samples_seen += global_micro
-            self.window["samples"] += global_micro
+            self.window.samples += global_micro
             if self.sample_log is not None:
-                self.sample_log.write(json.dumps({"start": self.start_step, "step": self.state.step + 1,
-                                                  "keys": list(batch["key"])}) + "\n")
-                self.sample_log.flush()
+                self.sample_log.write(self.state.step + 1, batch["key"])
             batches.append(_to_device(batch, self.device, self.compute_dtype))
         return batches
 
@@ -335,16 +270,13 @@ class Trainer:
         Returns a device flag, True when the loss was finite; the logs are summed on the device."""
         loss, logs = self.engine(batch, micro_step, cache=cache)
         self.engine.backward(loss)
-        for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.float() / self.cfg.train.grad_accum
+        self.window.add_terms(logs, self.cfg.train.grad_accum)
         return torch.isfinite(loss.detach())
 
     def train_step(self) -> None:
         """One optimizer step over ``grad_accum`` micro batches. With ``train.negatives=accumulated`` a
         gradient-free pass first caches every micro batch's contrastive embeddings, and each micro batch is
         then recomputed with its random state replayed (see ``losses.objective``)."""
-        from unimlip_train.losses import AccumulationCache
-
         state, k_steps = self.state, self.cfg.train.grad_accum
         batches = self._next_micro_batches()
         self.step_batch = batches[0]
@@ -365,43 +297,13 @@ class Trainer:
             # The ITM negatives' noise is seeded per micro batch, so accumulated micro batches differ.
             finite &= self.forward_backward_step(batch, state.step * k_steps + micro, cache)
             if self.own_finite_check and micro == k_steps - 1:
-                finite = self._drop_gradients_unless_finite(finite)
+                finite = drop_gradients_unless_finite(finite, self.model, self.world)
             self.engine.step()
         self.model.clamp_logit_scale_(clamp_parameter_)
         state.step += 1
-        self.steps_in_window += 1
-        if self.own_finite_check:
-            self._count_nonfinite(not bool(finite))
-        else:
-            self._count_nonfinite(getattr(self.engine, "skipped_steps", 0) > skipped_before)
-
-    def _drop_gradients_unless_finite(self, finite: torch.Tensor) -> torch.Tensor:
-        """Without ZeRO, before the optimizer step: agree on finiteness (one host read per step) and drop a
-        non-finite step's gradients, so that the optimizer leaves every parameter alone."""
-        flag = finite.to(torch.float64).reshape(1)
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        ok = bool(flag.item())
-        if not ok:
-            for p in self.model.parameters():
-                p.grad = None
-        return torch.tensor(ok)
-
-    def _count_nonfinite(self, skipped: bool) -> None:
-        state, limit = self.state, self.cfg.train.max_nonfinite_in_row
-        if not skipped:
-            self.nonfinite_in_row = 0
-            return
-        state.nonfinite_total += 1
-        self.nonfinite_in_row += 1
-        self.monitor.event(f"step {state.step}: non-finite loss or gradients on some rank; optimizer step skipped "
-                           f"({self.nonfinite_in_row} in a row, {state.nonfinite_total} in total)")
-        if self.nonfinite_in_row >= limit:
-            latest = self.manager.latest()
-            raise NonFiniteLossError(
-                f"{self.nonfinite_in_row} non-finite steps in a row at step {state.step} "
-                f"(train.max_nonfinite_in_row={limit}); stopping. Lower train.lr or check the data"
-                + (f", then resume from {latest}" if latest else ""))
+        self.window.steps += 1
+        skipped = not bool(finite) if self.own_finite_check else getattr(self.engine, "skipped_steps", 0) > skipped_before
+        self.nonfinite.count(skipped, state, self.monitor, self.manager.latest)
 
     # -------------------------------------------------------------------------------------- telemetry
     def log_step(self) -> None:
@@ -410,35 +312,16 @@ class Trainer:
         cfg, state = self.cfg, self.state
         if state.step % cfg.train.log_every and state.step != cfg.train.steps:
             return
-        scalars = _mean_over_ranks({k: v / self.steps_in_window for k, v in self.sums.items()})
-        skips = global_skip_stats(self.stream)
-        elapsed = max(time.time() - self.window["t0"], 1e-9)
-        grad_norm = self.engine.get_global_grad_norm()
-        scalars.update({f"lr/{g}": lr for g, lr in group_lrs(self.optimizer).items()})
-        scalars.update(samples_per_s=self.window["samples"] / elapsed,
-                       samples_per_s_per_gpu=self.window["samples"] / elapsed / self.world,
-                       data_wait_frac=min(1.0, self.window["wait"] / elapsed),
-                       skipped_steps=float(state.nonfinite_total),
-                       skipped_samples=float(skips.skipped),
-                       samples_seen=float(state.samples_seen))
-        if grad_norm is not None:
-            scalars["grad_norm"] = float(grad_norm)
-        if (mem := gpu_memory_gib()) is not None:
-            scalars["gpu_mem_gib"] = mem
-        scalars.update({f"skipped_by_shard/{os.path.basename(shard)}": float(n) for shard, n in skips.by_shard.items()})
+        scalars, skips = self.window.scalars(self.engine, self.optimizer, self.stream, state, self.world)
         self.monitor.log_train(state.step, scalars, self.start_step)
-        self.window = {"t0": time.time(), "wait": 0.0, "samples": 0}
-        self.sums, self.steps_in_window = {}, 0
+        self.window.reset()
         if message := skips.exceeded(cfg.data.max_skip_fraction):
             self.checkpoint_step(force=True)
             raise CorruptDataError(f"{message}; checkpointed at step {state.step}")
 
     def _summary(self, status: str) -> None:
         """The run's last line in metrics.jsonl (and the console): status, step, the skipped steps and samples."""
-        skips = global_skip_stats(self.stream)
-        self.monitor.log_summary(self.state.step, {
-            "status": status, "skipped_steps": self.state.nonfinite_total, "skipped_samples": skips.skipped,
-            "samples_read": skips.read, "skipped_by_shard": dict(skips.worst(len(skips.by_shard)))})
+        self.monitor.log_summary(self.state.step, summary(status, self.state, self.stream))
 
     def picture_step(self) -> None:
         """TensorBoard grid of the augmented view pairs: at the first step of a launch and every
@@ -449,22 +332,11 @@ class Trainer:
 
     def evaluate_step(self) -> None:
         """Every ``train.eval_every`` steps (and the last): retrieval / zero-shot on ``data.val``."""
-        cfg, state = self.cfg, self.state
-        if not (cfg.train.eval_every > 0 and cfg.data.val
-                and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps)):
+        if not self.validation.due(self.state.step):
             return
-        from unimlip_train.models import build_model
-
-        autocast = (torch.autocast("cuda", dtype=self.compute_dtype) if self.cuda and self.compute_dtype != torch.float32
-                    else torch.autocast("cpu", enabled=False))
-        # Evaluation must not consume the training RNG, or resumed runs would diverge.
-        with torch.random.fork_rng(devices=[self.local_rank] if self.cuda else []):
-            if cfg.deepspeed.zero_stage == 3 and self.eval_copy is None:
-                self.eval_copy = build_model(cfg, self.tokenizer).to(self.device)
-            metrics, examples = _validate(self.model, self.eval_copy, cfg, self.tokenizer, self.rank, self.world,
-                                          autocast)
-        self.monitor.log_val(state.step, metrics)
-        self.monitor.log_retrieval_examples(state.step, examples)
+        metrics, examples = self.validation(self.model, self.rank, self.world)
+        self.monitor.log_val(self.state.step, metrics)
+        self.monitor.log_retrieval_examples(self.state.step, examples)
 
     def checkpoint_step(self, force: bool = False) -> None:
         """Every ``train.checkpoint_every`` steps, when ``force``d (end, stop, time-based), never twice."""
@@ -477,8 +349,8 @@ class Trainer:
         self.monitor.event(f"checkpoint step {state.step} -> {self.manager.dir}")
 
 
-def train(cfg: Config, run_dir: str, resume: str = "auto",
-          stop_requested: Optional[Callable[[], bool]] = None) -> TrainResult:
+def train(cfg: Config, run_dir: str, resume: str = "auto", stop_requested: Optional[Callable[[], bool]] = None,
+          validate: Optional[Validate] = None) -> TrainResult:
     """Train ``cfg`` into ``run_dir`` (see ``Trainer``); returns 'finished', or 'preempted' after a collective
     checkpoint when ``stop_requested()`` became true on any rank."""
-    return Trainer(cfg, run_dir, resume, stop_requested).run()
+    return Trainer(cfg, run_dir, resume, stop_requested, validate).run()

@@ -9,22 +9,23 @@ import json
 import os
 from typing import Any
 
-from data_prep.writer import sha256_file
+from safetensors import safe_open
+
+from unimlip_train import __version__
+from unimlip_train.eval.zeroshot import DEFAULT_PROMPTS
+from unimlip_train.export import read_state, resolve_checkpoint
+from unimlip_train.format.shards import sha256_file
 
 
 def checkpoint_identity(path: str) -> dict[str, Any]:
     """``{"checkpoint": absolute path, "step": training step}`` of a run dir, checkpoint tag or export folder."""
     exported = os.path.join(path, "model.safetensors")
     if os.path.isfile(exported):
-        from safetensors import safe_open
-
         with safe_open(exported, framework="pt") as f:
             meta = f.metadata() or {}
         step = meta.get("step")
         return {"checkpoint": os.path.abspath(path), "step": int(step) if step is not None else None,
                 "exported_from": meta.get("source")}
-    from unimlip_train.engine.checkpoint import read_state, resolve_checkpoint
-
     tag = resolve_checkpoint(path)
     return {"checkpoint": os.path.abspath(tag), "step": read_state(tag).step}
 
@@ -47,13 +48,9 @@ def data_identity(source: str, splits: dict[str, str]) -> dict[str, Any]:
 def build_card(tool: str, checkpoint: str, cfg, data: dict[str, Any], samples: Any, seed: int | None,
                prompts: str | None = None) -> dict[str, Any]:
     """The card of one result. ``prompts``: the prompt file used ('' = the packaged one), None when none is."""
-    from unimlip_train import __version__
-
     card: dict[str, Any] = {"tool": tool, "version": __version__, **checkpoint_identity(checkpoint),
                             "config_hash": cfg.hash(), "data": data, "samples": samples, "seed": seed}
     if prompts is not None:
-        from unimlip_train.eval.zeroshot import DEFAULT_PROMPTS
-
         path = prompts or str(DEFAULT_PROMPTS)
         card["prompts"] = {"path": os.path.abspath(path), "sha256": sha256_file(path)}
     return card

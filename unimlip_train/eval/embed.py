@@ -17,7 +17,8 @@ import torch.distributed as dist
 import webdataset as wds
 from tqdm import tqdm
 
-from unimlip_train.data.loader import _windows, build_eval_loader
+from unimlip_train.data.eval_loader import build_eval_loader
+from unimlip_train.data.plan import windows
 from unimlip_train.data.shards import ShardSource, iter_raw_samples, resolve_sources
 
 
@@ -151,7 +152,7 @@ def rank_share(sources: list[ShardSource], rank: int, world_size: int, workers: 
     total = 0
     for i, src in enumerate(sources):
         for unit in range(rank * workers, (rank + 1) * workers):
-            lo, hi = _windows(src.total, units, unit)
+            lo, hi = windows(src.total, units, unit)
             total += hi - lo if keys is None else sum(k in keys for k, _ in listed[i][lo:hi])
     return total
 

@@ -3,7 +3,7 @@
 Whole groups (patients / studies, the shard metadata's ``group``) go one way, so no patient's images sit on
 both sides of a model-selection split, and the 1 % / 10 % label fractions of the CXR-CLIP / MGCA protocols
 sample patients, not images. Within each stratum (a class, so every class keeps its share) groups are ordered
-by the seeded SHA-256 the shard writer uses for its splits (``data_prep.splits.group_rank``): deterministic for
+by the seeded SHA-256 the shard writer uses for its splits (``unimlip_train.format.splits.group_rank``): deterministic for
 any world size and loader order.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-from data_prep.splits import group_rank
+from unimlip_train.format.splits import group_rank
 
 
 def _ordered_groups(strata: Sequence[Hashable], groups: Sequence[str], seed: int) -> dict[Hashable, list[str]]:

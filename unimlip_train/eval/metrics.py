@@ -5,7 +5,7 @@ Conventions, chosen so that an uninformative model cannot look good:
 * **Ties are pessimistic.** A query's rank is 1 + the number of *wrong* candidates that score at least as high
   as its best correct candidate, so a constant-score model gets the worst rank, not the best.
 * **Duplicate reports.** In retrieval, samples whose report text is identical (after whitespace normalisation
-  and case-folding: ``data_prep.report_text.normalise_report``, the rule training uses for its positives) are
+  and case-folding: ``unimlip_train.format.report_text.normalise_report``, the rule training uses for its positives) are
   interchangeable: for an image query every copy of its report is a correct text, and for a text query every
   image that carries that same report is a correct image. Radiology archives contain many
   verbatim "no acute cardiopulmonary abnormality" reports; without this rule those pairs would count as
@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data_prep.report_text import normalise_report
+from unimlip_train.format.report_text import normalise_report
 
 RECALL_KS = (1, 5, 10)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unimlip_train.eval import metrics as M
+import unimlip_train.eval.metrics as M
 from unimlip_train.eval.embed import meta_labels
 from unimlip_train.eval.groups import carve_groups, sample_groups
 from unimlip_train.eval.zeroshot import label_targets, normalise_name

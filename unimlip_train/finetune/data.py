@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 import torch
 import webdataset as wds
 
-from unimlip_train.data.loader import build_eval_loader
+from unimlip_train.data.eval_loader import build_eval_loader
 from unimlip_train.data.shards import resolve_sources
 from unimlip_train.eval.embed import list_samples
 

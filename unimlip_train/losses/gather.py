@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch.distributed.nn.functional import all_gather as _autograd_all_gather
 from torch.distributed.nn.functional import all_to_all_single as _autograd_all_to_all
 
+from unimlip_train.distributed.process_group import all_reduce_max
+
 # The synchronous autograd collectives. torch 2.14 deprecates them in favour of the functional (async)
 # ``all_gather_single_autograd``, but over gloo that one crashed (SIGSEGV) or hung a 2-rank training run after
 # ~100 steps here, while this one ran it to the end; hence its deprecation warning is silenced, not heeded.
@@ -53,8 +55,6 @@ def all_gather_no_grad(t: torch.Tensor) -> torch.Tensor:
 def global_max(value: int) -> int:
     """Largest host integer over ranks (to pad variable-length token states before they move between ranks);
     through the CPU control group, so a CUDA run does not wait for its GPU here."""
-    from unimlip_train.distributed import all_reduce_max
-
     return int(all_reduce_max(value))
 
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 from unimlip_train.losses.terms import TERMS
 
 _SHARED_SCALARS = ("logit_scale", "logit_bias")

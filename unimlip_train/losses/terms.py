@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 from unimlip_train.losses.contrastive import at_least_fp32, contrastive_loss, nt_xent, positive_mask, sigmoid_loss
 from unimlip_train.losses.gather import all_gather_no_grad, exchange_rows, global_max, global_sum, world
 from unimlip_train.losses.hard_negatives import sample_hard_negatives

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.layers import PatchDropout
 from torch import nn
 
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 from unimlip_train.models.locking import LockableTower
 from unimlip_train.models.pretrained import explain_missing, image_weights
 

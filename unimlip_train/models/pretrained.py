@@ -9,13 +9,24 @@ Image tower, ``model.image.pretrained``:
   * a weights file, or a folder holding one: those weights with the pretrained config of the tag in
     ``model.image.name`` (name the tag, or the normalisation may not be the one the weights were trained with).
 Text tower, ``model.text.name``: a hub id (in the Hugging Face cache when offline) or a local folder.
+
+``resolve_towers`` is the model-side step of loading a config (``load_config(..., resolve=resolve_towers)``):
+config itself knows no models, so the timm name check and the pretrained input config happen here, still when
+the config loads, before any process starts, with errors that name the key and the file.
 """
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 from dataclasses import dataclass
 from typing import Iterator
+
+import timm
+from timm.models import parse_model_name
+
+from unimlip_train.config.origins import ConfigError, Origins
+from unimlip_train.config.schema import Config
 
 HUB = "hub"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth")
@@ -117,3 +128,43 @@ def load_text_model(name: str, overrides: dict):
     with explain_missing("model.text.name", name, f"the text tower {name!r}"):
         return AutoModel.from_pretrained(os.path.expanduser(name), **overrides)
 
+
+
+def resolve_towers(cfg: Config, origins: Origins) -> None:
+    """Check ``model.image.name`` against timm, then fill in what ``model.image.pretrained`` brings (see
+    ``resolve_pretrained``); a ``config.Resolver``, so ``load_config`` passes the keys' origins."""
+    check_image_name(cfg.model.image.name, origins)
+    resolve_pretrained(cfg, origins)
+
+
+def check_image_name(name: str, origins: Origins) -> None:
+    """The timm registry answers without building anything; hub / local-dir names are checked when built."""
+    try:
+        source, model_id = parse_model_name(name)
+    except ValueError as e:
+        origins.fail("model.image.name", str(e))
+    if source == "local-dir" and not os.path.isdir(model_id):
+        origins.fail("model.image.name", f"no folder {model_id}")
+    if source is None and not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        origins.fail("model.image.name", f"{name!r} is not a timm model{hint}")
+
+
+def resolve_pretrained(cfg: Config, origins: Origins) -> None:
+    """A pretrained image tower brings its normalisation and input size (timm's pretrained config of its weights):
+    they fill ``data.mean`` / ``data.std`` when empty and ``data.image_size`` when no file or override sets it, so
+    config.yaml records what training used and evaluation reuses it. A missing local weights file fails here,
+    before any process starts."""
+    icfg, d = cfg.model.image, cfg.data
+    size_set = origins.is_set("data.image_size")
+    if not icfg.pretrained or (d.mean and size_set):
+        return
+    try:
+        mean, std, size = image_input_config(icfg.name, icfg.pretrained, d.in_chans)
+    except (OSError, ValueError) as e:  # the message names the key and what to download
+        raise ConfigError(f"{origins.get('model.image.pretrained', 'defaults')}: {e}") from None
+    if not d.mean:
+        d.mean, d.std = mean, std
+    if not size_set:
+        d.image_size = size

@@ -6,7 +6,7 @@ import re
 import torch
 from transformers import BertConfig, BertModel
 
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 from unimlip_train.models.locking import LockableTower
 from unimlip_train.models.pretrained import load_text_model
 

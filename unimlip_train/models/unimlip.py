@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 from unimlip_train.models.fusion import FusionEncoder
 from unimlip_train.models.image_tower import ImageTower
 from unimlip_train.models.text_tower import TextTower

@@ -4,6 +4,9 @@ Whole groups (patients / studies) go to one split, so no patient leaks from trai
 Groups are ordered by a SHA-256 of (seed, group), never Python's per-process randomised ``hash``, so the
 same seed gives the same split on every machine and every run; the first groups in that order fill test,
 the next ones val, the rest train, which gives exact group counts even for small datasets.
+
+Shared with training: evaluation carves its model-selection and label-fraction subsets by the same
+``group_rank`` (``unimlip_train.eval.groups``).
 """
 from __future__ import annotations
 

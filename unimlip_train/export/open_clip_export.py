@@ -20,10 +20,14 @@ import math
 import os
 from typing import Any
 
+import timm
 import torch
+from safetensors.torch import save_file
+from transformers import AutoModel
 
-from unimlip_train.config import Config
+from unimlip_train.config.schema import Config
 from unimlip_train.data.transforms import normalisation
+from unimlip_train.export.load import load_for_eval
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -51,8 +55,6 @@ def _first_conv_keys(trunk: torch.nn.Module) -> list[str]:
 
 def _reference_trunk(name: str) -> torch.nn.Module:
     """The image trunk as open_clip builds it (``timm.create_model(name)``, classifier removed), shapes only."""
-    import timm
-
     with torch.device("meta"):
         trunk = timm.create_model(name, pretrained=False)
         trunk.reset_classifier(0)
@@ -61,8 +63,6 @@ def _reference_trunk(name: str) -> torch.nn.Module:
 
 def _reference_text_keys(hf_config: Any) -> dict[str, torch.Size]:
     """Parameter shapes of the text transformer as open_clip builds it (``AutoModel.from_config``, no pooler)."""
-    from transformers import AutoModel
-
     with torch.device("meta"):
         return {k: v.shape for k, v in AutoModel.from_config(hf_config, add_pooling_layer=False).state_dict().items()}
 
@@ -148,10 +148,6 @@ def _hf_model_name(cfg: Config, hf_config: Any, tokenizer: Any, out: str) -> str
 def export_open_clip(checkpoint: str, out: str) -> dict:
     """Write ``open_clip_config.json``, ``open_clip_model.safetensors``, the text tower's ``config.json`` and the
     tokenizer into ``out``; returns the written config (with what was left behind under ``unimlip``)."""
-    from safetensors.torch import save_file
-
-    from unimlip_train.engine.checkpoint import load_for_eval
-
     model, cfg, tokenizer = load_for_eval(checkpoint)
     hf_config = model.text_tower.model.config
     _check_config(cfg, hf_config)

@@ -7,6 +7,9 @@ writer skips it, counts it, and records why in ``errors.jsonl``.
 
 A row is one image, or (``--group-views study``) one study: ``views`` then lists its images in a stable order,
 ``image`` being the first one's path.
+
+Here, in the floor both sides stand on, because training applies the same view rules (``is_frontal``: the
+loader's frontal-view choice) to the samples the writer made from these rows.
 """
 from __future__ import annotations
 
