@@ -95,7 +95,7 @@ def test_jpeg_decoded_at_reduced_scale_and_resized_once():
         assert fast.shape == reference.shape and np.abs(fast - reference).max() <= 1
     bmp = io.BytesIO()
     Image.fromarray(arr[:50, :50]).save(bmp, "BMP")
-    with pytest.raises(Exception, match="cannot identify"):  # only JPEG and PNG decoders are ever used
+    with pytest.raises(ValueError, match="neither a readable JPEG nor PNG"):  # only those decoders are used
         decode_image(bmp.getvalue(), in_chans=1, target=32)
 
 

@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+from unimlip_train.format.limits import DEFAULT_MAX_IMAGE_PIXELS
+
 # ----------------------------------------------------------------------------------------------------
 # Choices (each written once; ``typing.get_args`` lists them)
 # ----------------------------------------------------------------------------------------------------
@@ -102,6 +104,8 @@ class DataConfig:
     mlm_probability: float = 0.15  # fraction of report tokens masked for the mlm term
     view: View = "random"  # which image of a multi-view (study) sample
     max_skip_fraction: float = 0.01  # corrupt samples skipped / samples read, above which training stops
+    # images above this many pixels are skipped before decoding (0: no limit); 40 MP is above any radiograph
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     # Per-channel normalisation. Empty: CLIP's constants for a random-init image tower; with
     # model.image.pretrained, the timm pretrained config of those weights (filled in when the config loads).
     mean: list = field(default_factory=list)

@@ -34,6 +34,7 @@ _RANGES = {
     "data.shuffle_buffer": (0, None, True, True),
     "data.samples_per_epoch": (0, None, True, True),
     "data.max_skip_fraction": (0.0, 1.0, True, True),
+    "data.max_image_pixels": (0, None, True, True),
     "model.init_temperature": (0.0, None, False, True),
 }
 _POSITIVE = ("train.steps", "train.micro_batch_size", "train.grad_accum", "train.log_every",

@@ -6,16 +6,21 @@ images of one study) decodes only the images ``data.view`` picks, seeded by (see
 ``random`` one of them, ``frontal`` one of its PA/AP images (any when it has none), ``pair`` one for ``image``
 and a different one of the same study for ``image_view2`` (when the image SSL term is on; the augmented copy of
 the same image when the study has one image). Evaluation reads the first frontal image (else the first).
-A sample that cannot be decoded is skipped and counted (``skips.py``).
+A sample that cannot be decoded is skipped and counted (``skips.py``), as is the placeholder of a sample its
+shard lacks (``raw.MISSING``). The json member is parsed within a size and depth limit and every image's size is
+read from its header before it is decoded (``data.max_image_pixels``), so a hostile or broken shard costs a
+skipped sample, never a stalled worker (``unimlip_train.format.limits``).
 """
 from __future__ import annotations
 
-import json
 import random
 from typing import Iterator
 
+from unimlip_train.config.schema import DataConfig
+from unimlip_train.data.raw import MISSING
 from unimlip_train.data.skips import SkipCounter
 from unimlip_train.data.transforms import decode_image
+from unimlip_train.format.limits import parse_json_member
 from unimlip_train.format.rows import is_frontal
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png")
@@ -54,30 +59,36 @@ def eval_view(positions: list) -> list:
     return [next((i for i, p in enumerate(positions) if is_frontal(p)), 0)]
 
 
-def decode_sample(raw: dict, in_chans: int, target: int, pick=None) -> dict:
+def decode_sample(raw: dict, in_chans: int, target: int, pick=None, max_pixels: int = 0) -> dict:
     """Images, report and metadata from a raw sample; raises ValueError on anything unusable.
 
     ``pick(raw, view positions)`` gives the indices of the images to decode (default: the first); they come
-    back in ``images``, in that order.
+    back in ``images``, in that order. An image above ``max_pixels`` (0: no limit) is refused from its header.
     """
     if "txt" not in raw:
         raise ValueError(f"sample {raw.get('__key__')!r} has no report (txt)")
-    meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}
+    meta = parse_json_member(raw["json"]) if "json" in raw else {}
     if not isinstance(meta, dict):
         raise ValueError(f"sample {raw.get('__key__')!r}: json member is not an object")
     members, positions = image_members(raw, meta)
     chosen = pick(raw, positions) if pick is not None else [0]
     return {"key": raw["__key__"], "origin": (raw.get("__source__"), raw.get("__draw__")),
-            "images": [decode_image(raw[members[i]], in_chans, target) for i in chosen],
+            "images": [decode_image(raw[members[i]], in_chans, target, max_pixels) for i in chosen],
             "text": raw["txt"].decode("utf-8"), "meta": meta}
 
 
-def decoded(raws: Iterator[dict], handler: SkipCounter, in_chans: int, target: int, counter: dict,
+def decoded(raws: Iterator[dict], handler: SkipCounter, data: DataConfig, counter: dict,
             pick=None) -> Iterator[dict]:
-    """Decode, counting raw samples pulled (the resume position) and skipping the undecodable."""
+    """Decode, counting raw samples pulled (the resume position) and every sample read or lost (``handler``),
+    skipping the undecodable and the placeholders of missing samples."""
     for raw in raws:
         counter["raw"] += 1
+        handler.read()
+        shard = raw.get("__url__", "?")
+        if raw.get(MISSING):
+            handler.missing(shard)
+            continue
         try:
-            yield decode_sample(raw, in_chans, target, pick)
+            yield decode_sample(raw, data.in_chans, data.image_size, pick, data.max_image_pixels)
         except Exception as exn:  # noqa: BLE001 - any decoder error means a corrupt sample: skip it
-            handler.skip(raw.get("__url__", "?"), ValueError(f"{raw.get('__key__')!r} in {raw.get('__url__')}: {exn!r}"))
+            handler.skip(shard, raw.get("__key__", "?"), exn)

@@ -49,11 +49,10 @@ class _EvalUnits(IterableDataset):
         info = get_worker_info()
         unit = self.rank * self.workers + (info.id if info else 0)
         handler = SkipCounter()
-        d = self.cfg.data
         pipeline = wds.DataPipeline(
             lambda: self._raws(unit, handler),
             lambda raws: (r for r in raws if self.keys is None or r["__key__"] in self.keys),  # before decoding
-            lambda raws: decoded(raws, handler, d.in_chans, d.image_size, {"raw": 0}, lambda _, v: eval_view(v)),
+            lambda raws: decoded(raws, handler, self.cfg.data, {"raw": 0}, lambda _, v: eval_view(v)),
             lambda samples: (self._prepare(s) for s in samples),
             lambda samples: collated_batches(samples, self.batch_size, self.collate.eval, partial=True),
         )

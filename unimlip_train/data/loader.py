@@ -120,8 +120,7 @@ class _TrainUnits(IterableDataset):
         pipeline = wds.DataPipeline(
             lambda: self._mixed(epoch, unit, cursor["bufsize"], handler),
             lambda raws: _after_replay(raws, cursor["raw"], handler),
-            lambda raws: decoded(raws, handler, self.cfg.data.in_chans, self.cfg.data.image_size, counter,
-                                 self._pick(epoch)),
+            lambda raws: decoded(raws, handler, self.cfg.data, counter, self._pick(epoch)),
             lambda samples: itertools.islice(samples, left),
             lambda samples: (self._prepare(s, epoch) for s in samples),
             lambda samples: collated_batches(samples, mb, self.collate.train, partial=False),

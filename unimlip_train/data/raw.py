@@ -4,6 +4,9 @@ A unit's window of one source is buffer-shuffled (seeded by (seed, epoch, source
 the samples after it: the top-up that keeps a worker whose samples were corrupt from running dry. Each sample
 is tagged with its source and its pass / resampling draw, which seed its view choice and augmentation.
 Nothing is decoded here, so a resumed stream skips what it consumed at the cost of reading the bytes only.
+A piece that ends before its index count (a truncated or garbled tar) yields one placeholder per missing
+sample (``MISSING``), which travels like a sample and is counted as skipped where every other loss is counted,
+by the decoder (``skips.py``).
 """
 from __future__ import annotations
 
@@ -16,20 +19,24 @@ from unimlip_train.data.plan import epoch_pieces, resampled_pieces, stable_seed
 from unimlip_train.data.shards import ShardSource, iter_raw_samples
 from unimlip_train.data.skips import SkipCounter
 
+#: Marks the placeholder of a sample its shard's index promised but its tar did not yield.
+MISSING = "__missing__"
+
 
 def raw_samples(pieces: Iterator[tuple], handler: SkipCounter, n_shards: int) -> Iterator[dict]:
     """Raw samples of each piece, tagged with the piece's pass/draw: a sample read twice in one epoch
     (a source repeated by its weight, a shard resampled) gets different augmentation each time. A piece that
-    ends early is counted short by what it lacked."""
+    ends early is followed by one ``MISSING`` placeholder per sample it lacked."""
     barren = 0
     for url, first, stop, draw in pieces:
         got = 0
         for sample in itertools.islice(iter_raw_samples(url, handler), first, stop):
             got += 1
-            handler.pulled()
             sample["__draw__"] = draw
             yield sample
         handler.short(url, stop - first - got)
+        for position in range(first + got, stop):
+            yield {"__key__": f"{MISSING}{position}", "__url__": url, "__draw__": draw, MISSING: True}
         barren = 0 if got else barren + 1
         if barren > 2 * n_shards:
             raise RuntimeError(f"no readable samples in {2 * n_shards} shards in a row (last: {url})")

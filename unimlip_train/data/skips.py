@@ -1,9 +1,13 @@
-"""Skip accounting: corrupt samples are skipped, logged, and counted per shard with the samples read.
+"""Skip accounting: every sample a stream loses is counted once, per shard, at one point of the pipeline.
 
-Corrupt samples or tar members are skipped, logged, and counted per shard together with the samples read
-(``SkipCounter``, ``SkipStats``), cumulatively and exactly across resumes: a resumed stream replays the raw
-samples it consumed before its checkpoint with the counter muted. ``data.max_skip_fraction`` bounds the
-fraction skipped (``SkipStats.exceeded``), over all ranks (``global_skip_stats``).
+A sample is lost when the decoder rejects it (a corrupt image, no report, a json member over its limits, an
+image above ``data.max_image_pixels``) or when its shard ends before the count its ``index.json`` promised (a
+truncated tar, a garbled tar header: ``raw.py`` stands a placeholder in for each missing sample). Both reach
+the decoder (``decode.decoded``), which counts every sample it is handed as read and every lost one as skipped:
+so at each batch a worker hands out, ``read == samples batched + skipped`` holds exactly, and the one counter
+(``SkipStats``, carried in each batch's cursor) is what the log's running totals, the summary line, TensorBoard
+and ``data.max_skip_fraction`` all read, cumulatively and exactly across resumes (a resumed stream replays the
+raw samples it consumed before its checkpoint before the decoder sees anything).
 """
 from __future__ import annotations
 
@@ -60,13 +64,11 @@ class SkipStats:
 
 
 class SkipCounter:
-    """A worker's running ``SkipStats``, over all its epochs.
+    """A worker's running ``SkipStats``, over all its epochs, and the warnings that name each loss.
 
-    Each lost sample is counted once: a sample the decoder rejects (``skip``), or a sample a shard failed to
-    yield (``short``: a truncated tar or a corrupt member left the shard short of its index count). As a
-    WebDataset handler (return True = continue) it only logs tar-level errors, whose samples the shortfall
-    counts. While a resumed stream replays the raw samples it consumed before its checkpoint (``muted``),
-    nothing is counted or logged again, so the totals continue exactly.
+    The decoder counts (``read``, ``skip``, ``missing``); the raw stage only logs (``short``, and tar-level errors
+    as a WebDataset handler: return True = continue, the samples they cost arrive as placeholders). While a
+    resumed stream replays the raw samples it consumed before its checkpoint (``muted``), nothing is logged again.
     """
 
     def __init__(self, stats: SkipStats | None = None):
@@ -75,25 +77,30 @@ class SkipCounter:
 
     def __call__(self, exn: BaseException) -> bool:
         if not self.muted:
-            log.warning("skipping corrupt tar member: %r", exn)
+            log.warning("corrupt tar data (%r): the samples it costs are counted when the shard ends short", exn)
         return True
 
-    def pulled(self) -> None:
-        if not self.muted:
-            self.stats.read += 1
+    def read(self) -> None:
+        """A sample handed to the decoder (used, or lost below)."""
+        self.stats.read += 1
 
-    def skip(self, shard: str, exn: BaseException) -> None:
+    def _lost(self, shard: str) -> None:
+        self.stats.by_shard[shard] = self.stats.by_shard.get(shard, 0) + 1
+
+    def skip(self, shard: str, key: str, exn: BaseException) -> None:
         """A sample read from ``shard`` that cannot be used."""
-        if not self.muted:
-            self.stats.by_shard[shard] = self.stats.by_shard.get(shard, 0) + 1
-            log.warning("skipping corrupt sample (%d so far in this worker): %r", self.stats.skipped, exn)
+        self._lost(shard)
+        log.warning("skipping corrupt sample %s of %s: %s: %s", key, shard, type(exn).__name__, exn)
+
+    def missing(self, shard: str) -> None:
+        """A sample ``shard``'s index promised that its tar did not yield (its shortfall was logged by ``short``)."""
+        self._lost(shard)
 
     def short(self, shard: str, missing: int) -> None:
-        """``missing`` samples the index promised that ``shard`` did not yield."""
+        """``missing`` samples the index promised that ``shard`` did not yield: logged once per read of it."""
         if not self.muted and missing > 0:
-            self.stats.by_shard[shard] = self.stats.by_shard.get(shard, 0) + missing
-            self.stats.read += missing
-            log.warning("shard %s ended %d sample(s) short of its index count (truncated or corrupt)", shard, missing)
+            log.warning("shard %s ended %d sample(s) short of its index count (truncated or corrupt tar): each is "
+                        "counted as a skipped sample", shard, missing)
 
     def state(self) -> dict:
         return asdict(self.stats)

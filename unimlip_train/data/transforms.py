@@ -17,13 +17,15 @@ RandomBrightnessContrast, GaussianBlur, GaussNoise), drawn from the generator pa
 from __future__ import annotations
 
 import io
+import warnings
 
 import cv2
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from unimlip_train.config.schema import DataConfig
+from unimlip_train.format.limits import check_pixels, header_size, jpeg_frame
 
 # CLIP's normalisation constants: the default for a random-init tower (a pretrained one brings its own, data.mean/std).
 MEAN = {1: (0.48145466,), 3: (0.48145466, 0.4578275, 0.40821073)}
@@ -46,35 +48,16 @@ AFFINE_P = 0.8
 cv2.setNumThreads(1)  # loader workers are the parallelism; OpenCV's own threads only oversubscribe them
 
 
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # JPEG start-of-frame markers (DHT, JPG, DAC are not)
 _REDUCED = {(1, False): cv2.IMREAD_GRAYSCALE, (2, False): cv2.IMREAD_REDUCED_GRAYSCALE_2,
             (4, False): cv2.IMREAD_REDUCED_GRAYSCALE_4, (8, False): cv2.IMREAD_REDUCED_GRAYSCALE_8,
             (1, True): cv2.IMREAD_COLOR, (2, True): cv2.IMREAD_REDUCED_COLOR_2,
             (4, True): cv2.IMREAD_REDUCED_COLOR_4, (8, True): cv2.IMREAD_REDUCED_COLOR_8}
 
 
-def _jpeg_frame(data: bytes):
-    """(height, width, components) from a JPEG's start-of-frame header, or None if it is not a plain JPEG."""
-    if not data.startswith(b"\xff\xd8\xff"):
-        return None
-    i = 2
-    while i + 9 < len(data) and data[i] == 0xFF:
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-        elif marker in _SOF:
-            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big"), data[i + 9]
-        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
-            i += 2
-        else:
-            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
-
-
 def _decode_jpeg(data: bytes, in_chans: int, target: int):
     """libjpeg-turbo through OpenCV at the largest DCT reduction (1/2, 1/4, 1/8) that keeps the short side at
     ``target`` or more: the entropy decoding is the same as PIL's, the rest is cheaper. None: use PIL."""
-    frame = _jpeg_frame(data)
+    frame = jpeg_frame(data)
     if frame is None or frame[2] not in (1, 3):
         return None
     h, w, components = frame
@@ -86,11 +69,14 @@ def _decode_jpeg(data: bytes, in_chans: int, target: int):
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB) if colour else arr
 
 
-def decode_image(data: bytes, in_chans: int, target: int) -> np.ndarray:
+def decode_image(data: bytes, in_chans: int, target: int, max_pixels: int = 0) -> np.ndarray:
     """Decode JPEG/PNG bytes (nothing else) to HxW (grayscale, uint8 or uint16) or HxWx3 uint8 (colour, when in_chans=3).
 
-    The short side is brought down to about ``PRERESIZE_FACTOR * target`` (never enlarged).
+    The short side is brought down to about ``PRERESIZE_FACTOR * target`` (never enlarged). An image of more
+    than ``max_pixels`` (``data.max_image_pixels``; 0: no limit) is refused from its header, before decoding.
     """
+    if max_pixels:
+        check_pixels(*image_size(data), max_pixels, "data.max_image_pixels")
     arr = _decode_jpeg(data, in_chans, target)
     if arr is None:
         arr = _decode_pil(data, in_chans, target)
@@ -103,8 +89,26 @@ def decode_image(data: bytes, in_chans: int, target: int) -> np.ndarray:
     return arr
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of JPEG/PNG bytes from their header (PIL's lazy open when the quick parse does not know
+    the layout: it too reads only the header; its own bomb warning is ours to decide, so it is silenced)."""
+    size = header_size(data)
+    if size is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:
+                    size = im.size
+            except UnidentifiedImageError:
+                raise ValueError("neither a readable JPEG nor PNG image") from None
+    return size
+
+
 def _decode_pil(data: bytes, in_chans: int, target: int) -> np.ndarray:
-    im = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))  # no other PIL plugin (EPS runs Ghostscript)
+    try:
+        im = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))  # no other PIL plugin (EPS runs Ghostscript)
+    except UnidentifiedImageError:
+        raise ValueError("neither a readable JPEG nor PNG image") from None
     keep_colour = in_chans == 3 and im.mode not in ("L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "F")
     if im.format == "JPEG":
         im.draft("RGB" if keep_colour else "L", (target, target))

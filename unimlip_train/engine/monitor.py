@@ -27,8 +27,15 @@ EXAMPLES_TAG = "val_examples"
 
 # Logged scalars that are not loss terms (kept out of the console's term list).
 _NOT_TERMS = {"loss", "temperature", "logit_scale", "logit_bias", "grad_norm", "samples_per_s",
-              "samples_per_s_per_gpu", "data_wait_frac", "skipped_steps", "skipped_samples", "samples_seen",
+              "samples_per_s_per_gpu", "data_wait_frac", "skipped_steps", "skipped_samples", "samples_read", "samples_seen",
               "gpu_mem_gib", "itm_dropped_rows"}
+
+
+def _skipped_note(scalars: dict[str, float]) -> str:
+    """The console's running total of lost samples: the counter TensorBoard, the summary and
+    data.max_skip_fraction read (every rank's, as of the batches handed out)."""
+    skipped = int(scalars.get("skipped_samples", 0))
+    return f"; {skipped} corrupt samples skipped of {int(scalars.get('samples_read', 0))} read" if skipped else ""
 
 
 def _drop_lines_from(path: str, step: int) -> None:
@@ -179,7 +186,7 @@ class Monitor:
               f"T {scalars.get('temperature', float('nan')):.4f} lr {scalars.get('lr/head', 0.0):.2e} "
               f"gnorm {scalars.get('grad_norm', float('nan')):.3f} "
               f"{scalars.get('samples_per_s', 0.0):.1f} samples/s data-wait {100 * scalars.get('data_wait_frac', 0):.0f}% "
-              f"eta {eta / 60:.1f} min", flush=True)
+              f"eta {eta / 60:.1f} min" + _skipped_note(scalars), flush=True)
 
     def log_val(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -67,6 +67,7 @@ class StepWindow:
                        data_wait_frac=min(1.0, self.wait / elapsed),
                        skipped_steps=float(state.nonfinite_total),
                        skipped_samples=float(skips.skipped),
+                       samples_read=float(skips.read),
                        samples_seen=float(state.samples_seen))
         if grad_norm is not None:
             scalars["grad_norm"] = float(grad_norm)
@@ -77,7 +78,8 @@ class StepWindow:
 
 
 def summary(status: str, state: TrainerState, stream) -> dict:
-    """Collective: the run's last record (status, the skipped steps and samples, the worst shards)."""
+    """Collective: the run's last record (status: finished, preempted or corrupt_data; the skipped steps and
+    samples, the samples read, every shard that lost samples, most first)."""
     skips = global_skip_stats(stream)
     return {"status": status, "skipped_steps": state.nonfinite_total, "skipped_samples": skips.skipped,
             "samples_read": skips.read, "skipped_by_shard": dict(skips.worst(len(skips.by_shard)))}

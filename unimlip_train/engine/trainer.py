@@ -317,6 +317,7 @@ class Trainer:
         self.window.reset()
         if message := skips.exceeded(cfg.data.max_skip_fraction):
             self.checkpoint_step(force=True)
+            self._summary("corrupt_data")
             raise CorruptDataError(f"{message}; checkpointed at step {state.step}")
 
     def _summary(self, status: str) -> None:

@@ -8,7 +8,6 @@ submodules outside their own ``forward``, which ZeRO-3's fetch hooks do not see.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from unimlip_train.data.eval_loader import build_eval_loader
 from unimlip_train.data.plan import windows
 from unimlip_train.data.shards import ShardSource, iter_raw_samples, resolve_sources
+from unimlip_train.format.limits import ContentError, parse_json_member
 
 
 @dataclass
@@ -126,8 +126,8 @@ def batch_labels(batch: dict, label_key: str) -> list[list[str]]:
 
 def _metadata(raw: dict) -> dict:
     try:
-        meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        meta = parse_json_member(raw["json"]) if "json" in raw else {}
+    except ContentError:
         return {}  # a corrupt sample: the loader skips it too
     return meta if isinstance(meta, dict) else {}
 
