@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,13 +29,21 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.fingerprint import image_fingerprint
-from data_prep.verify import iter_samples
-from unimlip_train.format.shards import report_hash
+from data_prep.verify import UnreadableShard, iter_samples
+from unimlip_train.format.limits import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ContentError,
+    check_pixels,
+    header_size,
+    parse_json_member,
+)
+from unimlip_train.format.shards import SHARD_NAME, report_hash
 
 KINDS = ("identical_images", "near_duplicate_images", "identical_reports", "shared_groups")
 DEFAULT_NEAR_THRESHOLD = 3  # resized / re-encoded copies differ by <= 2 bits; distinct real X-rays by >= 4
 EXAMPLES = 20
 _IMAGE_EXTS = ("jpg", "jpeg", "png")
+_PHASH = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass
@@ -56,42 +65,73 @@ def _image_members(meta: dict, members: dict) -> list[str]:
     return [first] if first else []
 
 
+def _stored_hashes(known: dict) -> tuple[str, str] | None:
+    """A view's stored (pixel_sha256, phash) when both are well formed (a damaged json's are recomputed)."""
+    pixels, phash = known.get("pixel_sha256"), known.get("phash")
+    if isinstance(pixels, str) and pixels and isinstance(phash, str) and _PHASH.fullmatch(phash):
+        return pixels, phash
+    return None
+
+
 def _from_members(set_name: str, split: str, key: str, members: dict) -> Sample:
-    meta = json.loads(members["json"]) if "json" in members else {}
+    """The sample's identities; ``ContentError`` (or a decoder's error) when its members are unusable."""
+    meta = parse_json_member(members["json"]) if "json" in members else {}
+    if not isinstance(meta, dict):
+        raise ContentError("json metadata is not an object")
     text = members["txt"].decode("utf-8", errors="replace") if "txt" in members else ""
-    stored = {v.get("member"): v for v in meta.get("views", []) if isinstance(v, dict)}
+    views = meta.get("views") if isinstance(meta.get("views"), list) else []
+    stored = {v.get("member"): v for v in views if isinstance(v, dict) and isinstance(v.get("member"), str)}
     images = []
     for member in _image_members(meta, members):
-        known = stored.get(member) or (meta if member in _IMAGE_EXTS else {})
-        if known.get("pixel_sha256") and known.get("phash"):
-            images.append((known["pixel_sha256"], known["phash"]))
-        else:  # a shard from before the writer stored hashes
-            fp = image_fingerprint(members[member])
-            images.append((fp["pixel_sha256"], fp["phash"]))
-    return Sample(set_name, split, key, str(meta.get("group") or key), meta.get("report_hash") or report_hash(text),
-                  images)
+        hashes = _stored_hashes(stored.get(member) or (meta if member in _IMAGE_EXTS else {}))
+        if hashes is None:  # a shard from before the writer stored hashes: decode, within the pixel limit
+            data = members[member]
+            size = header_size(data)
+            if size is None:
+                raise ContentError(f"image {member} is neither a readable PNG nor JPEG")
+            check_pixels(*size, DEFAULT_MAX_IMAGE_PIXELS, "the pixel limit")
+            fp = image_fingerprint(data)
+            hashes = fp["pixel_sha256"], fp["phash"]
+        images.append(hashes)
+    group, stored_report = meta.get("group"), meta.get("report_hash")
+    return Sample(set_name, split, key, str(group) if group else key,
+                  stored_report if isinstance(stored_report, str) and stored_report else report_hash(text), images)
 
 
-def read_shard(path: str, set_name: str, split: str) -> Iterator[Sample]:
-    """The samples of one shard (image bytes are only decoded when a sample lacks stored hashes)."""
-    for key, members in iter_samples(path):
-        yield _from_members(set_name, split, key, members)
+def read_shard(path: str, set_name: str, split: str, problems: list[str]) -> Iterator[Sample]:
+    """The samples of one shard (image bytes are only decoded when a sample lacks stored hashes). A sample that
+    cannot be read, and a tar that cannot be read on, is a line in ``problems`` naming the shard and key."""
+    name = os.path.basename(path)
+    try:
+        for key, members in iter_samples(path):
+            try:
+                yield _from_members(set_name, split, key, members)
+            except Exception as e:  # noqa: BLE001 - any damage to one sample: it is named, not audited
+                problems.append(f"{name}: {key}: not audited ({type(e).__name__}: {e})")
+    except UnreadableShard as e:
+        problems.append(f"{e}; the rest of the shard is not audited")
+    except OSError as e:  # a listed shard that is missing or cannot be opened
+        problems.append(f"{name}: not audited ({type(e).__name__}: {e})")
 
 
-def read_set(folder: str, progress: bool = False) -> list[Sample]:
-    """Every sample of a shard set (a folder with ``index.json``, or ``index.json`` itself)."""
+def read_set(folder: str, problems: list[str], progress: bool = False) -> list[Sample]:
+    """Every readable sample of a shard set (a folder with ``index.json``, or ``index.json`` itself); what cannot
+    be read is a line in ``problems``."""
     index_path = folder if folder.endswith(".json") else os.path.join(folder, "index.json")
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
         splits = index["splits"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{index_path}: not a readable shard index ({e})") from None
+        shards = [(split, s["name"]) for split, info in splits.items() for s in info.get("shards", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise ValueError(f"{index_path}: not a readable shard index ({type(e).__name__}: {e})") from None
     root, name = os.path.dirname(os.path.abspath(index_path)), os.path.normpath(folder)
     samples: list[Sample] = []
-    shards = [(split, s["name"]) for split, info in splits.items() for s in info.get("shards", [])]
     for split, shard in tqdm(shards, desc=f"reading {name}", unit="shard", disable=not progress or None, leave=False):
-        samples.extend(read_shard(os.path.join(root, shard), name, split))
+        if not isinstance(shard, str) or not SHARD_NAME.match(shard):  # a listed '../x' is never opened
+            problems.append(f"{index_path}: listed shard {shard!r} is not a shard name; not audited")
+            continue
+        samples.extend(read_shard(os.path.join(root, shard), name, split, problems))
     return samples
 
 

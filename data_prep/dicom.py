@@ -28,6 +28,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from unimlip_train.format.limits import ContentError, check_pixels
+
 _GRAY = ("MONOCHROME1", "MONOCHROME2")
 # pydicom (uncompressed YBR_FULL/_422) and the decoders (JPEG YBR_FULL_422, JPEG 2000 YBR_ICT/RCT) return RGB.
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
@@ -47,8 +49,9 @@ class DicomImage:
     view: str  # ViewPosition from the header ('' when absent)
 
 
-def read_dicom(path: str, keep_16bit: bool = False, frame: int = 0) -> DicomImage:
-    """The display-ready image of ``path`` (one frame), with the header facts the shard metadata keeps."""
+def read_dicom(path: str, keep_16bit: bool = False, frame: int = 0, max_pixels: int = 0) -> DicomImage:
+    """The display-ready image of ``path`` (one frame), with the header facts the shard metadata keeps. A frame
+    of more than ``max_pixels`` (Rows x Columns; 0: no limit) is refused before its pixel data is decoded."""
     ds = _open(path)
     interpretation = str(ds.get("PhotometricInterpretation", "")).upper()
     if interpretation not in _GRAY + _COLOUR + (_PALETTE,):
@@ -57,6 +60,10 @@ def read_dicom(path: str, keep_16bit: bool = False, frame: int = 0) -> DicomImag
     frames, bits = _header_int(path, ds, "NumberOfFrames", 1), _header_int(path, ds, "BitsStored", 8)
     if not 0 <= frame < frames:
         raise UnsupportedDicom(f"{path}: has {frames} frame(s); frame {frame} (--frame) is out of range")
+    try:
+        check_pixels(_header_int(path, ds, "Columns", 0), _header_int(path, ds, "Rows", 0), max_pixels, "--max-pixels")
+    except ContentError as e:
+        raise UnsupportedDicom(f"{path}: {e}") from None
     if frames > 1:
         ds.pixel_array_options(index=frame)
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from data_prep.dicom import UnsupportedDicom, read_dicom
 from data_prep.fingerprint import image_fingerprint
+from unimlip_train.format.limits import ContentError, check_pixels
 
 RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP")
 WINDOWS = ("auto", "minmax", "none")
@@ -48,19 +50,21 @@ def is_dicom(path: str) -> bool:
 
 
 def load_image(path: str, keep_16bit: bool, max_size: int | None = None, window: str = "auto",
-               frame: int = 0) -> tuple[np.ndarray, dict]:
+               frame: int = 0, max_pixels: int = 0) -> tuple[np.ndarray, dict]:
     """Decode any supported file to HxW (grayscale) or HxWx3 uint8, or HxW uint16 when ``keep_16bit``.
 
     Returns the array and what the shard metadata keeps about the source: ``orig_size`` [w, h], and for
     DICOM ``frames`` (the object's count), ``frame`` (the one used) and ``dicom_view`` (ViewPosition). With
     ``max_size``, JPEGs are decoded at a reduced scale (libjpeg's DCT scaling) that still leaves the long side
     >= max_size: decoding a 3000 px film to resize it to 512 px is most of the sharding time otherwise.
+    An image of more than ``max_pixels`` (``--max-pixels``; 0: no limit) is refused from its header, before
+    its pixels are decoded (a decompression bomb costs a skipped row, not the worker's memory).
     """
     if not Path(path).is_file():
         raise ImageError(f"image not found: {path}")
     if is_dicom(path):
         try:
-            dcm = read_dicom(path, keep_16bit=keep_16bit, frame=frame)
+            dcm = read_dicom(path, keep_16bit=keep_16bit, frame=frame, max_pixels=max_pixels)
         except UnsupportedDicom as e:
             raise ImageError(f"unsupported DICOM: {e}") from e
         except Exception as e:  # pydicom raises many types for damaged files
@@ -71,13 +75,19 @@ def load_image(path: str, keep_16bit: bool, max_size: int | None = None, window:
     try:
         # Only raster formats: PIL picks a plugin by content, and EPS (say, a PostScript file named .png)
         # would run Ghostscript on input that may come from elsewhere.
-        with Image.open(path, formats=RASTER_FORMATS) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # --max-pixels decides, below
+            im = Image.open(path, formats=RASTER_FORMATS)
+        with im:
             orig = [im.width, im.height]
+            check_pixels(im.width, im.height, max_pixels, "--max-pixels")
             scale = max_size / max(orig) if max_size else 1.0
             if im.format == "JPEG" and scale < 0.5:
                 im.draft(im.mode, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
             im.load()
             return _pil_to_array(im, keep_16bit, window), {"orig_size": orig}
+    except ContentError as e:
+        raise ImageError(str(e)) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"undecodable image: {type(e).__name__}: {e}") from e
 
@@ -145,9 +155,9 @@ def encode(arr: np.ndarray, jpeg_quality: int) -> tuple[str, bytes]:
 
 
 def process_image(path: str, max_size: int, jpeg_quality: int, keep_16bit: bool, window: str = "auto",
-                  frame: int = 0) -> tuple[str, bytes, dict]:
+                  frame: int = 0, max_pixels: int = 0) -> tuple[str, bytes, dict]:
     """The writer's per-image job: decode, resize, encode, fingerprint; returns (ext, bytes, metadata)."""
-    arr, info = load_image(path, keep_16bit, max_size, window, frame)
+    arr, info = load_image(path, keep_16bit, max_size, window, frame, max_pixels)
     if arr.ndim not in (2, 3) or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageError(f"unsupported image shape {arr.shape}")
     ext, data = encode(resize_long_side(arr, max_size), jpeg_quality)

@@ -21,8 +21,9 @@ TOOL_NAME = "unimlip-shard"
 
 def audit_summary(out: Path, done: dict[str, list[dict]], progress: bool) -> dict:
     """The within-set audit of the finished shards, as index.json keeps it (counts, cross-split leaks)."""
+    problems: list[str] = []  # none in shards this run has just written
     samples = [s for split, entries in done.items() for e in entries if e["name"]
-               for s in audit.read_shard(str(out / e["name"]), ".", split)]
+               for s in audit.read_shard(str(out / e["name"]), ".", split, problems)]
     result = audit.audit([samples])
     summary = {k: v for k, v in result["summary"].items() if k != "examples"}
     summary["cross_split"] = [f for f in result["findings"] if f["leak"]][:audit.EXAMPLES]

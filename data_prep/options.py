@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from data_prep.images import WINDOWS
+from unimlip_train.format.limits import DEFAULT_MAX_IMAGE_PIXELS
 from unimlip_train.format.rows import InputError
 
 
@@ -27,6 +28,7 @@ class WriterOptions:
     keep_16bit: bool = False
     window: str = "auto"
     frame: int = 0
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     workers: int = 1
     audit: bool = True
 
@@ -44,6 +46,14 @@ def parse_bytes(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500000000, 512M, 1G)")
     return int(m.group(1)) * 1024 ** "_KMGT".index(m.group(2).upper() or "_")
+
+
+def pixel_limit(text: str) -> int:
+    """``--max-pixels``: a pixel count (``40000000``, ``40M``) >= 0; 0 turns the limit off."""
+    m = re.fullmatch(r"\s*(\d+)\s*([mM]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a pixel count: {text!r} (examples: 40000000, 40M, 0 for no limit)")
+    return int(m.group(1)) * (1_000_000 if m.group(2) else 1)
 
 
 def _positive(text: str) -> int:
@@ -76,6 +86,10 @@ def add_writer_arguments(parser: argparse.ArgumentParser, val_fraction: float = 
     g.add_argument("--frame", type=int, default=0, metavar="K",
                    help="frame of multi-frame DICOM objects to use, 0-based (default 0: the first); the frame "
                         "count is kept in the metadata")
+    g.add_argument("--max-pixels", type=pixel_limit, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"skip (with the reason in errors.jsonl) an image of more than N pixels, read from its "
+                        f"header before decoding: a decompression bomb (default {DEFAULT_MAX_IMAGE_PIXELS:,}, 40M: "
+                        "above any radiograph; 0: no limit)")
     g.add_argument("--no-audit", action="store_true",
                    help="skip the duplicate / cross-split leak audit of the finished set (unimlip-shard audit)")
     g.add_argument("--workers", type=_positive, default=min(8, os.cpu_count() or 1),
@@ -94,4 +108,4 @@ def options_from_args(args: argparse.Namespace) -> WriterOptions:
     return WriterOptions(seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                          shard_size=args.shard_size, shard_bytes=args.shard_bytes, max_size=args.max_size,
                          jpeg_quality=args.jpeg_quality, keep_16bit=args.keep_16bit, window=args.window,
-                         frame=args.frame, workers=args.workers, audit=not args.no_audit)
+                         frame=args.frame, max_pixels=args.max_pixels, workers=args.workers, audit=not args.no_audit)

@@ -80,7 +80,8 @@ def row_views(row: Row) -> list[View]:
 
 def image_task(path: str, options: WriterOptions) -> tuple:
     """What one worker needs to encode one image (plain values: SLURM array slices store them as JSON)."""
-    return (path, options.max_size, options.jpeg_quality, options.keep_16bit, options.window, options.frame)
+    return (path, options.max_size, options.jpeg_quality, options.keep_16bit, options.window, options.frame,
+            options.max_pixels)
 
 
 def planned_tasks(items: list[Planned], options: WriterOptions, start: int = 0) -> tuple[list[tuple], list[tuple]]:
