@@ -6,7 +6,10 @@ default: the id), ``labels`` (a JSON list, or a string split on ``|`` or ``;``),
 ``split`` (an official split: train, val/validate, test; kept instead of the group-hash split; then every row
 needs one) and ``study`` (for ``--group-views study``); every other column is kept in the sample's metadata.
 A malformed line, a byte that is not UTF-8 or a missing column is the user's to fix (``InputError`` naming
-file and line); an empty report is only a skipped row.
+file and line); an empty report, or one longer than ``--max-report-bytes`` (default 1 MiB of UTF-8; pathology
+reports and concatenated studies do get long), is only a skipped row with its reason in errors.jsonl, from a
+CSV/TSV as from a JSONL manifest. A CSV field is read up to 16 times that limit; a longer one makes the line
+malformed.
 
 Paths: with ``--images-root``, every image path (relative or absolute, after following symlinks) must resolve
 inside that folder, else the row is skipped with the reason (``--allow-outside-root`` lifts this for a trusted
@@ -32,6 +35,10 @@ from unimlip_train.format.rows import SPLIT_NAMES, InputError, Row, View, study_
 
 REQUIRED = ("image", "text")
 _LABEL_SEP = re.compile(r"[|;]")
+DEFAULT_MAX_REPORT_BYTES = 1 << 20
+#: How far beyond --max-report-bytes a CSV field is still read, so that a long report is a skipped row
+#: rather than a malformed line.
+CSV_FIELD_FACTOR = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="study: one sample per 'study' column value, with all its images (default none)")
     parser.add_argument("--max-views", type=int, default=4, metavar="N",
                         help="with --group-views study: at most N images per study, frontal first (default 4)")
+    parser.add_argument("--max-report-bytes", type=int, default=DEFAULT_MAX_REPORT_BYTES, metavar="N",
+                        help=f"a report longer than N bytes (UTF-8) is skipped with the reason in errors.jsonl "
+                             f"(default {DEFAULT_MAX_REPORT_BYTES}, 1 MiB)")
 
 
 def parse_labels(value) -> list[str]:
@@ -65,13 +75,15 @@ def parse_labels(value) -> list[str]:
     return [part.strip() for part in _LABEL_SEP.split(text) if part.strip()]
 
 
-def _records(path: Path, required: tuple = REQUIRED) -> Iterator[tuple[int, dict]]:
-    """(line number, record) pairs with the ``required`` fields; raises InputError for structural problems."""
+def _records(path: Path, required: tuple = REQUIRED,
+             max_field_bytes: int = DEFAULT_MAX_REPORT_BYTES) -> Iterator[tuple[int, dict]]:
+    """(line number, record) pairs with the ``required`` fields; raises InputError for structural problems. A CSV
+    field may be up to ``CSV_FIELD_FACTOR * max_field_bytes`` characters (the caller skips what is too long)."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         yield from _jsonl_records(path, required)
     elif suffix in (".csv", ".tsv"):
-        yield from _csv_records(path, "\t" if suffix == ".tsv" else ",", required)
+        yield from _csv_records(path, "\t" if suffix == ".tsv" else ",", required, CSV_FIELD_FACTOR * max_field_bytes)
     else:
         raise InputError(f"{path}: unknown manifest type {suffix!r} (use .csv, .tsv or .jsonl)")
 
@@ -106,26 +118,31 @@ def _utf8_lines(path: Path, handle) -> Iterator[str]:
             raise InputError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start + 1} of the line)") from None
 
 
-def _csv_records(path: Path, delimiter: str, required: tuple) -> Iterator[tuple[int, dict]]:
-    with open(path, "rb") as f:
-        reader = csv.reader(_utf8_lines(path, f), delimiter=delimiter, strict=True)
-        try:
-            header = next(reader, None)
-            if header is None:
-                raise InputError(f"{path}: empty manifest (no header line)")
-            header = [h.strip() for h in header]
-            missing = [c for c in required if c not in header]
-            if missing:
-                raise InputError(f"{path}:1: missing required column(s) {', '.join(missing)}; header is {header}")
-            for values in reader:
-                lineno = reader.line_num
-                if not any(v.strip() for v in values):
-                    continue
-                if len(values) != len(header):
-                    raise InputError(f"{path}:{lineno}: expected {len(header)} fields, got {len(values)}")
-                yield lineno, dict(zip(header, values))
-        except csv.Error as e:
-            raise InputError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+def _csv_records(path: Path, delimiter: str, required: tuple, field_limit: int) -> Iterator[tuple[int, dict]]:
+    previous = csv.field_size_limit(max(field_limit, csv.field_size_limit()))  # process-wide: restored below
+    try:
+        with open(path, "rb") as f:
+            reader = csv.reader(_utf8_lines(path, f), delimiter=delimiter, strict=True)
+            try:
+                header = next(reader, None)
+                if header is None:
+                    raise InputError(f"{path}: empty manifest (no header line)")
+                header = [h.strip() for h in header]
+                missing = [c for c in required if c not in header]
+                if missing:
+                    raise InputError(f"{path}:1: missing required column(s) {', '.join(missing)}; header is {header}")
+                for values in reader:
+                    lineno = reader.line_num
+                    if not any(v.strip() for v in values):
+                        continue
+                    if len(values) != len(header):
+                        raise InputError(f"{path}:{lineno}: expected {len(header)} fields, got {len(values)}")
+                    yield lineno, dict(zip(header, values))
+            except csv.Error as e:
+                hint = " (raise --max-report-bytes for longer reports)" if "field larger" in str(e) else ""
+                raise InputError(f"{path}:{reader.line_num}: malformed CSV ({e}){hint}") from None
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -147,7 +164,7 @@ def _image_rows(args: argparse.Namespace, path: Path) -> Iterator[tuple[str, Row
         raise InputError(f"--images-root {root}: no such directory")
     contained = Path(os.path.realpath(root)) if args.images_root and not args.allow_outside_root else None
     count = 0
-    for lineno, record in _records(path):
+    for lineno, record in _records(path, REQUIRED, args.max_report_bytes):
         count += 1
         where = f"{path}:{lineno}"
         image = record["image"]
@@ -164,6 +181,10 @@ def _image_rows(args: argparse.Namespace, path: Path) -> Iterator[tuple[str, Row
         if contained is not None and not _inside(resolved, contained):
             skip = (f"image path {image!r} resolves outside --images-root {root} (pass --allow-outside-root for a "
                     "trusted manifest)")
+        elif len(text.encode("utf-8")) > args.max_report_bytes:
+            skip = (f"{where}: report of {len(text.encode('utf-8'))} bytes is longer than --max-report-bytes "
+                    f"{args.max_report_bytes}")
+            text = ""  # not kept in memory
         split = _split(record["split"], where) if "split" in record else ""
         study = str(record.get("study") or "").strip()
         if args.group_views == "study" and not study:
@@ -185,7 +206,7 @@ def _studies(rows: Iterator[tuple[str, Row]], max_views: int) -> Iterator[Row]:
         if len(splits) > 1:
             raise InputError(f"study {study!r}: its rows give different splits {sorted(splits)}")
         usable = [r for r in members if not r.skip]
-        outside += len(members) - len(usable)
+        outside += sum("--images-root" in r.skip for r in members)
         texts = [r.text for r in usable if r.text.strip()]
         disagreeing += len({normalise_report(t) for t in texts}) > 1
         views = study_order([View(r.image, str(r.metadata.get("view", "") or ""), r.id) for r in usable])
@@ -199,7 +220,8 @@ def _studies(rows: Iterator[tuple[str, Row]], max_views: int) -> Iterator[Row]:
                   split=first.split, skip=skip)
     if disagreeing or outside:
         print(f"manifest: {disagreeing} studies whose rows have different reports (the first one is used); "
-              f"{outside} images outside --images-root left out of their studies", file=sys.stderr)
+              f"{outside} images outside --images-root left out of their studies (other refused rows: "
+              "errors.jsonl)", file=sys.stderr)
 
 
 def iter_rows(args: argparse.Namespace) -> Iterator[Row]:
@@ -208,6 +230,8 @@ def iter_rows(args: argparse.Namespace) -> Iterator[Row]:
         raise InputError(f"--manifest {path}: no such file")
     if args.max_views < 1:
         raise InputError(f"--max-views {args.max_views}: must be >= 1")
+    if args.max_report_bytes < 1:
+        raise InputError(f"--max-report-bytes {args.max_report_bytes}: must be >= 1")
     rows = _image_rows(args, path)
     if args.group_views == "study":
         yield from _studies(rows, args.max_views)
