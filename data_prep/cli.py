@@ -1,8 +1,9 @@
 """``unimlip-shard``: shard image-report datasets into WebDataset tars, verify them, build a tokenizer.
 
 Exit status: 0 the run finished (skipped rows are listed in errors.jsonl, not failures); 2 unusable input
-(bad manifest, missing column, missing input path); 1 anything else (including an interrupted run or a full
-disk, which the same command finishes when rerun). ``audit --fail-on-leak`` exits 1 when it finds a leak.
+(bad manifest, missing column, missing input path); 1 anything else (including a run interrupted by Ctrl-C or
+SIGTERM, which prints one line, or a full disk; the same command finishes either when rerun). ``verify`` exits 1
+when it finds a problem, ``audit --fail-on-leak`` when it finds a leak or a sample it cannot read.
 """
 from __future__ import annotations
 
@@ -10,18 +11,22 @@ import argparse
 import importlib
 import json
 import shutil
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from data_prep import audit, synthetic, synthetic_vqa
-from data_prep.options import add_writer_arguments, options_from_args
+from data_prep.options import add_writer_arguments, options_from_args, pixel_limit
 from data_prep.pool import encode_results
 from data_prep.tokenizer_build import build_tokenizer
 from data_prep.verify import verify_dir
 from data_prep.writer import OutOfSpace, write_shards
+from unimlip_train.format.limits import DEFAULT_MAX_IMAGE_PIXELS
 from unimlip_train.format.rows import InputError
+from unimlip_train.format.shards import SHARD_NAME
 
 # Subcommand -> adapter module name (each module offers add_arguments(parser) and iter_rows(args)).
 # launch/sharding.py imports adapters through this mapping too.
@@ -95,31 +100,40 @@ def _run_generated(name: str, module) -> Callable[[argparse.Namespace], int]:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    problems = verify_dir(args.dir, decode=args.decode, progress=not args.no_progress)
-    for p in problems:
+    report = verify_dir(args.dir, decode=args.decode, progress=not args.no_progress, max_pixels=args.max_pixels)
+    for p in report.problems:
         print(p)
-    if problems:
-        print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
-        return 1
-    print(f"{args.dir}: OK")
-    return 0
+    summary = report.summary(args.decode)
+    if report.problems:
+        print(f"{args.dir}: {len(report.problems)} problem(s), {summary['bad_samples']} bad sample(s)", file=sys.stderr)
+    else:
+        print(f"{args.dir}: OK")
+    print(json.dumps(summary))
+    return 1 if report.problems else 0
 
 
 def _run_audit(args: argparse.Namespace) -> int:
     if args.near_threshold < 0 or args.near_threshold > 32:
         raise InputError(f"--near-threshold {args.near_threshold}: must be 0..32 bits")
+    problems: list[str] = []
     try:
-        sets = [audit.read_set(d, progress=not args.no_progress) for d in args.sets]
-        against = [audit.read_set(d, progress=not args.no_progress) for d in args.against]
+        sets = [audit.read_set(d, problems, progress=not args.no_progress) for d in args.sets]
+        against = [audit.read_set(d, problems, progress=not args.no_progress) for d in args.against]
     except ValueError as e:
         raise InputError(str(e)) from None
     result = audit.audit(sets, against, args.near_threshold)
+    result["summary"].update(not_audited=len(problems), not_audited_examples=problems[:audit.EXAMPLES])
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(finding, ensure_ascii=False) + "\n" for finding in result["findings"])
+    for problem in problems:
+        print(problem, file=sys.stderr)
     print(audit.table(result["summary"], result["findings"]))
+    if problems:
+        print(f"{len(problems)} sample(s) or shard(s) could not be read and were not audited (listed on stderr)")
     print(json.dumps(result["summary"], ensure_ascii=False))
-    return 1 if args.fail_on_leak and result["summary"]["leaks"] else 0
+    # A gate must not pass data it could not read: with --fail-on-leak, unread samples fail it too.
+    return 1 if args.fail_on_leak and (result["summary"]["leaks"] or problems) else 0
 
 
 def _run_tokenizer(args: argparse.Namespace) -> int:
@@ -152,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check shards against index.json (sizes, sha256, counts, duplicate keys)")
     p.add_argument("dir", help="shard directory (with index.json)")
     p.add_argument("--decode", action="store_true", help="also decode every image")
+    p.add_argument("--max-pixels", type=pixel_limit, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"with --decode: an image above N pixels is a bad sample, found from its header "
+                        f"(default {DEFAULT_MAX_IMAGE_PIXELS}, as training's data.max_image_pixels; 0: no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_verify)
 
@@ -163,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--near-threshold", type=int, default=audit.DEFAULT_NEAR_THRESHOLD, metavar="BITS",
                    help=f"perceptual-hash bits within which two images are near duplicates "
                         f"(default {audit.DEFAULT_NEAR_THRESHOLD})")
-    p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when any cross-split or cross-set leak exists")
+    p.add_argument("--fail-on-leak", action="store_true",
+                   help="exit 1 when any cross-split or cross-set leak exists, or any sample could not be read")
     p.add_argument("--out", default="", metavar="FILE", help="write every finding as JSON lines to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_audit)
@@ -177,12 +195,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``kill``, ``timeout``) ends the run like Ctrl-C: the worker pool is terminated, the
+    shard being written is removed, the finished ones stay journalled."""
+
+
+def _interrupt(signum: int, _frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _interrupted(args: argparse.Namespace, e: KeyboardInterrupt) -> str:
+    """The one line an interrupted run prints: what is kept, and how to finish."""
+    how = f"by {e.args[0]}" if isinstance(e, Interrupted) else "by Ctrl-C"
+    out = getattr(args, "out", None)
+    if not out or args.command == "tokenizer":
+        return f"unimlip-shard: interrupted {how}"
+    kept = sum(1 for p in Path(out).glob("*.tar") if SHARD_NAME.match(p.name)) if Path(out).is_dir() else 0
+    return (f"unimlip-shard: interrupted {how}; {kept} finished shard(s) kept in {out} (none half-written): "
+            "rerun the same command to finish")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2)
         return int(e.code or 0)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         return args.func(args)
     except InputError as e:
@@ -191,13 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     except OutOfSpace as e:
         print(f"unimlip-shard: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("unimlip-shard: interrupted; rerun the same command to finish the missing shards", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(_interrupted(args, e), file=sys.stderr)
         return 1
     except Exception as e:
         traceback.print_exc()
         print(f"unimlip-shard: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
