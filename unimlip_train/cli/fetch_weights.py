@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from unimlip_train.cli.args import parse_with_overrides
+
 EPILOG = """example:
   unimlip-fetch-weights configs/vitb16_biomedbert.yaml --out /shared/models/vitb16_biomedbert
   unimlip-train --config configs/vitb16_biomedbert.yaml ... <the overrides it printed>"""
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="training config (YAML) naming the pretrained towers")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for image/ and text/ (created)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, as for unimlip-train")
-    args = p.parse_args(argv)
+    args = parse_with_overrides(p, argv)  # overrides anywhere on the line, as for unimlip-train
     from unimlip_train.config.load import load_config
     from unimlip_train.config.origins import ConfigError
     from unimlip_train.models.pretrained import HUB, resolve_towers

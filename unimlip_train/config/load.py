@@ -164,7 +164,8 @@ def _build(cls: type, data: dict, prefix: str, origins: Optional[Origins], defau
     for key, value in data.items():
         dotted = prefix + str(key)
         origin = (origins or {}).get(dotted, default_origin)
-        if key not in names:
+        if key not in names:  # the override 'trian.steps=5' set 'trian.steps': the command line set 'trian'
+            origin = (origins.set_within(dotted) if origins else None) or origin
             known = ", ".join(sorted(names))
             raise ConfigError(f"{origin}: unknown key '{dotted}' (known keys here: {known})")
         kwargs[key] = _coerce(value, hints[key], dotted, origin, origins)

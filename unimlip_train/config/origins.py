@@ -20,6 +20,13 @@ class Origins(dict):
             key = key.rpartition(".")[0]
         return default
 
+    def set_within(self, key: str):
+        """The origin of ``key`` or, when only keys below it were set, of the first of those; None when nothing
+        at or below ``key`` was set."""
+        if dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        return next((origin for k, origin in self.items() if k.startswith(key + ".")), None)
+
     def is_set(self, key: str) -> bool:
         """Whether a file or an override set exactly this key (not a parent mapping of it)."""
         return dict.__contains__(self, key)

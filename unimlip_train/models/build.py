@@ -7,9 +7,11 @@ from unimlip_train.config.schema import Config
 from unimlip_train.models.unimlip import UniMlip
 
 
-def build_model(cfg: Config, tokenizer) -> UniMlip:
-    """The Uni-Mlip model for ``cfg`` (towers from ``cfg.model``, heads for the terms enabled in ``cfg.loss``)."""
-    return UniMlip(cfg, tokenizer)
+def build_model(cfg: Config, tokenizer, weights: bool = True) -> UniMlip:
+    """The Uni-Mlip model for ``cfg`` (towers from ``cfg.model``, heads for the terms enabled in ``cfg.loss``).
+    ``weights=False`` loads no pretrained weights (the towers' configs only): the parameter shapes, e.g. built
+    on the meta device to check a checkpoint before a run starts."""
+    return UniMlip(cfg, tokenizer, weights)
 
 
 class TrainStep(nn.Module):

@@ -69,18 +69,19 @@ class ImageTower(LockableTower):
 
     ``forward(x) -> (pooled B x F, tokens B x T x F)``: the model's own pooling (CLS or average) and its
     final feature map as tokens (ViT tokens as they are, CNN maps flattened) for the fusion encoder.
-    ``model.image.pretrained`` loads weights (``unimlip_train.models.pretrained``); ``model.image.lock`` freezes
-    the tower except its last ``lock_unlocked_groups`` timm layer groups (``group_matcher``, as open_clip).
+    ``model.image.pretrained`` loads weights (``unimlip_train.models.pretrained``; ``weights=False`` builds the
+    architecture only); ``model.image.lock`` freezes the tower except its last ``lock_unlocked_groups`` timm layer
+    groups (``group_matcher``, as open_clip).
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, weights: bool = True):
         super().__init__()
         icfg = cfg.model.image
         kwargs = dict(num_classes=0, in_chans=cfg.data.in_chans, **icfg.kwargs)
-        weights = image_weights(icfg.name, icfg.pretrained) if icfg.pretrained else None
-        if weights:
-            kwargs.update(weights.create_kwargs())
-        with explain_missing("model.image.pretrained", icfg.pretrained, weights.describe() if weights else ""):
+        source = image_weights(icfg.name, icfg.pretrained) if icfg.pretrained and weights else None
+        if source:
+            kwargs.update(source.create_kwargs())
+        with explain_missing("model.image.pretrained", icfg.pretrained, source.describe() if source else ""):
             try:
                 self.model = timm.create_model(icfg.name, img_size=cfg.data.image_size, **kwargs)
             except TypeError as e:  # convolutional models take any input size and have no img_size argument

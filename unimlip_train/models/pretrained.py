@@ -121,20 +121,71 @@ def explain_missing(key: str, value: str, what: str) -> Iterator[None]:
                                 f"must already be in the Hugging Face cache; {FETCH_HINT}") from None
 
 
-def load_text_model(name: str, overrides: dict):
-    """``AutoModel.from_pretrained(name, **overrides)`` with the missing-weights message of ``explain_missing``."""
-    from transformers import AutoModel
+def load_text_model(name: str, overrides: dict, weights: bool = True):
+    """``AutoModel.from_pretrained(name, **overrides)`` with the missing-weights message of ``explain_missing``;
+    ``weights=False``: the same architecture from its config alone, randomly initialised."""
+    from transformers import AutoConfig, AutoModel
 
     with explain_missing("model.text.name", name, f"the text tower {name!r}"):
-        return AutoModel.from_pretrained(os.path.expanduser(name), **overrides)
+        if weights:
+            return AutoModel.from_pretrained(os.path.expanduser(name), **overrides)
+        options = {k: v for k, v in overrides.items() if k != "attn_implementation"}
+        return AutoModel.from_config(AutoConfig.from_pretrained(os.path.expanduser(name), **options))
 
 
 
 def resolve_towers(cfg: Config, origins: Origins) -> None:
-    """Check ``model.image.name`` against timm, then fill in what ``model.image.pretrained`` brings (see
-    ``resolve_pretrained``); a ``config.Resolver``, so ``load_config`` passes the keys' origins."""
+    """Check ``model.image.name`` against timm and that the tokenizer and text tower can be found, then fill in
+    what ``model.image.pretrained`` brings (see ``resolve_pretrained``); a ``config.Resolver``, so
+    ``load_config`` passes the keys' origins."""
     check_image_name(cfg.model.image.name, origins)
+    check_text_sources(cfg, origins)
     resolve_pretrained(cfg, origins)
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a hub id (``org/model`` has a slash too): explicit (``./``, ``/``, ``~``) or existing."""
+    return name.startswith((".", os.sep, "~")) or os.path.exists(os.path.expanduser(name))
+
+
+def offline() -> bool:
+    """Whether the Hugging Face hub may not be asked (``HF_HUB_OFFLINE``): then a hub id must be cached."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether a hub repository has a snapshot in the local Hugging Face cache."""
+    from huggingface_hub import constants
+
+    snapshots = os.path.join(constants.HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"), "snapshots")
+    return os.path.isdir(snapshots) and bool(os.listdir(snapshots))
+
+
+def check_text_sources(cfg: Config, origins: Origins) -> None:
+    """A local tokenizer or text-tower folder must exist (the text tower's with its ``config.json``), so a missing
+    folder fails when the config loads (and ``--print-config``), not after the processes have started. Hub ids
+    are checked by ``offline_misses`` when a run starts."""
+    for key, value, needs in (("model.tokenizer", cfg.model.tokenizer, ""),
+                              ("model.text.name", cfg.model.text.name, "config.json")):
+        if value and looks_local(value):
+            path = os.path.expanduser(value)
+            if not os.path.isdir(path):
+                origins.fail(key, f"no folder {path}")
+            if needs and not os.path.isfile(os.path.join(path, needs)):
+                origins.fail(key, f"{path} has no {needs}: not a Hugging Face model folder")
+
+
+def offline_misses(cfg: Config) -> list[str]:
+    """With ``HF_HUB_OFFLINE`` set, one line per hub id the run needs that is not in the Hugging Face cache (the
+    tokenizer, the text tower, timm's image weights), naming the key; [] otherwise. For the start of a run: the
+    config itself stays loadable anywhere (``--print-config``, ``unimlip-fetch-weights`` on a connected machine)."""
+    if not offline():
+        return []
+    wanted = [("model.tokenizer", cfg.model.tokenizer), ("model.text.name", cfg.model.text.name)]
+    if cfg.model.image.pretrained == HUB:
+        wanted.append(("model.image.pretrained", image_weights(cfg.model.image.name, HUB).pretrained_cfg.get("hf_hub_id")))
+    return [f"{key}: {value!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {FETCH_HINT}"
+            for key, value in wanted if value and not looks_local(value) and not in_hub_cache(value)]
 
 
 def check_image_name(name: str, origins: Origins) -> None:
@@ -155,15 +206,15 @@ def resolve_pretrained(cfg: Config, origins: Origins) -> None:
     """A pretrained image tower brings its normalisation and input size (timm's pretrained config of its weights):
     they fill ``data.mean`` / ``data.std`` when empty and ``data.image_size`` when no file or override sets it, so
     config.yaml records what training used and evaluation reuses it. A missing local weights file fails here,
-    before any process starts."""
+    before any process starts, whether or not mean and size are set."""
     icfg, d = cfg.model.image, cfg.data
-    size_set = origins.is_set("data.image_size")
-    if not icfg.pretrained or (d.mean and size_set):
+    if not icfg.pretrained:
         return
     try:
         mean, std, size = image_input_config(icfg.name, icfg.pretrained, d.in_chans)
     except (OSError, ValueError) as e:  # the message names the key and what to download
         raise ConfigError(f"{origins.get('model.image.pretrained', 'defaults')}: {e}") from None
+    size_set = origins.is_set("data.image_size")
     if not d.mean:
         d.mean, d.std = mean, std
     if not size_set:

@@ -25,14 +25,14 @@ class TextTower(LockableTower):
     ``lock_unlocked_groups`` layers (open_clip's ``lock_text_unlocked_layers``).
     """
 
-    def __init__(self, cfg: Config, tokenizer):
+    def __init__(self, cfg: Config, tokenizer, weights: bool = True):
         super().__init__()
         tcfg = cfg.model.text
         # model.text.dropout in every layer (BERT-family names); an explicit model.text.config entry wins.
         options = {"hidden_dropout_prob": tcfg.dropout, "attention_probs_dropout_prob": tcfg.dropout, **tcfg.config}
         options.setdefault("attn_implementation", "sdpa")  # fused attention kernels (flash / memory-efficient)
         if tcfg.name:
-            self.model = load_text_model(tcfg.name, options)
+            self.model = load_text_model(tcfg.name, options, weights)
         else:
             config = BertConfig(**{**options, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id})
             self.model = BertModel(config, add_pooling_layer=False)

@@ -53,7 +53,7 @@ class UniMlip(nn.Module):
     the trainer clamps the parameter in place after every optimizer step (``clamp_logit_scale_``).
     """
 
-    def __init__(self, cfg: Config, tokenizer):
+    def __init__(self, cfg: Config, tokenizer, weights: bool = True):
         super().__init__()
         m = cfg.model
         self.terms = frozenset(cfg.loss.enabled())
@@ -61,8 +61,8 @@ class UniMlip(nn.Module):
         self.text_ssl_in_head = cfg.loss.text_ssl_space == "ssl_head"
         self.feature_dropout = m.feature_dropout
         self.log_scale_bounds = (0.0, math.log(m.max_logit_scale))
-        self.image_tower = ImageTower(cfg)
-        self.text_tower = TextTower(cfg, tokenizer)
+        self.image_tower = ImageTower(cfg, weights)
+        self.text_tower = TextTower(cfg, tokenizer, weights)
         image_dim, text_dim = self.image_tower.num_features, self.text_tower.hidden_size
         self.image_proj = projection(m.projection, image_dim, m.embed_dim)
         self.text_proj = projection(m.projection, text_dim, m.embed_dim)

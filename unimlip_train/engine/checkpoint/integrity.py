@@ -82,10 +82,10 @@ def _tags(checkpoints_dir: str) -> list[str]:
     return [name for _, name in found]
 
 
-def newest_complete(checkpoints_dir: str) -> Optional[str]:
+def newest_complete(checkpoints_dir: str, announce: bool = True) -> Optional[str]:
     """The tag ``latest`` names; if that one is gone or incomplete (it was being rewritten after a resume
     from an older tag), the complete tag with the highest step. A complete tag that is damaged (``damage``)
-    is passed over for the next older one, with a message naming it (rank 0); CheckpointError when every
+    is passed over for the next older one, with a message naming it (rank 0, ``announce``); CheckpointError when every
     complete tag is damaged, rather than silently starting over."""
     latest = latest_pointer(checkpoints_dir)
     order = ([latest] if latest else []) + [t for t in _tags(checkpoints_dir) if t != latest]
@@ -96,7 +96,7 @@ def newest_complete(checkpoints_dir: str) -> Optional[str]:
             continue
         problem = damage(path)
         if not problem:
-            if broken and du.is_main():
+            if broken and announce and du.is_main():
                 print(f"checkpoint {broken[0][0]} is damaged ({broken[0][1]}); using the newest older intact "
                       f"checkpoint {path}" + "".join(f"; also skipped {p} ({why})" for p, why in broken[1:]),
                       flush=True)
