@@ -21,17 +21,21 @@ EPILOG = """examples:
   unimlip-finetune vqa --checkpoint runs/x --data vqa_rad_shards/ --epochs 30 --out ft/vqa_rad
 
 --checkpoint takes a run dir, a checkpoint tag or an `unimlip-export` folder; --data a shard dir or index.json.
-Metrics are percentages, scored on --test-split with the epoch chosen on --val-split (carved from the
-training split by patient group when the data has no such split)."""
+Metrics are percentages, scored on --test-split with the epoch chosen on --val-split: by default the data's
+'val' split, or, when it has none (or 'val' is the test split), a part of the training split carved by
+patient group, with a message. The validation split is never the test split: naming the same split for both
+is an error (exit status 2, as for a split the data does not have)."""
 
 
-def _add_common(p: argparse.ArgumentParser, epochs: int, lr: float, batch: int, val_split: str = "val") -> None:
+def _add_common(p: argparse.ArgumentParser, epochs: int, lr: float, batch: int) -> None:
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint tag dir, or unimlip-export folder")
     p.add_argument("--data", required=True, help="shard dir or index.json")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics.json, card.json, weights)")
     p.add_argument("--train-split", default="train", help="split to fine-tune on (default: train)")
-    p.add_argument("--val-split", default=val_split,
-                   help=f"split for model selection (default: {val_split}; carved from train by group if absent)")
+    p.add_argument("--val-split", default=None,
+                   help="split for model selection, never the test split (default: val when the data has it and "
+                        "it is not the test split, else, as with '', a part of the training split carved by patient "
+                        "group)")
     p.add_argument("--test-split", default="test", help="split to score (default: test)")
     p.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
     p.add_argument("--lr", type=float, default=lr, help=f"learning rate of the pre-trained towers (default {lr:g})")

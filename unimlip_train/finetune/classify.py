@@ -18,7 +18,7 @@ import unimlip_train.eval.metrics as M
 from unimlip_train.eval.embed import meta_labels
 from unimlip_train.eval.groups import carve_groups, sample_groups
 from unimlip_train.eval.zeroshot import label_targets, normalise_name
-from unimlip_train.finetune.data import batched, has_split, items, shuffled, split_samples
+from unimlip_train.finetune.data import batched, items, shuffled, split_samples
 from unimlip_train.finetune.loop import param_groups, train_epochs
 
 VAL_FRACTION = 0.2  # of train's groups, when the data has no validation split
@@ -92,13 +92,15 @@ def run(args, model, cfg, tokenizer, device: torch.device, out: str) -> dict:
         raise ValueError(f"need at least two classes, found {classes} in split {args.train_split!r} "
                          f"(label key {args.label_key!r})")
     pool = labelled(train_all, args.label_key, classes, args.multi_label)
-    if args.val_split and has_split(args.data, args.val_split):
+    if args.val_split:
         val = labelled(split_samples(args.data, args.val_split), args.label_key, classes, args.multi_label)
         val_split, val_name = args.val_split, args.val_split
     else:
         fit_idx, val_idx = carve_groups(pool.strata, pool.groups, VAL_FRACTION, args.seed)
         pool, val = pool.take(fit_idx), pool.take(val_idx)
         val_split, val_name = args.train_split, f"{int(VAL_FRACTION * 100)}% of {args.train_split}'s groups"
+        print(f"no validation split: the epoch is chosen on {val_name} ({len(val.keys)} samples, by patient group, "
+              f"by class), never on {args.test_split}", flush=True)
     train = pool.take(sample_groups(pool.strata, pool.groups, args.fraction, args.seed))
     test = labelled(split_samples(args.data, args.test_split), args.label_key, classes, args.multi_label)
     for name, part in (("train", train), ("validation", val), ("test", test)):

@@ -21,12 +21,17 @@ def split_samples(source: str, split: str) -> list[tuple[str, dict]]:
     return [s for listed in list_samples(resolve_sources(source, split)) for s in listed]
 
 
-def has_split(source: str, split: str) -> bool:
+def split_problem(source: str, split: str) -> str:
+    """'' when ``source`` has a non-empty ``split``, else why not (naming the splits it has)."""
     try:
         resolve_sources(source, split)
-    except ValueError:
-        return False
-    return True
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def has_split(source: str, split: str) -> bool:
+    return not split_problem(source, split)
 
 
 def items(cfg, source: str, split: str, tokenizer, keys: frozenset,

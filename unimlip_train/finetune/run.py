@@ -2,7 +2,8 @@
 the checkpoint, fine-tune and score (``classify`` or ``vqa``), then write ``metrics.json`` and ``card.json`` into
 ``--out`` and print the table and, as the last stdout line, the metrics JSON with its card.
 
-Unusable arguments or inputs end it with ``SystemExit`` and a one-line message, as the command does.
+Unusable arguments or splits end it with exit status 2 and a one-line message, before the checkpoint loads;
+other unusable inputs with ``SystemExit`` (status 1) and a one-line message.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import torch
 
@@ -17,6 +19,7 @@ import unimlip_train.finetune.classify as classify
 import unimlip_train.finetune.vqa as vqa
 from unimlip_train.eval.card import build_card, data_identity, write_card
 from unimlip_train.export import load_for_eval
+from unimlip_train.finetune.data import has_split, split_problem
 
 
 def _fmt(v) -> str:
@@ -42,10 +45,35 @@ def _check(args) -> None:
         raise ValueError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
 
 
+def _check_splits(args) -> None:
+    """The train and test splits exist; the validation split is another split the data has, or, not named,
+    the data's 'val' unless that is the test split (``args.val_split`` '' then, as when given '': carved from
+    train by group)."""
+    for flag, split in (("--train-split", args.train_split), ("--test-split", args.test_split)):
+        if problem := split_problem(args.data, split):
+            raise ValueError(f"{flag} {split}: {problem}")
+    if args.val_split is None:
+        args.val_split = "val" if "val" not in (args.train_split, args.test_split) and has_split(args.data, "val") else ""
+    elif args.val_split == "":  # asked for: carved from train
+        return
+    elif args.val_split in (args.test_split, args.train_split):
+        which = "test" if args.val_split == args.test_split else "training"
+        raise ValueError(f"--val-split {args.val_split} is also the {which} split: the epoch would be chosen on the "
+                         f"{which} data; name another split, or leave --val-split out to carve one from "
+                         f"{args.train_split} by patient group")
+    elif problem := split_problem(args.data, args.val_split):
+        raise ValueError(f"--val-split {args.val_split}: {problem}; leave it out to carve one from {args.train_split}")
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     """``unimlip-finetune COMMAND`` for its parsed arguments (``unimlip_train.cli.finetune.build_parser``)."""
     try:
         _check(args)
+        _check_splits(args)
+    except ValueError as e:
+        print(f"unimlip-finetune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    try:
         model, cfg, tokenizer = load_for_eval(args.checkpoint)
     except (OSError, ValueError) as e:
         raise SystemExit(f"unimlip-finetune {args.command}: {e}") from None

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from unimlip_train.eval.groups import carve_groups
-from unimlip_train.finetune.data import batched, has_split, items, shuffled, split_samples
+from unimlip_train.finetune.data import batched, items, shuffled, split_samples
 from unimlip_train.finetune.loop import param_groups, train_epochs
 from unimlip_train.models.fusion import FusionEncoder
 
@@ -84,13 +84,15 @@ def run(args, model, cfg, tokenizer, device: torch.device, out: str) -> dict:
     """Fine-tune, select on validation, test; writes ``model.safetensors``, ``answers.json`` and the test
     ``predictions.jsonl`` into ``out``."""
     train_samples = split_samples(args.data, args.train_split)
-    if args.val_split and has_split(args.data, args.val_split):
+    if args.val_split:
         val_samples, val_split, val_name = split_samples(args.data, args.val_split), args.val_split, args.val_split
     else:  # whole images (their groups) held out from train
         groups = [str(m.get("group") or k) for k, m in train_samples]
         fit, held = carve_groups([0] * len(groups), groups, VAL_FRACTION, args.seed)
         train_samples, val_samples = [train_samples[i] for i in fit], [train_samples[i] for i in held]
         val_split, val_name = args.train_split, f"{int(VAL_FRACTION * 100)}% of {args.train_split}'s images"
+        print(f"no validation split: the epoch is chosen on {val_name} ({len(val_samples)} images, by group), "
+              f"never on {args.test_split}", flush=True)
     train_q, val_q = questions_of(train_samples), questions_of(val_samples)
     test_q = questions_of(split_samples(args.data, args.test_split))
     answers = sorted({normalise(q["answer"]) for q in train_q})
