@@ -2,7 +2,9 @@
 
 Synthesize a chest-X-ray-like dataset and shard it, train the tiny Uni-Mlip with every term on in N gloo
 processes (torchrun), then evaluate image<->text retrieval on the held-out split next to chance. The last
-line printed is one JSON object (``i2t_R@1``, ``t2i_R@1``, ``chance_R@1``, ...), for scripts.
+line printed is one JSON object (``i2t_R@1``, ``t2i_R@1``, ``chance_R@1``, ...), for scripts; the printed table
+is also written to ``OUT/demo_table.json``, which ``bench/readme_demo.py`` compares with the README's table (or
+writes into it).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from pathlib import Path
 from unimlip_train.cli.args import parse_with_overrides
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+#: The table the demo prints, written into --out for bench/readme_demo.py.
+TABLE_FILE = "demo_table.json"
 
 
 def _run(cmd: list[str], what: str, check: bool = True) -> int:
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'':6s} {'R@1':>7s} {'R@5':>7s}   chance R@1")
     for d in ("i2t", "t2i"):
         print(f"  {d:6s} {metrics[f'{d}_R@1']:7.2f} {metrics[f'{d}_R@5']:7.2f}   {metrics['chance_R@1']:.2f}")
+    table = {"pairs": int(metrics["num_samples"]), "steps": args.steps, "nproc": args.nproc,
+             **{k: round(metrics[k], 4) for k in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "chance_R@1")}}
+    (out / TABLE_FILE).write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     print(f"checkpoint:  {checkpoint}")
     print(f"metrics:     {run_dir / 'metrics.jsonl'}   ({time.time() - t0:.0f} s in total)")

@@ -16,6 +16,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+from unimlip_train.distributed.quiet import OP_BUILT, drop_deprecation_noise, share_op_build, without_lines
+
 
 def _first_slurm_host(nodelist: str) -> str:
     """First host of a SLURM nodelist such as ``gpu[003-005,010],cpu1`` (no ``scontrol`` needed)."""
@@ -99,7 +101,7 @@ def _announce_op_build(local_rank: int) -> threading.Event:
         while not done.wait(1.0):
             if compiling():
                 print(f"DeepSpeed is compiling its CPU communication op ({builder.NAME}) in {folder}: about 60-90 s, "
-                      "once (again only after the venv or the ninja on PATH changes)", flush=True)
+                      "once for this venv (every command reuses it)", flush=True)
                 return
 
     threading.Thread(target=watch, name="op-build-note", daemon=True).start()
@@ -118,12 +120,15 @@ def init_distributed(backend: str = "") -> tuple[int, int, int]:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         quiet_cpu_run()
+        share_op_build()
+        drop_deprecation_noise()
         import deepspeed
 
         building = _announce_op_build(local_rank)
         try:
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                       rank=rank, world_size=world)
+            with without_lines(OP_BUILT):  # one line per rank that says nothing new
+                deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                           rank=rank, world_size=world)
         finally:
             building.set()
     return dist.get_rank(), dist.get_world_size(), local_rank

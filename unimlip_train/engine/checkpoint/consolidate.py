@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from unimlip_train.distributed.quiet import CONSOLIDATION, without_lines
 from unimlip_train.engine.checkpoint.integrity import read_state
 
 _BF16_OPTIM_FILE = "bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
@@ -54,7 +55,8 @@ def consolidated_state_dict(path: str) -> dict[str, torch.Tensor]:
         # deepspeed: heavy, imported only for a ZeRO tag (an export of a stage-0 run never loads it)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        full = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
+        with without_lines(CONSOLIDATION):  # its progress lines, four per consolidation
+            full = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
         if state.zero_stage == 1:  # ZeRO-1 records frozen (locked) parameters only in the module states
             full.update({k: v for k, v in _module_states(path).items() if k not in full})
     p = state.model_prefix

@@ -1,0 +1,85 @@
+"""The README's demo table against what ``unimlip-demo`` printed: check it, or write it in.
+
+``unimlip-demo --out DIR`` writes the table it prints to ``DIR/demo_table.json``. This script compares that file with
+the table between the README's ``<!-- demo-table -->`` markers (to the one decimal the README shows), or replaces the
+table with it, so refreshing the README after a change to the objective is one command:
+
+    python bench/readme_demo.py --check demo_out          # exit 1, both tables printed, when they differ
+    python bench/readme_demo.py --write demo_out          # put demo_out's numbers into README.md
+    python bench/readme_demo.py --run                      # run the demo into a temporary folder, then --write
+
+Training is bitwise repeatable on one machine, so on the machine that wrote the table a difference means a change
+in the code; another CPU may print other numbers (its float kernels differ), which ``--check`` reports the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+TABLE_FILE = "demo_table.json"  # unimlip_train.cli.demo.TABLE_FILE
+BLOCK = re.compile(r"(<!-- demo-table -->\n)(.*?)(<!-- /demo-table -->)", re.S)
+ROWS = (("image → text", "i2t"), ("text → image", "t2i"))
+
+
+def render(table: dict) -> str:
+    """The README's markdown table for a demo table (one decimal, as printed there)."""
+    lines = ["| | R@1 | R@5 | chance R@1 |", "|---|---|---|---|"]
+    lines += [f"| {name} | {table[f'{d}_R@1']:.1f} | {table[f'{d}_R@5']:.1f} | {table['chance_R@1']:.1f} |"
+              for name, d in ROWS]
+    return "\n".join(lines) + "\n"
+
+
+def readme_table(text: str) -> str:
+    match = BLOCK.search(text)
+    if not match:
+        raise SystemExit(f"{README}: no <!-- demo-table --> ... <!-- /demo-table --> block")
+    return match.group(2)
+
+
+def check(readme: str, table: dict) -> str:
+    """'' when the README shows ``table``, else both tables."""
+    shown, printed = readme_table(readme), render(table)
+    return "" if shown == printed else f"README.md shows:\n{shown}\nthe demo printed ({table['pairs']} pairs):\n{printed}"
+
+
+def write(readme: str, table: dict) -> str:
+    return BLOCK.sub(lambda m: m.group(1) + render(table) + m.group(3), readme, count=1)
+
+
+def load(demo_out: str) -> dict:
+    path = Path(demo_out) / TABLE_FILE
+    if not path.is_file():
+        raise SystemExit(f"{path}: missing; run `unimlip-demo --out {demo_out}` first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--check", metavar="DEMO_OUT", help="compare DEMO_OUT/demo_table.json with the README")
+    mode.add_argument("--write", metavar="DEMO_OUT", help="write DEMO_OUT/demo_table.json into the README")
+    mode.add_argument("--run", action="store_true", help="run unimlip-demo (defaults) into a temporary folder, then write")
+    args = p.parse_args(argv)
+    readme = README.read_text(encoding="utf-8")
+    if args.check:
+        difference = check(readme, load(args.check))
+        print(difference or "README.md's demo table matches what the demo printed")
+        return 1 if difference else 0
+    source = args.write
+    if args.run:
+        source = tempfile.mkdtemp(prefix="unimlip-demo-")
+        subprocess.run([sys.executable, "-m", "unimlip_train.cli.demo", "--out", source], check=True)
+    README.write_text(write(readme, load(source)), encoding="utf-8")
+    print(f"README.md's demo table written from {Path(source) / TABLE_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
