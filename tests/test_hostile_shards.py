@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from damaged_shards import bomb_png, real_shards, rewrite_shard
 
+from damaged_shards import bomb_png, real_shards, rewrite_shard
 from data_prep.cli import main as shard_main
 from unimlip_train.config.schema import Config
 from unimlip_train.data.collate import BatchNeeds

@@ -227,3 +227,37 @@ def test_real_iu_xray_text_round_trips_through_shards(tmp_path):
                 assert split_of_report.setdefault(r["uid"], split) == split  # a report's images stay together
     assert not expected
     assert any(len(r["images"]) > 1 for r in reports) and len(set(split_of_report.values())) == 2
+
+
+def test_a_long_report_is_a_skipped_row_from_csv_and_jsonl_alike(tmp_path):
+    """A report over csv's own 128 KiB field limit is sharded; one over --max-report-bytes is a skipped row with
+    its reason (CSV and JSONL the same), never a stopped run; only a field beyond 16 x the limit stops it."""
+    for i in range(3):
+        Image.new("L", (32, 32), 40 * i).save(tmp_path / f"{i}.png")
+    long_ok = "FINDINGS: " + "stable nodule. " * 14_000  # 210 KB
+    too_long = "FINDINGS: " + "stable nodule. " * 100_000  # 1.5 MB
+    rows = [{"image": "0.png", "text": long_ok}, {"image": "1.png", "text": too_long},
+            {"image": "2.png", "text": "IMPRESSION: clear."}]
+    with open(tmp_path / "m.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    common = ["--val-fraction", "0", "--workers", "1", "--no-progress", "--no-audit"]
+    for name, line in (("m.csv", 3), ("m.jsonl", 2)):
+        out = tmp_path / f"out_{name}"
+        assert main(["manifest", "--manifest", str(tmp_path / name), "--out", str(out), *common]) == 0
+        index = json.loads((out / "index.json").read_text())
+        (error,) = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+        assert index["samples"] == 2 and error["image"].endswith("1.png")
+        assert error["reason"] == (f"{tmp_path / name}:{line}: report of {len(too_long)} bytes is longer than "
+                                   "--max-report-bytes 1048576")
+        texts = [s["txt"].decode() for _, s in iter_samples(out / "train-000000.tar")]
+        assert max(map(len, texts)) > 200_000  # the long report itself, not a cut of it
+        small = tmp_path / f"small_{name}"
+        assert main(["manifest", "--manifest", str(tmp_path / name), "--out", str(small), "--max-report-bytes",
+                     "100000", *common]) == 0
+        assert json.loads((small / "index.json").read_text())["samples"] == 1
+    with pytest.raises(InputError, match=r"m\.csv:3: malformed CSV \(field larger than field limit .*raise "
+                                         r"--max-report-bytes"):
+        _rows(tmp_path / "m.csv", None, "--max-report-bytes", "50000")

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from damaged_shards import expected_skips, garble_header, garble_images, naive_loss, real_shards, shard_table, truncate
 from tensorboard.backend.event_processing import event_accumulator as ea
 
+from damaged_shards import expected_skips, garble_header, garble_images, naive_loss, real_shards, shard_table, truncate
 from unimlip_train.config.schema import Config
 from unimlip_train.data.collate import BatchNeeds
 from unimlip_train.data.eval_loader import build_eval_loader
