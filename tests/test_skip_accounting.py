@@ -133,5 +133,7 @@ def test_training_counts_one_way_everywhere(damaged, tmp_path):
               for e in range(-(-30 // spe))]
     assert summary["skipped_by_shard"] == expected_skips(table, epochs)
     logs = stopped.stderr + finished.stderr
+    # DeepSpeed's routine lines are filtered (the op build, torch's deprecation warning it triggers)
+    assert "built successfully" not in stopped.stdout + finished.stdout and "all_gather_into_tensor" not in logs
     assert re.search(r"shard \S+train-000002\.tar ended \d+ sample\(s\) short", logs)
     assert re.search(r"skipping corrupt sample \S+ of \S+train-000005\.tar: ValueError: neither a readable JPEG nor PNG", logs)
