@@ -13,6 +13,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator as ea
 
 from damaged_shards import expected_skips, garble_header, garble_images, naive_loss, real_shards, shard_table, truncate
+from data_prep.verify import verify_dir
 from unimlip_train.config.schema import Config
 from unimlip_train.data.collate import BatchNeeds
 from unimlip_train.data.eval_loader import build_eval_loader
@@ -75,6 +76,9 @@ def test_stream_counts_what_the_shards_lost(damaged):
         if n == 2 * buffered.steps_per_epoch:
             break
     assert set(stats.by_shard) == {s for s, n in loss.items() if n}
+
+    # unimlip-shard verify --decode counts the same bad samples, shard by shard.
+    assert verify_dir(shards, decode=True).bad_by_shard == {Path(s).name: n for s, n in loss.items() if n}
 
     # Evaluation reads every sample once: it keeps exactly the usable ones.
     got = [k for b in build_eval_loader(_cfg(shards, 0, 0), str(shards), tokenizer, 16, 0, 1, split="train")
