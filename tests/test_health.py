@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import tiny_overrides, tiny_shards
 from unimlip_train.engine.health.faults import Faults
 from unimlip_train.engine.health.spike import MIN_HISTORY, SpikeDetector
 
@@ -319,30 +320,12 @@ STEPS = 20
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("health_data")
-    shards, tok = root / "shards", root / "tok"
-    common = dict(check=True, capture_output=True, timeout=300)
-    subprocess.run([sys.executable, "-m", "data_prep.cli", "synthetic", "--n", "170", "--image-size", "32",
-                    "--max-size", "32", "--val-fraction", "0.1", "--shard-size", "30", "--out", str(shards),
-                    "--workers", "1", "--no-progress"], **common)
-    subprocess.run([sys.executable, "-m", "data_prep.cli", "tokenizer", "--data", str(shards), "--out", str(tok)],
-                   **common)
-    return {"index": str(shards / "index.json"), "tok": str(tok), "root": root}
+    index, tok = tiny_shards(root)
+    return {"index": index, "tok": tok, "root": root}
 
 
 def overrides(data, steps: int, **extra) -> list:
-    base = {
-        "data.train": data["index"], "data.val": "", "model.tokenizer": data["tok"], "data.image_size": 32,
-        "data.num_workers": 1, "data.shuffle_buffer": 32, "data.text.max_length": 32,
-        "model.image.name": "vit_tiny_patch16_224",
-        "model.image.kwargs": "{patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, mlp_ratio: 2.0}",
-        "model.text.config": "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
-                             "intermediate_size: 64, max_position_embeddings: 64}",
-        "model.embed_dim": 32, "model.ssl_embed_dim": 32, "model.fusion": "{layers: 1, heads: 2}",
-        "train.micro_batch_size": MB, "train.steps": steps, "train.warmup_steps": 2, "train.log_every": 1,
-        "train.checkpoint_every": 4, "train.keep_checkpoints": 2, "train.lr": 2e-3,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_overrides(data["index"], data["tok"], steps, MB, **{"data.val": "", **extra})
 
 
 def _env(**extra) -> dict:

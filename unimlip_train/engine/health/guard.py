@@ -73,6 +73,12 @@ class LossReader:
 
 
 class TrainingHealth:
+    """One per rank and training loop (``Trainer.start``); every method is cheap unless it says it is collective."""
+
+    #: sample keys held for ``rollbacks.jsonl`` at most (the oldest steps' are dropped first: a run without
+    #: periodic checkpoints would otherwise hold every key it read)
+    MAX_KEYS = 200_000
+
     def __init__(self, cfg: Config, run_dir: str, state: TrainerState, rank: int, world: int, device: torch.device,
                  on_hang: Optional[Callable[[], Optional[str]]] = None, on_fire: Optional[Callable[[], None]] = None):
         t = cfg.train
@@ -85,6 +91,7 @@ class TrainingHealth:
         self.ranks = RankTimes(rank)
         self.faults = Faults.from_env(rank)
         self.keys: dict[int, list] = {}  # step -> this rank's sample keys, since ``key_floor``
+        self.key_count = 0
         self.key_floor = -1
         self.spike: Optional[Spike] = None  # confirmed on every rank alike: the trainer rolls back
         self.abandoned: dict[int, float] = {}  # the agreed losses since the last rollback target candidate
@@ -114,7 +121,15 @@ class TrainingHealth:
         self.faults.before_batch()
 
     def saw(self, step: int, keys) -> None:
+        if self.detector is None:
+            return
         self.keys.setdefault(step, []).extend(keys)
+        self.key_count += len(keys)
+        while self.key_count > self.MAX_KEYS and len(self.keys) > 1:
+            oldest = min(self.keys)
+            self.key_count -= len(self.keys.pop(oldest))
+            self.key_floor = max(self.key_floor, oldest)
+            self.abandoned = {s: v for s, v in self.abandoned.items() if s > oldest}
 
     def add_loss(self, loss: torch.Tensor, grad_accum: int) -> None:
         if self.detector is not None:
@@ -176,8 +191,12 @@ class TrainingHealth:
         self.progress(step)
         if previous > self.key_floor:
             self.key_floor = previous
-            self.keys = {s: k for s, k in self.keys.items() if s > previous}
-            self.abandoned = {s: v for s, v in self.abandoned.items() if s > previous}
+        self._forget_up_to(self.key_floor)
+
+    def _forget_up_to(self, step: int) -> None:
+        self.keys = {s: k for s, k in self.keys.items() if s > step}
+        self.key_count = sum(len(k) for k in self.keys.values())
+        self.abandoned = {s: v for s, v in self.abandoned.items() if s > step}
 
     def keys_since(self, step: int) -> tuple[list, int]:
         """This rank's sample keys of the steps after ``step`` (in step order) and how many steps after it are not
@@ -191,6 +210,7 @@ class TrainingHealth:
         if self.detector is not None:
             self.detector.forget_pending()
         self.keys = {s: k for s, k in self.keys.items() if s <= to_step}
+        self.key_count = sum(len(k) for k in self.keys.values())
         self.abandoned = {}
         self.key_floor = min(self.key_floor, to_step)
 

@@ -86,8 +86,7 @@ class HangWatchdog:
     def start(self, step: int) -> None:
         """Collective (agrees on the launch token): arm the watchdog at ``step``, the loop's first."""
         self._launch = du.all_gather_object(uuid.uuid4().hex[:12])[0]
-        if self.rank == 0:
-            os.makedirs(self.dir, exist_ok=True)
+        if self.rank == 0 and os.path.isdir(self.dir):  # made when the watchdog first fires
             for name in os.listdir(self.dir):  # coordination files of earlier launches; their dumps stay
                 if name.startswith("."):
                     shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
