@@ -120,7 +120,7 @@ class WandbMirror:
             os.replace(id_path + ".tmp", id_path)
         self.run = wandb.init(id=run_id, resume="allow", dir=run_dir, config=run_config, **settings)
         self.run.define_metric("step")
-        for prefix in ("train", "val", "images", EXAMPLES_TAG):
+        for prefix in ("train", "val", "images", "health", EXAMPLES_TAG):
             self.run.define_metric(f"{prefix}/*", step_metric="step")
 
     def log(self, step: int, values: dict) -> None:
@@ -228,6 +228,8 @@ class Monitor:
                               f"of steps {record['first_spike_step']}.. above {record['limit']:.4g} "
                               f"({record['skipped_samples']} samples skipped)", to_step)
         self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(to_step, {"health/rollbacks": record["rollbacks"]})
 
     def log_views(self, step: int, batch: dict, max_rows: int = 8) -> None:
         """TensorBoard image ``images/augmented_views``: the first ``max_rows`` samples of a training batch,
