@@ -95,7 +95,7 @@ def worker(export_dir: str, shards: str, out_dir: str) -> None:
     import unimlip_train.cli.eval as cli
     import unimlip_train.eval.run as eval_run
     from unimlip_train.distributed.process_group import init_distributed
-    from unimlip_train.eval import embed_split
+    from unimlip_train.eval.embed import embed_split
     from unimlip_train.eval.validate import validate
     from unimlip_train.export import load_for_eval
 

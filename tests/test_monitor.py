@@ -123,7 +123,7 @@ def test_validate_with_examples_returns_rank0s_first_images(tmp_path):
     from data_prep.cli import main as shard_main
     from unimlip_train.data.eval_loader import build_eval_loader
     from unimlip_train.data.tokenizer import load_tokenizer
-    from unimlip_train.eval import embed_split
+    from unimlip_train.eval.embed import embed_split
     from unimlip_train.eval.validate import validate, validate_with_examples
     from unimlip_train.models.build import build_model
 

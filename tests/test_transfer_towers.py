@@ -105,7 +105,7 @@ def test_missing_hub_weights_offline_give_one_line_naming_the_key(tmp_path):
     line naming the key and the download, not a traceback."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     script = """
-from unimlip_train.config import load_config
+from unimlip_train.config.load import load_config
 from unimlip_train.data.tokenizer import load_tokenizer
 from unimlip_train.models.image_tower import ImageTower
 from unimlip_train.models.pretrained import resolve_towers
