@@ -556,3 +556,20 @@ def test_a_hang_ends_the_job_with_status_4_two_stack_dumps_and_the_hung_summary(
     logs = out.stdout + out.stderr
     assert logs.count("no progress for") == 2 and "ending the job (status 4)" in logs
     assert not [line for line in logs.splitlines() if 'File "' in line and "unimlip_train" in line]
+
+
+def test_a_spike_past_max_rollbacks_stops_the_run_with_status_5(data):
+    """One process, train.max_rollbacks=0: the first confirmed spike stops the run with one message, a diverged
+    summary line and exit status 5; the checkpoint written after the divergent update stays (nothing rolled back)."""
+    run_dir = data["root"] / "diverged"
+    cmd = ["unimlip-train", "--config", CONFIG, "--run-dir", str(run_dir),
+           *overrides(data, 16, **{"train.max_rollbacks": 0})]
+    out = subprocess.run(cmd, env=_env(UNIMLIP_FAULT_SPIKE="12"), capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 5, out.stdout[-3000:] + out.stderr[-3000:]
+    message = [line for line in out.stderr.splitlines() if line.startswith("unimlip-train:")]
+    assert len(message) == 1 and "0 rollbacks already (train.max_rollbacks=0)" in message[0], out.stderr[-3000:]
+    assert "steps 13-15" in message[0] and "Traceback" not in out.stderr
+    summary = records(run_dir)[-1]
+    assert summary["split"] == "summary" and summary["status"] == "diverged" and summary["rollbacks"] == 0
+    assert not [r for r in records(run_dir) if r.get("event") == "rollback"]
+    assert not (run_dir / "rollbacks.jsonl").exists()
