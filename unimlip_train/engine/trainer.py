@@ -5,16 +5,18 @@
 ``forward_backward_step``), ``log_step``, ``evaluate_step`` and ``checkpoint_step``; ``run`` strings them
 together. What they lean on lives beside this file: ``checkpoint/`` (saving, integrity, consolidation),
 ``telemetry`` (the log window and its scalars), ``validation`` (periodic evaluation through the ``validate``
-callable the trainer is given; the engine never imports ``unimlip_train.eval``), ``health`` (non-finite steps,
-corrupt data), ``optim`` (groups, schedule, clamping) and ``run`` (the one start-up sequence of a job).
+callable the trainer is given; the engine never imports ``unimlip_train.eval``), ``health/`` (non-finite steps,
+corrupt data; the hang watchdog, the loss-spike rollback, stragglers and fault injection behind the
+``self.health`` hooks), ``optim`` (groups, schedule, clamping) and ``run`` (the one start-up sequence of a job).
 
-Every decision that changes control flow (stop requested, checkpoint due, step skipped) is the same on every
-rank, so no rank ever waits in a collective the others skipped.
+Every decision that changes control flow (stop requested, checkpoint due, step skipped, rollback) is the same on
+every rank, so no rank ever waits in a collective the others skipped.
 
 No host synchronisation per micro step: the loss terms are summed on the device and read once per
 ``train.log_every``; a non-finite loss or gradient is caught by DeepSpeed's own gradient-overflow check
 (ZeRO 1-3), which skips the optimizer step on every rank. Without ZeRO (stage 0) no such check exists, and
-the trainer reads a device-side finiteness flag once per optimizer step instead.
+the trainer reads a device-side finiteness flag once per optimizer step instead. The loss-spike guard reads one
+loss per step, a step late, from pinned memory it was copied to without blocking (``health.guard``).
 """
 from __future__ import annotations
 
