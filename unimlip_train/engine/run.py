@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 import unimlip_train.distributed.process_group as du
 from unimlip_train.config.schema import Config
 from unimlip_train.engine.checkpoint import resolve_checkpoint
-from unimlip_train.engine.health.parent import LauncherWatch
+from unimlip_train.engine.health.parent import LauncherWatch, following
 from unimlip_train.engine.health.watchdog import collective_timeout_s
 from unimlip_train.engine.preemption import PreemptionFlag
 from unimlip_train.engine.run_lock import RunLock, check_free
@@ -37,7 +37,7 @@ def run_training(cfg: Config, run_dir: str, resume: str = "auto", stop_requested
     launch; returns 'finished', or 'preempted' after a collective checkpoint once ``stop_requested()`` became
     true on any rank. ``listen``: the signals ``stop_requested`` installs itself for after the checks (a caller
     that must replace another handler early installs it itself). ``validate``, ``on_hang``: see ``Trainer``."""
-    LauncherWatch.start_if_launched(du.env_rank())
+    watch = LauncherWatch.start_if_launched(du.env_rank())
     try:
         check_free(run_dir)
         if resume not in ("auto", "none"):
@@ -47,5 +47,6 @@ def run_training(cfg: Config, run_dir: str, resume: str = "auto", stop_requested
     if listen:
         stop_requested.install(*listen)
     du.init_distributed(cfg.deepspeed.backend, collective_timeout_s(cfg.train.hang_timeout_s))
-    with RunLock.acquire(run_dir):  # a requeued run of the same SLURM job takes its own earlier lock over
+    # a requeued run of the same SLURM job takes its own earlier lock over
+    with RunLock.acquire(run_dir), following(watch):
         return train(cfg, run_dir, resume=resume, stop_requested=stop_requested, validate=validate, on_hang=on_hang)

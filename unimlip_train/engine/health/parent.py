@@ -24,12 +24,13 @@ controller): a bare ``unimlip-train`` under ``nohup`` keeps running when its she
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 #: The exit status of a rank whose launcher is gone (128 + SIGHUP: the conventional status of a process whose
 #: controlling parent went away).
@@ -127,7 +128,27 @@ class LauncherWatch:
     def _run(self) -> None:
         while (launcher := self.gone()) is None:
             time.sleep(POLL_S)
+        self._leave(launcher)
+
+    def _leave(self, launcher: Launcher) -> None:
         print(f"unimlip-train rank {self.rank}: its launcher ({launcher.what}, PID {launcher.pid}) is gone; exiting "
               f"now (status {LAUNCHER_GONE}) without a checkpoint: rerun to resume from the latest complete one",
               file=sys.stderr, flush=True)
         os._exit(LAUNCHER_GONE)
+
+    @contextlib.contextmanager
+    def following(self) -> Iterator[None]:
+        """Around the training: an exception while the launcher is gone is that death seen first through a
+        peer (one that followed its launcher a moment earlier breaks this rank's collective), so this rank
+        leaves the same way, before any cleanup (the run lock stays for its next owner to take over)."""
+        try:
+            yield
+        except BaseException:
+            if (launcher := self.gone()) is not None:
+                self._leave(launcher)
+            raise
+
+
+def following(watch: Optional[LauncherWatch]) -> contextlib.AbstractContextManager:
+    """``watch.following()``, or nothing when this rank has no launcher to follow."""
+    return watch.following() if watch is not None else contextlib.nullcontext()
