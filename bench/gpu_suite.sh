@@ -9,7 +9,8 @@
 #   3. throughput (bench/gpu_throughput.py): open_clip's ViT-B-16 step, CLIP-only and full Uni-Mlip through the
 #      engine, the full step fed by the real loader, then both compiled; one JSON line per case and a `goals`
 #      line in OUT/gpu_suite.jsonl;
-#   4. with 2+ GPUs, the synchronous against the functional autograd all-gather (bench/gather_bench.py).
+#   4. with 2+ GPUs, the synchronous against the functional autograd all-gather (bench/gather_bench.py);
+#   5. the loss-spike guard's per-step cost against the same loop without it (bench/health_overhead.py).
 # Everything goes to OUT (default $OUT, else bench/results/latest): gpu_suite.log, gpu_suite.jsonl,
 # gpu_tests.xml. Exits non-zero when a step failed.
 #
@@ -149,6 +150,10 @@ else
   line="{\"case\": \"gather\", \"skipped\": \"needs 2 or more GPUs, found $gpus\"}"
   echo "$line"; echo "$line" >> "$out/gpu_suite.jsonl"
 fi
+
+# ------------------------------------------------------------------------------------ 5. spike-guard cost
+echo "== 5. the loss-spike guard's per-step cost ($(elapsed) s)"
+"$py" bench/health_overhead.py "${smoke_flag[@]}" --out "$out" || failed+=("health overhead")
 
 # -------------------------------------------------------------------------------------------- summary
 echo "== done in $(elapsed) s; results: $out/gpu_suite.jsonl"

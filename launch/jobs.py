@@ -14,6 +14,10 @@ Training and preemption, step by step:
 the job checkpoints at the next step if SLURM's grace period (``KillWait`` / ``GraceTime``) allows, then exits
 without a result and *without* requeueing itself, since SLURM decides whether this job comes back. The
 rerun resumes from that checkpoint, or from the last periodic one if the grace period ran out.
+
+A hung job (``train.hang_timeout_s`` without progress; ``unimlip_train.engine.health.watchdog``) is requeued like a
+preempted one, counted against ``--max-requeues``: the rank that writes the ``hung`` summary line runs
+``scontrol requeue`` before every rank exits with status 4; past the limit it is not requeued and the job fails.
 """
 from __future__ import annotations
 
@@ -79,7 +83,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         cfg = config_from_dict(self.config, source=os.path.join(self.run_dir, "config.yaml"))
         # Another live job on this run dir fails now, on every task, before the rendezvous; a requeued run of
         # this job takes its own earlier lock over.
-        result = run_training(cfg, self.run_dir, resume="auto", stop_requested=flag, validate=validate_with_examples)
+        result = run_training(cfg, self.run_dir, resume="auto", stop_requested=flag, validate=validate_with_examples,
+                              on_hang=self._requeue_hung)
         if result.status != "preempted":
             _shutdown_process_group()
             return result
@@ -102,19 +107,38 @@ class TrainJob(submitit.helpers.Checkpointable):
                 f"preempted at step {step} after {requeue_count()} requeues (--max-requeues {self.max_requeues}); "
                 f"the checkpoint is in {self.run_dir}: resubmit to continue")
         if rank == 0:
-            # The requeue makes SLURM send SIGTERM to every process of the job, scontrol included; with the
-            # signal blocked (the mask is inherited) scontrol still exits cleanly, and ours arrives after.
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-            try:
-                done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=120)
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            done = _scontrol_requeue(job_id)
             if done.returncode != 0:
                 _shutdown_process_group()
                 raise RuntimeError(f"scontrol requeue {job_id} failed ({done.returncode}): {done.stderr.strip()}; "
                                    f"the checkpoint at step {step} is in {self.run_dir}: resubmit to continue")
             print(f"unimlip job: requeued {job_id} (requeue {requeue_count() + 1} of at most {self.max_requeues})",
                   flush=True)
+
+    def _requeue_hung(self) -> str:
+        """The hang watchdog's last act (on the rank that writes the ``hung`` line, in the watchdog's thread):
+        requeue the job like a preempted one, within ``max_requeues``; returns what it did, for that line."""
+        job_id = _slurm_job_id()
+        if job_id is None:
+            return "not under SLURM: rerun to resume"
+        if requeue_count() >= self.max_requeues:
+            return (f"not requeued: {requeue_count()} requeues already (--max-requeues {self.max_requeues}); "
+                    f"the job fails, resubmit to resume from {self.run_dir}")
+        done = _scontrol_requeue(job_id)
+        if done.returncode != 0:
+            return f"scontrol requeue {job_id} failed ({done.returncode}): {done.stderr.strip()}"
+        return f"requeued {job_id} (requeue {requeue_count() + 1} of at most {self.max_requeues})"
+
+
+def _scontrol_requeue(job_id: str) -> subprocess.CompletedProcess:
+    """The requeue makes SLURM send SIGTERM to every process of the job, scontrol included; with the signal
+    blocked in the calling thread (a child inherits its mask) scontrol still exits cleanly, and ours arrives
+    after (in the main thread, which the stop flag handles)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=120)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 class AblationJob(TrainJob):

@@ -1,5 +1,6 @@
 """Test environment: offline, CPU DeepSpeed, one thread per process."""
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -65,3 +66,35 @@ def naive_recall_at_1(image, text, reports: list) -> tuple:
         return 100.0 * good / n
 
     return hits(lambda q, c: sims[q][c]), hits(lambda q, c: sims[c][q])
+
+
+def tiny_overrides(index: str, tokenizer: str, steps: int, micro_batch: int, **extra) -> list:
+    """``key=value`` overrides of configs/tiny_cpu.yaml for the multi-process tests: a ViT and a BERT a few
+    thousand parameters big at 32 px over ``index`` with the tokenizer in ``tokenizer``, a metrics line every
+    step, a checkpoint every 4 (the last 2 kept); ``extra`` (dotted keys) overrides any of it."""
+    base = {
+        "data.train": index, "data.val": index, "model.tokenizer": tokenizer,
+        "data.image_size": 32, "data.num_workers": 1, "data.shuffle_buffer": 32, "data.text.max_length": 32,
+        "model.image.name": "vit_tiny_patch16_224",
+        "model.image.kwargs": "{patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, mlp_ratio: 2.0}",
+        "model.text.config": "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+                             "intermediate_size: 64, max_position_embeddings: 64}",
+        "model.embed_dim": 32, "model.ssl_embed_dim": 32, "model.fusion": "{layers: 1, heads: 2}",
+        "train.micro_batch_size": micro_batch, "train.steps": steps, "train.warmup_steps": 2, "train.log_every": 1,
+        "train.checkpoint_every": 4, "train.keep_checkpoints": 2, "train.lr": 2e-3,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def tiny_shards(root) -> tuple:
+    """170 synthetic 32-px samples in shards of 30 (10 % val) and a tokenizer built on them, under ``root``:
+    (index.json path, tokenizer dir), for ``tiny_overrides``."""
+    shards, tok = root / "shards", root / "tok"
+    common = dict(check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "data_prep.cli", "synthetic", "--n", "170", "--image-size", "32",
+                    "--max-size", "32", "--val-fraction", "0.1", "--shard-size", "30", "--out", str(shards),
+                    "--workers", "1", "--no-progress"], **common)
+    subprocess.run([sys.executable, "-m", "data_prep.cli", "tokenizer", "--data", str(shards), "--out", str(tok)],
+                   **common)
+    return str(shards / "index.json"), str(tok)

@@ -17,7 +17,8 @@ from unimlip_train.config.load import load_config
 from unimlip_train.engine.trainer import Trainer
 
 PACKAGE = str(Path(unimlip_train.__file__).parent)
-PHASES = ("train_step", "log_step", "picture_step", "evaluate_step", "checkpoint_step", "build", "resume")
+# LossReader.take: the loss-spike guard's one read per step, of the loss copied to pinned memory a step before
+PHASES = ("train_step", "log_step", "picture_step", "evaluate_step", "checkpoint_step", "build", "resume", "take")
 counts: Counter = Counter()
 
 

@@ -22,6 +22,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import tiny_overrides, tiny_shards
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "tiny_cpu.yaml")
 TERMS = ["itc", "itc_feature", "image_ssl", "image_feature", "text_ssl", "text_feature", "mlm", "itm"]
@@ -39,34 +41,16 @@ pytestmark = pytest.mark.multiprocess
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine_data")
-    shards, tok = root / "shards", root / "tok"
-    common = dict(check=True, capture_output=True, timeout=300)
-    subprocess.run([sys.executable, "-m", "data_prep.cli", "synthetic", "--n", "170", "--image-size", "32",
-                    "--max-size", "32", "--val-fraction", "0.1", "--shard-size", "30", "--out", str(shards),
-                    "--workers", "1", "--no-progress"], **common)
-    subprocess.run([sys.executable, "-m", "data_prep.cli", "tokenizer", "--data", str(shards), "--out", str(tok)],
-                   **common)
-    train_samples = json.loads((shards / "index.json").read_text())["splits"]["train"]["samples"]
+    index, tok = tiny_shards(root)
+    train_samples = json.loads(Path(index).read_text())["splits"]["train"]["samples"]
     # Naive reference of the epoch length: the train split cut into 2 ranks x 1 worker, whole micro batches.
     steps_per_epoch = (train_samples // 2) // MB
-    return {"index": str(shards / "index.json"), "tok": str(tok), "root": root, "steps_per_epoch": steps_per_epoch,
+    return {"index": index, "tok": tok, "root": root, "steps_per_epoch": steps_per_epoch,
             "train_samples": train_samples}
 
 
 def overrides(data, steps, **extra) -> list:
-    base = {
-        "data.train": data["index"], "data.val": data["index"], "model.tokenizer": data["tok"],
-        "data.image_size": 32, "data.num_workers": 1, "data.shuffle_buffer": 32, "data.text.max_length": 32,
-        "model.image.name": "vit_tiny_patch16_224",
-        "model.image.kwargs": "{patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, mlp_ratio: 2.0}",
-        "model.text.config": "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
-                             "intermediate_size: 64, max_position_embeddings: 64}",
-        "model.embed_dim": 32, "model.ssl_embed_dim": 32, "model.fusion": "{layers: 1, heads: 2}",
-        "train.micro_batch_size": MB, "train.steps": steps, "train.warmup_steps": 2, "train.log_every": 1,
-        "train.checkpoint_every": 4, "train.keep_checkpoints": 2, "train.lr": 2e-3,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_overrides(data["index"], data["tok"], steps, MB, **extra)
 
 
 def _env(**extra) -> dict:

@@ -3,7 +3,8 @@
 On a GPU every such read (``.item()``, ``.cpu()``, ``.tolist()``, ``bool(t)``) waits for the device queue to
 drain; one per micro batch (a finiteness check, a logged term) keeps the GPU idle between steps. Counted here on
 CPU, where the same code runs: a single-process run with every Uni-Mlip term on, accumulated negatives over 2
-micro batches, ZeRO-1, logging every 3 steps.
+micro batches, ZeRO-1, logging every 3 steps. The one read per step that is allowed: the loss-spike guard's, of
+a step's loss that was copied into pinned memory without blocking a step before (``LossReader.take``).
 """
 import json
 import os
@@ -36,6 +37,7 @@ def test_device_values_are_read_once_per_logging_step(tmp_path):
     assert 1 * logs <= counts.get("log_step", 0) <= 2 * logs, counts  # the summed terms, read once per log
     assert counts.get("picture_step", 0) <= 4, counts  # one picture of the first step's views (image_every=0)
     assert counts.get("other", 0) == 0, counts
+    assert counts.get("take", 0) == steps, counts  # one per step, a step late (the last at the final checkpoint)
     # the logged terms are means over each logging window (per step, per micro batch), not sums
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for record in (r for r in records if r["split"] == "train"):

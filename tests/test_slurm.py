@@ -286,6 +286,27 @@ def test_preemption_beyond_max_requeues_fails_with_its_checkpoint(tmp_path, clus
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{int(stopped.group(1)):07d}"
 
 
+def test_a_hung_job_is_requeued_like_a_preempted_one_within_max_requeues(tmp_path, cluster, synthetic_shards):
+    """UNIMLIP_FAULT_HANG=1:3 (rank 1 sleeps before step 3, in every run of the job) with train.hang_timeout_s=15
+    and --max-requeues 1: the first run dumps both ranks' stacks, writes its hung line and requeues itself; the
+    rerun hangs again, is past the limit, and the job fails with its ranks' status 4."""
+    run_dir = tmp_path / "run"
+    done = submit(*train_args(run_dir, synthetic_shards, cluster, STEPS, "--max-requeues", "1",
+                              "train.hang_timeout_s=15"), env={**os.environ, "UNIMLIP_FAULT_HANG": "1:3"})
+    job_id = job_id_of(done.stdout)
+    assert wait_done(job_id, timeout=480) == "FAILED", Path(job_id_of(done.stdout, "stderr")).read_text()[-3000:]
+    exit_code = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "ExitCode", "-j", job_id], capture_output=True,
+                               text=True, check=True).stdout.split()
+    assert exit_code == ["4:0"], exit_code
+    hung = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "summary"]
+    assert [r["status"] for r in hung] == ["hung", "hung"]
+    assert hung[0]["action"] == f"requeued {job_id} (requeue 1 of at most 1)"
+    assert hung[1]["action"].startswith("not requeued: 1 requeues already (--max-requeues 1)")
+    assert all(r["step"] == 2 and r["ranks_dumped"] == [0, 1] for r in hung)
+    assert "requeues so far 1" in Path(job_id_of(done.stdout, "stdout")).read_text()
+    assert "time.sleep(3600)" in (run_dir / "hang" / "rank1.txt").read_text()  # where rank 1 was stuck
+
+
 def test_eval_job_writes_metrics_into_the_run_dir(cluster, synthetic_shards, reference_run):
     done = submit("eval", "--run-dir", str(reference_run), "--partition", cluster, "--time", "00:05:00",
                   "--tasks-per-node", "1", "--", "retrieval", "--checkpoint", str(reference_run),

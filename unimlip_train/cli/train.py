@@ -1,9 +1,12 @@
 """``unimlip-train``: train from a YAML config, on one process or under torchrun / deepspeed / srun.
 
-Exit codes: 0 finished, or stopped by the scheduler (SIGUSR2 / SIGTERM) after a checkpoint: rerun the same
-command to resume; 1 training error (too many non-finite losses, too many corrupt samples, a checkpoint that
-cannot be written or read, ...); 2 configuration error (before any process group); 3 the run dir is in use by another job;
-130 interrupted by Ctrl-C after a checkpoint (a second Ctrl-C aborts at once, without one).
+Exit codes (docs/training.md#exit-statuses, one table): 0 finished, or stopped by the scheduler (SIGUSR2 /
+SIGTERM) after a checkpoint: rerun the same command to resume; 1 training error (too many non-finite losses, too
+many corrupt samples, a checkpoint that cannot be written or read, ...); 2 configuration error (before any process
+group); 3 the run dir is in use by another job; 4 hung (the hang watchdog ended the job, stacks in RUN_DIR/hang/);
+5 diverged (a loss spike after train.max_rollbacks rollbacks, or with no checkpoint to roll back to); 129 the
+launcher (torchrun, deepspeed, the SLURM step) died, so the rank left without a checkpoint; 130 interrupted by
+Ctrl-C after a checkpoint (a second Ctrl-C aborts at once, without one).
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from unimlip_train.config.origins import ConfigError
 
 EXIT_IN_USE = 3
 EXIT_INTERRUPTED = 130
+# 4 (hung) and 129 (launcher gone) are os._exit statuses of engine.health.watchdog.HUNG and .parent.LAUNCHER_GONE;
+# 5 is engine.health.rollback.DIVERGED.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train Uni-Mlip (CLIP + unified self-supervision) with DeepSpeed. Start it alone for one "
                     "process, or under `torchrun --nproc_per_node N`, `deepspeed`, or `srun` for several. "
                     "Overrides (key.sub=value) may stand anywhere on the line. One job per run dir: a second "
-                    "one exits with status 3. Ctrl-C checkpoints and exits (130); a second Ctrl-C aborts.",
+                    "one exits with status 3. Ctrl-C checkpoints and exits (130); a second Ctrl-C aborts. A hung job "
+                    "exits with 4, a diverged one with 5 (every status: docs/training.md).",
         epilog="example: torchrun --standalone --nproc_per_node 2 -m unimlip_train.cli.train "
                "--config configs/tiny_cpu.yaml train.steps=100 loss.mlm.weight=0")
     p.add_argument("--config", required=True, metavar="FILE", help="YAML config (may 'extends:' another)")
@@ -59,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import unimlip_train.distributed.process_group as du
     from unimlip_train.engine.checkpoint import CheckpointWriteError
-    from unimlip_train.engine.health import CorruptDataError, NonFiniteLossError
+    from unimlip_train.engine.health.limits import CorruptDataError, NonFiniteLossError
+    from unimlip_train.engine.health.rollback import DIVERGED, DivergedError
     from unimlip_train.engine.monitor import MissingPackageError
     from unimlip_train.engine.preemption import PreemptionFlag
     from unimlip_train.engine.run import StartRefused, run_training
@@ -79,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         if main_rank:
             print(f"unimlip-train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except DivergedError as e:  # raised on every rank alike, after the "diverged" summary line
+        if main_rank:
+            print(f"unimlip-train: {e}", file=sys.stderr, flush=True)
+        return DIVERGED
     except (NonFiniteLossError, CorruptDataError, MissingPackageError) as e:  # raised on every rank alike
         if main_rank:
             print(f"unimlip-train: {e}", file=sys.stderr, flush=True)

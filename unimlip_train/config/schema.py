@@ -226,6 +226,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the towers
     compile_backend: str = "inductor"  # torch.compile backend of the towers (aot_eager: graph capture only)
     eval_every: int = 0  # steps between periodic evaluations on data.val (0: off)
+    # Training health (docs/training.md#training-health): the hang watchdog and the loss-spike rollback.
+    hang_timeout_s: float = 1800.0  # no optimizer step (or checkpoint, evaluation) for this long: hung (0: off)
+    spike_factor: float = 10.0  # a loss above this x the running median is a spike (0: the guard is off)
+    spike_window: int = 50  # the running median is over the losses of this many recent normal steps
+    spike_patience: int = 3  # spike steps in a row before rolling back
+    max_rollbacks: int = 3  # rollbacks per run before it stops (exit status 5; 0: stop at the first spike)
 
 
 @dataclass

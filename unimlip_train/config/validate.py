@@ -30,6 +30,9 @@ _RANGES = {
     "train.image_every": (0, None, True, True),
     "train.keep_checkpoints": (0, None, True, True),
     "train.eval_every": (0, None, True, True),
+    "train.hang_timeout_s": (0.0, None, True, True),
+    "train.spike_factor": (0.0, None, True, True),
+    "train.max_rollbacks": (0, None, True, True),
     "data.num_workers": (0, None, True, True),
     "data.shuffle_buffer": (0, None, True, True),
     "data.samples_per_epoch": (0, None, True, True),
@@ -38,7 +41,8 @@ _RANGES = {
     "model.init_temperature": (0.0, None, False, True),
 }
 _POSITIVE = ("train.steps", "train.micro_batch_size", "train.grad_accum", "train.log_every",
-             "train.max_nonfinite_in_row", "data.image_size", "model.embed_dim", "data.text.max_length")
+             "train.max_nonfinite_in_row", "train.spike_window", "train.spike_patience", "data.image_size",
+             "model.embed_dim", "data.text.max_length")
 _FEATURE_TERMS = ("itc_feature", "image_feature", "text_feature")
 _CONTRASTIVE_TERMS = ("itc", "itc_feature", "image_ssl", "image_feature", "text_ssl", "text_feature")
 

@@ -38,6 +38,7 @@ from unimlip_train.data.shards import resolve_sources
 from unimlip_train.data.skips import SkipCounter, SkipStats
 from unimlip_train.data.text import augment_report, model_text
 from unimlip_train.data.transforms import TrainAugment
+from unimlip_train.data.worker_signals import worker_init
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,8 @@ class TrainStream:
                               first_worker=self._delivered % self.workers)
         if self.num_workers > 0:
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                      pin_memory=torch.cuda.is_available()))  # async host-to-GPU copies
+                                      pin_memory=torch.cuda.is_available(),  # async host-to-GPU copies
+                                      worker_init_fn=worker_init()))  # stop signals are the rank's to act on
         else:
             batches = iter(dataset)
         for batch in batches:

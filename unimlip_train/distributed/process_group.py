@@ -6,12 +6,14 @@ one-process group on a free local port, so the same code path (DeepSpeed needs a
 """
 from __future__ import annotations
 
+import datetime
 import fcntl
 import logging
 import os
 import re
 import socket
 import threading
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -108,11 +110,14 @@ def _announce_op_build(local_rank: int) -> threading.Event:
     return done
 
 
-def init_distributed(backend: str = "") -> tuple[int, int, int]:
+def init_distributed(backend: str = "", timeout_s: Optional[float] = None) -> tuple[int, int, int]:
     """Start (once) the process group; returns ``(rank, world_size, local_rank)``.
 
-    ``backend`` '' picks nccl when CUDA is available and gloo otherwise.
+    ``backend`` '' picks nccl when CUDA is available and gloo otherwise. ``timeout_s``: how long a collective
+    may wait before it fails, on this group and the control group (None: DeepSpeed's default, 10 minutes or
+    ``DEEPSPEED_TIMEOUT``); the hang watchdog asks for longer, so that it acts first.
     """
+    global _TIMEOUT
     _export_env()
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if not dist.is_initialized():
@@ -125,10 +130,12 @@ def init_distributed(backend: str = "") -> tuple[int, int, int]:
         import deepspeed
 
         building = _announce_op_build(local_rank)
+        timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        _TIMEOUT = timeout.get("timeout")
         try:
             with without_lines(OP_BUILT):  # one line per rank that says nothing new
                 deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                           rank=rank, world_size=world)
+                                           rank=rank, world_size=world, **timeout)
         finally:
             building.set()
     return dist.get_rank(), dist.get_world_size(), local_rank
@@ -174,6 +181,7 @@ def all_reduce_max(value: float) -> float:
 
 
 _CONTROL_GROUP = None
+_TIMEOUT: Optional[datetime.timedelta] = None  # the process group's, when init_distributed was given one
 
 
 def control_group():
@@ -184,7 +192,7 @@ def control_group():
     if dist.get_backend() == "gloo":
         return None
     if _CONTROL_GROUP is None:
-        _CONTROL_GROUP = dist.new_group(backend="gloo")
+        _CONTROL_GROUP = dist.new_group(backend="gloo", timeout=_TIMEOUT)
     return _CONTROL_GROUP
 
 

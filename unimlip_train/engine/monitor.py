@@ -27,8 +27,9 @@ EXAMPLES_TAG = "val_examples"
 
 # Logged scalars that are not loss terms (kept out of the console's term list).
 _NOT_TERMS = {"loss", "temperature", "logit_scale", "logit_bias", "grad_norm", "samples_per_s",
-              "samples_per_s_per_gpu", "data_wait_frac", "skipped_steps", "skipped_samples", "samples_read", "samples_seen",
-              "gpu_mem_gib", "itm_dropped_rows"}
+              "samples_per_s_per_gpu", "data_wait_frac", "skipped_steps", "skipped_samples", "samples_read",
+              "samples_seen", "gpu_mem_gib", "itm_dropped_rows", "step_s_max", "step_s_min", "data_wait_s_max",
+              "slowest_rank", "slowest"}
 
 
 def _skipped_note(scalars: dict[str, float]) -> str:
@@ -126,7 +127,7 @@ class WandbMirror:
             os.replace(id_path + ".tmp", id_path)
         self.run = wandb.init(id=run_id, resume="allow", dir=run_dir, config=run_config, **settings)
         self.run.define_metric("step")
-        for prefix in ("train", "val", "images", EXAMPLES_TAG):
+        for prefix in ("train", "val", "images", "health", EXAMPLES_TAG):
             self.run.define_metric(f"{prefix}/*", step_metric="step")
 
     def log(self, step: int, values: dict) -> None:
@@ -170,15 +171,17 @@ class Monitor:
                 self._wandb = WandbMirror(wandb, run_dir, dict(wandb_settings), run_config)
 
     def log_train(self, step: int, scalars: dict[str, float], start_step: int = 0) -> None:
-        """``scalars``: flat names such as ``loss``, ``itc``, ``lr/image``, ``samples_per_s``."""
+        """``scalars``: flat names such as ``loss``, ``itc``, ``lr/image``, ``samples_per_s``; a str value (the
+        slowest rank's name) goes to metrics.jsonl and the console only."""
         if not self.enabled:
             return
         for k, v in scalars.items():
-            self._writer.add_scalar(f"train/{k}", v, step)
+            if not isinstance(v, str):
+                self._writer.add_scalar(f"train/{k}", v, step)
         self._writer.flush()
         self._write_jsonl({"split": "train", "step": step, **scalars})
         if self._wandb is not None:
-            self._wandb.log(step, {f"train/{k}": v for k, v in scalars.items()})
+            self._wandb.log(step, {f"train/{k}": v for k, v in scalars.items() if not isinstance(v, str)})
         done = step - start_step
         eta = (time.time() - self.start) / max(1, done) * (self.total_steps - step)
         terms = " ".join(f"{k} {v:.3f}" for k, v in scalars.items() if k not in _NOT_TERMS and "/" not in k)
@@ -186,7 +189,8 @@ class Monitor:
               f"T {scalars.get('temperature', float('nan')):.4f} lr {scalars.get('lr/head', 0.0):.2e} "
               f"gnorm {scalars.get('grad_norm', float('nan')):.3f} "
               f"{scalars.get('samples_per_s', 0.0):.1f} samples/s data-wait {100 * scalars.get('data_wait_frac', 0):.0f}% "
-              f"eta {eta / 60:.1f} min" + _skipped_note(scalars), flush=True)
+              + (f"slowest {scalars['slowest']} " if "slowest" in scalars else "")
+              + f"eta {eta / 60:.1f} min" + _skipped_note(scalars), flush=True)
 
     def log_val(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -207,7 +211,32 @@ class Monitor:
         worst = ", ".join(f"{os.path.basename(s)} ({n})" for s, n in list(summary["skipped_by_shard"].items())[:3])
         print(f"summary: {summary['status']} at step {step}; {summary['skipped_steps']} non-finite steps skipped; "
               f"{summary['skipped_samples']} corrupt samples skipped of {summary['samples_read']} read"
-              + (f" (worst shards: {worst})" if worst else ""), flush=True)
+              + (f" (worst shards: {worst})" if worst else "")
+              + (f"; {summary['rollbacks']} loss-spike rollbacks skipped {summary['rollback_skipped_samples']} samples"
+                 if summary.get("rollbacks") else ""), flush=True)
+
+    def log_rollback(self, record: dict, abandoned: dict[int, float]) -> None:
+        """A loss-spike rollback (``engine.health.rollback``): its event line in metrics.jsonl; in TensorBoard the
+        abandoned steps are purged (as a resume purges a killed run's, so the retrained steps replace them),
+        their losses kept under ``health/abandoned_loss`` and the rollback marked (``health/rollbacks`` and a
+        text note at the step it returned to)."""
+        if not self.enabled:
+            return
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self._write_jsonl({"split": "event", **record})
+        to_step = record["to_step"]
+        self._writer._get_file_writer().add_event(
+            Event(step=to_step + 1, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))
+        for step, loss in sorted(abandoned.items()):
+            self._writer.add_scalar("health/abandoned_loss", loss, step)
+        self._writer.add_scalar("health/rollbacks", record["rollbacks"], to_step)
+        self._writer.add_text("health/rollback", f"rolled back from step {record['from_step']} to {to_step}: losses "
+                              f"of steps {record['first_spike_step']}.. above {record['limit']:.4g} "
+                              f"({record['skipped_samples']} samples skipped)", to_step)
+        self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(to_step, {"health/rollbacks": record["rollbacks"]})
 
     def log_views(self, step: int, batch: dict, max_rows: int = 8) -> None:
         """TensorBoard image ``images/augmented_views``: the first ``max_rows`` samples of a training batch,

@@ -4,8 +4,9 @@ trainer finishes its step and checkpoints on every rank at the next step boundar
 signal handler. A second SIGINT aborts at once: the first one restores the default action, so the kernel
 ends the process without waiting for Python (a rank blocked in a collective included).
 
-Installed before the data loader forks its workers, the handlers are inherited there too, so Ctrl-C in a
-terminal (which signals the whole foreground process group) does not kill the workers mid-epoch.
+The data loader's workers ignore these signals (``unimlip_train.data.worker_signals``): a signal sent to a whole
+process group (Ctrl-C in a terminal, torchrun forwarding SIGTERM, SLURM at the time limit) reaches them too, and
+they must not die before their rank has checkpointed. The rank stops them afterwards.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class PreemptionFlag:
     def __init__(self) -> None:
         self.received: set[str] = set()
         self._owner = os.getpid()  # forked loader workers inherit the handler; only the owner talks
+        self._muted = False
 
     def install(self, *signums: int) -> None:
         for signum in signums:
@@ -29,7 +31,13 @@ class PreemptionFlag:
         """Stopped by Ctrl-C (SIGINT) rather than by the scheduler."""
         return "SIGINT" in self.received
 
+    def mute(self) -> None:
+        """The process is about to end by itself (the hang watchdog): later signals change and say nothing."""
+        self._muted = True
+
     def _handler(self, signum: int, frame: Any) -> None:  # noqa: ARG002 (signal handler signature)
+        if self._muted:
+            return
         name = signal.Signals(signum).name
         self.received.add(name)
         if signum == signal.SIGINT:

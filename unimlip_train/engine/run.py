@@ -1,20 +1,22 @@
 """The one start-up sequence of a training job, for ``unimlip-train`` and the SLURM job (``launch.jobs``) alike.
 
+0. a rank started by a launcher follows it (``health.parent``): from here on, it exits when its launcher dies;
 1. ``check_free`` on every rank, before the rendezvous: a refused launch never waits in one;
 2. ``start_checks``, on every rank, before any process group and before the run dir is made: what the config
    alone cannot show (hub ids missing from an offline cache, a tokenizer folder without a tokenizer, a model
    that cannot be built from these settings) and the checkpoint it would resume (explicit, or the newest intact
    one in the run dir: damaged, missing, or of another model shape); each refusal is one line (exit status 2);
 3. the stop flag starts listening to its signals (only now, so a refused start ends the ordinary way);
-4. the process group (``init_distributed``);
+4. the process group (``init_distributed``; its collectives time out only after the hang watchdog would act);
 5. the run dir's lock (``RunLock``: rank 0 takes it, every rank learns the outcome);
-6. the training itself (``Trainer.run``), which checkpoints collectively when a stop is requested.
+6. the training itself (``Trainer.run``), which checkpoints collectively when a stop is requested, and whose
+   hang watchdog ends a stuck job (``on_hang`` runs first: the SLURM job requeues itself there).
 """
 from __future__ import annotations
 
 import os
 import signal
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -22,6 +24,8 @@ import unimlip_train.distributed.process_group as du
 from unimlip_train.config.schema import Config
 from unimlip_train.data.tokenizer import load_tokenizer
 from unimlip_train.engine.checkpoint import check_compatible, newest_complete, resolve_checkpoint
+from unimlip_train.engine.health.parent import LauncherWatch, following
+from unimlip_train.engine.health.watchdog import collective_timeout_s
 from unimlip_train.engine.preemption import PreemptionFlag
 from unimlip_train.engine.run_lock import RunLock, check_free
 from unimlip_train.engine.trainer import TrainResult, train
@@ -36,18 +40,21 @@ class StartRefused(ValueError):
 
 
 def run_training(cfg: Config, run_dir: str, resume: str = "auto", stop_requested: Optional[PreemptionFlag] = None,
-                 validate: Optional[Validate] = None, listen: Sequence[signal.Signals] = ()) -> TrainResult:
+                 validate: Optional[Validate] = None, listen: Sequence[signal.Signals] = (),
+                 on_hang: Optional[Callable[[], Optional[str]]] = None) -> TrainResult:
     """Train ``cfg`` into ``run_dir`` (``resume``: 'auto', 'none' or a checkpoint path) on every rank of the
     launch; returns 'finished', or 'preempted' after a collective checkpoint once ``stop_requested()`` became
     true on any rank. ``listen``: the signals ``stop_requested`` installs itself for after the checks (a caller
-    that must replace another handler early installs it itself). ``validate``: see ``Trainer``."""
+    that must replace another handler early installs it itself). ``validate``, ``on_hang``: see ``Trainer``."""
+    watch = LauncherWatch.start_if_launched(du.env_rank())
     check_free(run_dir)
     start_checks(cfg, run_dir, resume)
     if listen:
         stop_requested.install(*listen)
-    du.init_distributed(cfg.deepspeed.backend)
-    with RunLock.acquire(run_dir):  # a requeued run of the same SLURM job takes its own earlier lock over
-        return train(cfg, run_dir, resume=resume, stop_requested=stop_requested, validate=validate)
+    du.init_distributed(cfg.deepspeed.backend, collective_timeout_s(cfg.train.hang_timeout_s))
+    # a requeued run of the same SLURM job takes its own earlier lock over
+    with RunLock.acquire(run_dir), following(watch):
+        return train(cfg, run_dir, resume=resume, stop_requested=stop_requested, validate=validate, on_hang=on_hang)
 
 
 def start_checks(cfg: Config, run_dir: str, resume: str = "auto") -> None:

@@ -82,7 +82,8 @@ def summary(status: str, state: TrainerState, stream) -> dict:
     samples, the samples read, every shard that lost samples, most first)."""
     skips = global_skip_stats(stream)
     return {"status": status, "skipped_steps": state.nonfinite_total, "skipped_samples": skips.skipped,
-            "samples_read": skips.read, "skipped_by_shard": dict(skips.worst(len(skips.by_shard)))}
+            "samples_read": skips.read, "skipped_by_shard": dict(skips.worst(len(skips.by_shard))),
+            "rollbacks": state.rollbacks, "rollback_skipped_samples": state.rollback_skipped}
 
 
 class SampleKeyLog:

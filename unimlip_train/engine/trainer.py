@@ -5,16 +5,18 @@
 ``forward_backward_step``), ``log_step``, ``evaluate_step`` and ``checkpoint_step``; ``run`` strings them
 together. What they lean on lives beside this file: ``checkpoint/`` (saving, integrity, consolidation),
 ``telemetry`` (the log window and its scalars), ``validation`` (periodic evaluation through the ``validate``
-callable the trainer is given; the engine never imports ``unimlip_train.eval``), ``health`` (non-finite steps,
-corrupt data), ``optim`` (groups, schedule, clamping) and ``run`` (the one start-up sequence of a job).
+callable the trainer is given; the engine never imports ``unimlip_train.eval``), ``health/`` (non-finite steps,
+corrupt data; the hang watchdog, the loss-spike rollback, stragglers and fault injection behind the
+``self.health`` hooks), ``optim`` (groups, schedule, clamping) and ``run`` (the one start-up sequence of a job).
 
-Every decision that changes control flow (stop requested, checkpoint due, step skipped) is the same on every
-rank, so no rank ever waits in a collective the others skipped.
+Every decision that changes control flow (stop requested, checkpoint due, step skipped, rollback) is the same on
+every rank, so no rank ever waits in a collective the others skipped.
 
 No host synchronisation per micro step: the loss terms are summed on the device and read once per
 ``train.log_every``; a non-finite loss or gradient is caught by DeepSpeed's own gradient-overflow check
 (ZeRO 1-3), which skips the optimizer step on every rank. Without ZeRO (stage 0) no such check exists, and
-the trainer reads a device-side finiteness flag once per optimizer step instead.
+the trainer reads a device-side finiteness flag once per optimizer step instead. The loss-spike guard reads one
+loss per step, a step late, from pinned memory it was copied to without blocking (``health.guard``).
 """
 from __future__ import annotations
 
@@ -35,11 +37,14 @@ from unimlip_train.data.loader import TrainStream
 from unimlip_train.data.tokenizer import load_tokenizer
 from unimlip_train.data.transforms import normalisation
 from unimlip_train.engine.ds_config import build_ds_config
-from unimlip_train.engine.health import (
+from unimlip_train.engine.health.guard import TrainingHealth
+from unimlip_train.engine.health.limits import (
     CorruptDataError,
     NonFiniteSteps,
     drop_gradients_unless_finite,
 )
+from unimlip_train.engine.health.rollback import roll_back
+from unimlip_train.engine.health.watchdog import collective_timeout_s
 from unimlip_train.engine.monitor import Monitor
 from unimlip_train.engine.optim import (
     build_optimizer,
@@ -88,12 +93,14 @@ class Trainer:
     ``stop_requested()`` true on any rank makes ``run`` checkpoint collectively and return 'preempted'.
     ``validate``: the periodic evaluation (``validation.Validate``, e.g. ``unimlip_train.eval.validate_with_examples``);
     required when the config asks for one (``train.eval_every`` and ``data.val``).
+    ``on_hang``: what the hang watchdog runs before the job ends hung (``health.watchdog``; SLURM requeues there).
     """
 
     def __init__(self, cfg: Config, run_dir: str, resume: str = "auto",
-                 stop_requested: Optional[Callable[[], bool]] = None, validate: Optional[Validate] = None):
+                 stop_requested: Optional[Callable[[], bool]] = None, validate: Optional[Validate] = None,
+                 on_hang: Optional[Callable[[], Optional[str]]] = None):
         self.cfg, self.run_dir, self.stop_requested = cfg, run_dir, stop_requested
-        self.validate = validate
+        self.validate, self.on_hang = validate, on_hang
         self.build(resume)
         self.resume()
 
@@ -103,7 +110,8 @@ class Trainer:
         import deepspeed  # deepspeed: heavy (and CUDA-probing), imported when an engine is built
 
         cfg, run_dir = self.cfg, self.run_dir
-        self.rank, self.world, self.local_rank = du.init_distributed(cfg.deepspeed.backend)
+        self.rank, self.world, self.local_rank = du.init_distributed(
+            cfg.deepspeed.backend, collective_timeout_s(cfg.train.hang_timeout_s))
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", self.local_rank) if self.cuda else torch.device("cpu")
         if self.cuda:
@@ -168,6 +176,8 @@ class Trainer:
         if saved is None:
             return
         state.step, state.samples_seen, state.nonfinite_total = saved.step, saved.samples_seen, saved.nonfinite_total
+        state.rollbacks, state.rollback_skipped, state.loss_history = saved.rollbacks, saved.rollback_skipped, \
+            list(saved.loss_history)  # the spike guard's counters and window
         if saved.config_hash != state.config_hash:
             self.monitor.event(f"note: resuming {source} written with a different config (hash "
                                f"{saved.config_hash} -> {state.config_hash}); continuing with the new config")
@@ -199,6 +209,9 @@ class Trainer:
         self.sample_log = SampleKeyLog.if_requested(self.run_dir, self.rank, self.start_step)
         self.batches = iter(self.stream)
         self.engine.train()
+        self.health = TrainingHealth(self.cfg, self.run_dir, self.state, self.rank, self.world, self.device,
+                                     self.on_hang, on_fire=getattr(self.stop_requested, "mute", None))
+        self.health.start(self.start_step)  # collective: arms the hang watchdog
 
     def run(self) -> TrainResult:
         """Train until ``train.steps`` or a stop request; checkpoints at the end either way."""
@@ -211,14 +224,21 @@ class Trainer:
         try:
             while True:
                 stop, due = self._agree_stop_and_due()
+                if self.health.spike is not None:  # confirmed on every rank alike
+                    roll_back(self, self.health.spike)
+                    continue
                 if due and state.step > self.start_step:  # the first step boundary after train.checkpoint_minutes
                     self.checkpoint_step(force=True)
                 if stop or state.step >= cfg.train.steps:
                     if state.step != self.last_saved:
                         self.checkpoint_step(force=True)
+                    if self.health.spike is not None and not stop:  # the last steps diverged: train them again
+                        continue
                     self._summary("preempted" if stop else "finished")
                     if stop:
-                        self.monitor.event(f"stop requested: checkpointed at step {state.step}, exiting as preempted")
+                        saved = "checkpointed" if state.step == self.last_saved else \
+                            f"the latest checkpoint is step {self.last_saved} (a loss spike is pending)"
+                        self.monitor.event(f"stop requested at step {state.step}: {saved}, exiting as preempted")
                         return TrainResult("preempted", state.step)
                     return TrainResult("finished", state.step)
                 self.train_step()
@@ -227,6 +247,8 @@ class Trainer:
                 self.evaluate_step()
                 self.checkpoint_step()
         finally:
+            self.health.close()  # a hang watchdog that fired ends the process itself (exit status 4)
+            self.batches.close()  # the loader's workers stop in good order (they ignore SIGTERM and SIGINT)
             if self.sample_log is not None:
                 self.sample_log.close()
             self.monitor.close()
@@ -237,7 +259,7 @@ class Trainer:
         minutes = self.cfg.train.checkpoint_minutes
         due = minutes > 0 and time.time() - self.last_saved_time >= 60 * minutes
         stop = bool(self.stop_requested and self.stop_requested())
-        flags = du.all_reduce_max_many([float(stop), float(due)])
+        flags = self.health.agree([float(stop), float(due)])  # all_reduce_max_many, the spike guard's loss with it
         return flags[0] > 0, flags[1] > 0
 
     # ------------------------------------------------------------------------------------- train step
@@ -246,9 +268,11 @@ class Trainer:
         batches = []
         for micro in range(self.cfg.train.grad_accum):
             t = time.time()
+            self.health.before_batch()
             with torch.random.fork_rng(devices=[]):  # the stream (DataLoader seeding) must not shift dropout RNG
                 batch = next(self.batches)
             self.window.wait += time.time() - t
+            self.health.saw(self.state.step + 1, batch["key"])
             global_micro = self.cfg.train.micro_batch_size * self.world
             self.state.samples_seen += global_micro
             self.window.samples += global_micro
@@ -268,7 +292,10 @@ class Trainer:
     def forward_backward_step(self, batch: dict, micro_step: int, cache=None) -> torch.Tensor:
         """One micro batch: forward (model + objective) and backward (gradients accumulate in the engine).
         Returns a device flag, True when the loss was finite; the logs are summed on the device."""
+        self.health.crumb("forward: the embedding all-gathers of the contrastive terms")
         loss, logs = self.engine(batch, micro_step, cache=cache)
+        self.health.add_loss(loss, self.cfg.train.grad_accum)
+        self.health.crumb("backward: the gradient reduction")
         self.engine.backward(loss)
         self.window.add_terms(logs, self.cfg.train.grad_accum)
         return torch.isfinite(loss.detach())
@@ -278,6 +305,7 @@ class Trainer:
         gradient-free pass first caches every micro batch's contrastive embeddings, and each micro batch is
         then recomputed with its random state replayed (see ``losses.objective``)."""
         state, k_steps = self.state, self.cfg.train.grad_accum
+        self.health.before_step(state.step + 1, self.optimizer)  # fault injection (UNIMLIP_FAULT_*)
         batches = self._next_micro_batches()
         self.step_batch = batches[0]
         entries, rng = None, None
@@ -298,9 +326,11 @@ class Trainer:
             finite &= self.forward_backward_step(batch, state.step * k_steps + micro, cache)
             if self.own_finite_check and micro == k_steps - 1:
                 finite = drop_gradients_unless_finite(finite, self.model, self.world)
+            self.health.crumb("optimizer step (ZeRO partition exchange)")
             self.engine.step()
         self.model.clamp_logit_scale_(clamp_parameter_)
         state.step += 1
+        self.health.after_step(state.step)  # a hang-watchdog beat; the loss copied to the host without waiting
         self.window.steps += 1
         skipped = not bool(finite) if self.own_finite_check else getattr(self.engine, "skipped_steps", 0) > skipped_before
         self.nonfinite.count(skipped, state, self.monitor, self.manager.latest)
@@ -312,7 +342,9 @@ class Trainer:
         cfg, state = self.cfg, self.state
         if state.step % cfg.train.log_every and state.step != cfg.train.steps:
             return
+        self.health.crumb("log step: the logged terms' mean over ranks (all_reduce)")
         scalars, skips = self.window.scalars(self.engine, self.optimizer, self.stream, state, self.world)
+        scalars.update(self.health.rank_times(self.window.t0, self.window.steps, self.window.wait))  # stragglers
         self.monitor.log_train(state.step, scalars, self.start_step)
         self.window.reset()
         if message := skips.exceeded(cfg.data.max_skip_fraction):
@@ -335,7 +367,9 @@ class Trainer:
         """Every ``train.eval_every`` steps (and the last): retrieval / zero-shot on ``data.val``."""
         if not self.validation.due(self.state.step):
             return
+        self.health.crumb("evaluation (embedding gathers)")
         metrics, examples = self.validation(self.model, self.rank, self.world)
+        self.health.progress(self.state.step)
         self.monitor.log_val(self.state.step, metrics)
         self.monitor.log_retrieval_examples(self.state.step, examples)
 
@@ -345,13 +379,17 @@ class Trainer:
         every = cfg.train.checkpoint_every > 0 and state.step % cfg.train.checkpoint_every == 0
         if not (force or every) or state.step == self.last_saved:
             return
+        if self.health.holds_checkpoint(state.step, self.monitor.event):  # a loss spike is pending
+            return
+        self.health.crumb("checkpoint save (DeepSpeed's writes, then the completion agreement)")
         self.manager.save(self.engine, state, self.stream, cfg, self.tokenizer)
+        self.health.checkpointed(state.step, self.last_saved)
         self.last_saved, self.last_saved_time = state.step, time.time()
         self.monitor.event(f"checkpoint step {state.step} -> {self.manager.dir}")
 
 
 def train(cfg: Config, run_dir: str, resume: str = "auto", stop_requested: Optional[Callable[[], bool]] = None,
-          validate: Optional[Validate] = None) -> TrainResult:
+          validate: Optional[Validate] = None, on_hang: Optional[Callable[[], Optional[str]]] = None) -> TrainResult:
     """Train ``cfg`` into ``run_dir`` (see ``Trainer``); returns 'finished', or 'preempted' after a collective
     checkpoint when ``stop_requested()`` became true on any rank."""
-    return Trainer(cfg, run_dir, resume, stop_requested, validate).run()
+    return Trainer(cfg, run_dir, resume, stop_requested, validate, on_hang).run()

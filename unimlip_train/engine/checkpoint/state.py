@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ class TrainerState:
     zero_stage: int = 0
     config_hash: str = ""
     model_prefix: str = "model."  # where the UniMlip weights sit inside the TrainStep state dict
+    rollbacks: int = 0  # loss-spike rollbacks so far (engine.health.rollback)
+    rollback_skipped: int = 0  # samples read, then skipped by those rollbacks
+    loss_history: list = field(default_factory=list)  # the spike guard's window of recent normal losses
 
 
 def parameter_shapes(module: torch.nn.Module, prefix: str = "") -> dict[str, list[int]]:

@@ -1,0 +1,63 @@
+"""DataLoader workers leave the stop signals to their rank: the rank checkpoints, then stops its workers.
+
+A SIGTERM or SIGINT sent to a whole process group (torchrun forwarding its own SIGTERM with ``killpg``, SLURM
+signalling every process of a step at the time limit or on ``scancel``, Ctrl-C in a terminal) reaches the
+workers too. PyTorch's worker SIGTERM handler then kills the worker, and the rank, which was about to
+checkpoint at the next step boundary, dies instead with "DataLoader worker (pid ...) is killed by signal:
+Terminated". So each worker ignores SIGTERM, SIGINT and SIGUSR2 (``worker_init``); the rank shuts its
+workers down in good order when its iterator closes (a done event, then a join), and
+
+* a worker dies with its rank whatever way the rank ends: ``PR_SET_PDEATHSIG`` = SIGKILL, safe here because
+  the worker was forked by the rank's main thread, which lives as long as the rank;
+* a worker still alive when the rank exits after an error (its iterator kept alive by a traceback) is
+  SIGKILLed by an atexit hook that runs before multiprocessing's own, which would send it the SIGTERM it now
+  ignores and then wait for it forever.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import functools
+import multiprocessing
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+_hooked = False
+
+
+def _die_with_parent(parent: int) -> None:
+    if not sys.platform.startswith("linux") or os.getppid() != parent:  # forkserver/spawn: the parent is another
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the rank died before the prctl took effect
+        os._exit(1)
+
+
+def _init(parent: int, worker_id: int) -> None:  # noqa: ARG001 (the DataLoader's worker_init_fn signature)
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    _die_with_parent(parent)
+
+
+def _kill_leftover_workers() -> None:
+    children = [child for child in multiprocessing.active_children() if child.daemon]  # DataLoader workers
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # PyTorch's handler would report the kill as an error
+    for child in children:
+        child.kill()
+        child.join(timeout=5)
+
+
+def worker_init():
+    """The ``worker_init_fn`` for this process's DataLoaders (call it in the rank, where the loader is made)."""
+    global _hooked
+    if not _hooked:
+        atexit.register(_kill_leftover_workers)  # registered after multiprocessing's hook, so it runs first
+        _hooked = True
+    return functools.partial(_init, os.getpid())
