@@ -4,9 +4,10 @@
 
 Loading (``load_into``, after ``deepspeed.initialize`` on the weights the tag holds): every trainable parameter's
 fp32 master, ``exp_avg`` and ``exp_avg_sq`` and its group's step count, through DeepSpeed's
-``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state`` at stages 1-3 (after creating the optimizer's
-state, which torch's Adam makes only at its first step), directly into the client optimizer (or the 16-bit
-optimizer's fp32 copies) at stage 0. So the moments, master weights and steps continue bit for bit.
+``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state`` at stages 1-2 and their local twins at stage 3
+(after creating the optimizer's state, which torch's Adam makes only at its first step), directly into the client
+optimizer (or the 16-bit optimizer's fp32 copies) at stage 0. So the moments, master weights and steps continue
+bit for bit.
 
 Random state: new rank r takes saved rank r's (so a reshard and back, with no step between, is exact); a rank
 the old layout lacked is seeded from (seed, step, rank).
@@ -20,6 +21,7 @@ from dataclasses import asdict
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from unimlip_train.data.plan import stable_seed
@@ -92,7 +94,12 @@ def _fresh_state(base: torch.optim.Optimizer, group: dict, hp: torch.Tensor) -> 
 def load_into(engine, optim: OptimizerState, model_prefix: str) -> None:
     """``optim`` (names as in the model) into ``engine``'s optimizer, any ZeRO stage: master weights, moments, steps.
     Every rank calls it; no collectives. Parameters the saved optimizer did not hold keep fresh moments."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state  # deepspeed: heavy
+    from deepspeed.utils import (  # deepspeed: heavy
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
+    )
 
     names = {id(p): n[len(model_prefix):] for n, p in engine.module.named_parameters() if n.startswith(model_prefix)}
     steps = optim.steps()
@@ -124,7 +131,12 @@ def load_into(engine, optim: OptimizerState, model_prefix: str) -> None:
             name = names.get(id(p))
             if name not in optim.master:
                 continue
-            if offset is None:
+            if hasattr(p, "ds_id"):  # ZeRO-3: this rank's slice of the zero-padded parameter
+                safe_set_local_fp32_param(p, _local_slice(p, optim.master[name]))
+                for key in ("exp_avg", "exp_avg_sq"):
+                    safe_set_local_optimizer_state(p, _local_slice(p, getattr(optim, key)[name]), key)
+                continue
+            if offset is None:  # ZeRO-1/2: the fragment this rank's partition holds
                 safe_set_full_fp32_param(p, optim.master[name])
                 for key in ("exp_avg", "exp_avg_sq"):
                     safe_set_full_optimizer_state(p, getattr(optim, key)[name], key)
@@ -133,6 +145,18 @@ def load_into(engine, optim: OptimizerState, model_prefix: str) -> None:
             hp.view(-1)[offset:offset + n].copy_(optim.master[name].flatten())
             for key in ("exp_avg", "exp_avg_sq"):
                 base.state[hp][key].view(-1)[offset:offset + n].copy_(getattr(optim, key)[name].flatten())
+
+
+def _local_slice(param, full: torch.Tensor) -> torch.Tensor:
+    """ZeRO-3 keeps ``ceil(numel / world)`` elements of a parameter per rank, the last ones zero-padded (as its
+    moments are: the padding never gets a gradient). DeepSpeed's full setter does not pad, so it cannot set a
+    parameter whose size does not divide by the world size; this rank's padded slice goes through the local one."""
+    part = param.ds_tensor.numel()
+    rank = dist.get_rank(group=getattr(param, "ds_process_group", None))
+    out = torch.zeros(part, dtype=torch.float32)
+    piece = full.flatten()[rank * part:(rank + 1) * part]
+    out[:piece.numel()] = piece
+    return out
 
 
 def rank_rng(path: str, saved_world: int, rank: int, seed: int, step: int) -> dict:
