@@ -27,6 +27,7 @@ setup(
             "unimlip-train=unimlip_train.cli.train:main",
             "unimlip-demo=unimlip_train.cli.demo:main",
             "unimlip-export=unimlip_train.cli.export:main",
+            "unimlip-checkpoint=unimlip_train.cli.checkpoint:main",
             "unimlip-eval=unimlip_train.cli.eval:main",
             "unimlip-finetune=unimlip_train.cli.finetune:main",
             "unimlip-fetch-weights=unimlip_train.cli.fetch_weights:main",

@@ -22,6 +22,7 @@ from launch.runs import check_run_dir, record_submission, write_config
 from launch.sharding import encode_slice, merge_slices, parse_shard_argv
 from launch.slurm import LaunchError
 from unimlip_train.config.load import dump_yaml, load_config
+from unimlip_train.config.validate import derive_grad_accum
 from unimlip_train.models.pretrained import resolve_towers
 
 
@@ -56,6 +57,9 @@ def submit_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     run_dir = Path(args.run_dir or cfg.run_dir).resolve()
     cfg.run_dir = str(run_dir)
     tasks, gpus = ranks(args)
+    if cfg.train.global_batch_size:  # the job's world is nodes x tasks, not this shell's
+        cfg.train.grad_accum = derive_grad_accum(cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                                 args.nodes * tasks)
     if args.max_requeues < 0:
         raise LaunchError("--max-requeues must be >= 0")
     folder, res = run_dir / "slurm" / "%j", resources(args, "unimlip-train", tasks, gpus)

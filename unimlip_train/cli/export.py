@@ -1,7 +1,8 @@
 """``unimlip-export CHECKPOINT --out DIR [--format safetensors|open_clip]``.
 
 ``safetensors`` (default): consolidated fp32 weights + config + tokenizer, loadable with
-``unimlip_train.export.load_for_eval(DIR)`` without DeepSpeed, for evaluation and fine-tuning.
+``unimlip_train.export.load_for_eval(DIR)`` without DeepSpeed, for evaluation and fine-tuning; ``--optimizer`` adds
+the Adam state (``optimizer.safetensors``: ``NAME.exp_avg`` / ``NAME.exp_avg_sq``; ``optimizer.json``: the groups).
 ``open_clip``: a folder ``open_clip.create_model_and_transforms("local-dir:DIR")`` loads (image and text towers,
 projections, temperature, tokenizer); configurations open_clip cannot express are refused with the reason.
 """
@@ -25,7 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     p.add_argument("--format", choices=("safetensors", "open_clip"), default="safetensors",
                    help="safetensors (default): for unimlip-eval and fine-tuning; open_clip: for open_clip users")
+    p.add_argument("--optimizer", action="store_true",
+                   help="(safetensors) also write optimizer.safetensors (NAME.exp_avg and NAME.exp_avg_sq of every "
+                        "trainable parameter, fp32, NAME as in model.safetensors) and optimizer.json (each parameter "
+                        "group's step, betas, lr and parameter names)")
     args = p.parse_args(argv)
+    if args.optimizer and args.format != "safetensors":
+        p.error("--optimizer goes with --format safetensors")
     try:
         if args.format == "open_clip":
             from unimlip_train.export import export_open_clip
@@ -41,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from unimlip_train.export import export
 
-            print(f"exported {args.checkpoint} -> {export(args.checkpoint, args.out)}")
+            print(f"exported {args.checkpoint} -> {export(args.checkpoint, args.out, optimizer=args.optimizer)}"
+                  + (" (with the optimizer state)" if args.optimizer else ""))
     except (ValueError, FileNotFoundError) as e:
         p.exit(2, f"unimlip-export: error: {e}\n")
     return 0

@@ -24,7 +24,7 @@ import yaml
 
 from unimlip_train.config.origins import ConfigError, Origins
 from unimlip_train.config.schema import Config
-from unimlip_train.config.validate import validate
+from unimlip_train.config.validate import apply_global_batch, launch_world_size, validate
 
 #: A step after validation that checks or fills what needs more than the config (see the module doc).
 Resolver = Callable[[Config, Origins], None]
@@ -41,6 +41,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
         _set_dotted(data, key, value)
         _record_origins(value, key, origins, "command line")
     cfg = _build(Config, data, "", origins, path or "defaults")
+    if cfg.train.global_batch_size > 0 and cfg.train.micro_batch_size > 0:  # before the checks that read grad_accum
+        apply_global_batch(cfg, origins, launch_world_size())
     validate(cfg, origins)
     if resolve is not None:
         resolve(cfg, origins)

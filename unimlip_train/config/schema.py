@@ -203,7 +203,8 @@ class TrainConfig:
 
     steps: int = 300  # optimizer steps
     micro_batch_size: int = 32  # samples per rank per forward
-    grad_accum: int = 1  # micro batches per optimizer step
+    grad_accum: int = 1  # micro batches per optimizer step (derived when global_batch_size is set)
+    global_batch_size: int = 0  # samples per optimizer step over all ranks (0: micro x world x grad_accum)
     negatives: Negatives = "accumulated"  # contrastive negatives span the K micro batches or one
     optimizer: Optimizer = "adamw"  # torch AdamW, DeepSpeed FusedAdam or DeepSpeedCPUAdam (forced by offload)
     lr: float = 5e-4  # peak learning rate
@@ -281,7 +282,10 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Hash of everything that defines the model and objective (not run bookkeeping)."""
+        """Hash of everything that defines the model and objective (not run bookkeeping, nor what follows from
+        the world size: ``grad_accum`` when ``global_batch_size`` sets it)."""
         d = self.to_dict()
         d.pop("run_dir", None)
+        if self.train.global_batch_size:
+            d["train"].pop("grad_accum")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

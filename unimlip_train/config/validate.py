@@ -11,7 +11,7 @@ import dataclasses
 import os
 from typing import Any
 
-from unimlip_train.config.origins import Origins
+from unimlip_train.config.origins import ConfigError, Origins
 from unimlip_train.config.schema import WANDB_SETTINGS, Config, DataConfig, TermConfig
 
 # Numeric keys with a range: (low, high, low inclusive, high inclusive); None = unbounded on that side.
@@ -29,6 +29,7 @@ _RANGES = {
     "train.checkpoint_minutes": (0.0, None, True, True),
     "train.image_every": (0, None, True, True),
     "train.keep_checkpoints": (0, None, True, True),
+    "train.global_batch_size": (0, None, True, True),
     "train.eval_every": (0, None, True, True),
     "train.hang_timeout_s": (0.0, None, True, True),
     "train.spike_factor": (0.0, None, True, True),
@@ -50,6 +51,34 @@ _CONTRASTIVE_TERMS = ("itc", "itc_feature", "image_ssl", "image_feature", "text_
 def launch_world_size() -> int:
     """Processes of this launch as the launcher announces them (torchrun / deepspeed / srun), else 1."""
     return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def global_batch_error(global_batch: int, micro_batch: int, world: int) -> str:
+    """'' when ``global_batch`` is a whole number of micro batches on every one of ``world`` ranks; else why not,
+    naming the three numbers."""
+    if global_batch % (micro_batch * world) == 0:
+        return ""
+    return (f"global batch {global_batch} is not a multiple of micro batch {micro_batch} x {world} ranks = "
+            f"{micro_batch * world}: no whole number of accumulation steps makes it (choose another global batch, "
+            "micro batch or number of ranks)")
+
+
+def derive_grad_accum(global_batch: int, micro_batch: int, world: int) -> int:
+    """``train.grad_accum`` that makes ``train.global_batch_size`` at ``world`` ranks: global / (micro x world),
+    which must divide exactly (ConfigError naming the three numbers otherwise)."""
+    if problem := global_batch_error(global_batch, micro_batch, world):
+        raise ConfigError(f"train.global_batch_size: {problem}")
+    return global_batch // (micro_batch * world)
+
+
+def apply_global_batch(cfg: Config, origins: Origins, world: int) -> None:
+    """With ``train.global_batch_size`` set, derive ``train.grad_accum`` for ``world`` ranks (it wins over a
+    ``grad_accum`` in the file: a resume at another world size keeps the batch and the schedule's meaning)."""
+    t = cfg.train
+    if t.global_batch_size > 0:
+        if problem := global_batch_error(t.global_batch_size, t.micro_batch_size, world):
+            origins.fail("train.global_batch_size", problem, "train.micro_batch_size")
+        t.grad_accum = t.global_batch_size // (t.micro_batch_size * world)
 
 
 def validate(cfg: Config, origins: Origins) -> None:

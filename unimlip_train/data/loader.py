@@ -3,6 +3,7 @@
 A pipeline of small stages, one module each, in the order a sample passes them:
   plan.py         the epoch plan: shard order, quotas, each unit's window (why every rank gets the same steps)
   raw.py          the planned pieces read from their shards (undecoded), buffer-shuffled, topped up
+  remainder.py    the rest of an interrupted epoch recut for another number of units (ranks x workers)
   skips.py        corrupt samples skipped, logged and counted per shard, exactly across resumes
   decode.py       safe decoding (image, txt and json members only) and the choice of a study's views
   collate.py      samples to the batch dict: tokenization, MLM masking, identity ids
@@ -14,7 +15,9 @@ skips consumed raw samples before decoding, reproduces the uninterrupted one ten
 
 Resuming with another micro batch size continues exactly (the position is counted in samples); another
 shuffle buffer applies from the next epoch (the current one finishes in its saved order); another number of
-workers, ranks or another data plan restarts at the beginning of the next epoch, with a message.
+workers or ranks delivers the samples of the interrupted epoch no unit consumed, exactly once, cut into the new
+units' shares (``remainder.py``; ``resume``), then follows the plan for the new layout; another data plan or an
+older state format restarts at the beginning of the next epoch, with a message.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import itertools
 import json
 import logging
 import random
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,8 +35,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from unimlip_train.config.schema import Config
 from unimlip_train.data.collate import BatchNeeds, Collate, collated_batches
 from unimlip_train.data.decode import choose_views, decoded
-from unimlip_train.data.plan import source_quotas, stable_seed, windows
+from unimlip_train.data.plan import source_quotas, stable_seed
 from unimlip_train.data.raw import source_stream
+from unimlip_train.data.remainder import PlanFacts, StreamView, UnitSpec, fresh_spec, mix_order
 from unimlip_train.data.shards import resolve_sources
 from unimlip_train.data.skips import SkipCounter, SkipStats
 from unimlip_train.data.text import augment_report, model_text
@@ -42,7 +46,7 @@ from unimlip_train.data.worker_signals import worker_init
 
 log = logging.getLogger(__name__)
 
-_STATE_VERSION = 2
+_STATE_VERSION = 3
 
 
 def _after_replay(raws: Iterator[dict], consumed: int, handler: SkipCounter) -> Iterator[dict]:
@@ -60,30 +64,28 @@ def _after_replay(raws: Iterator[dict], consumed: int, handler: SkipCounter) -> 
 class _TrainUnits(IterableDataset):
     """What one DataLoader worker runs: its logical unit's batches, epoch after epoch, from its cursor."""
 
-    def __init__(self, cfg: Config, tokenizer, needs: BatchNeeds, sources: list, quotas: list, rank: int,
-                 workers: int, world_size: int, batches_per_unit: int, cursors: list, first_worker: int):
+    def __init__(self, cfg: Config, tokenizer, needs: BatchNeeds, sources: list, plan: PlanFacts, rank: int,
+                 workers: int, world_size: int, recut_specs: dict, cursors: list, first_worker: int):
         super().__init__()
-        self.cfg, self.needs, self.sources, self.quotas = cfg, needs, sources, quotas
+        self.cfg, self.needs, self.sources, self.plan = cfg, needs, sources, plan
         self.rank, self.workers, self.world_size = rank, workers, world_size
-        self.batches_per_unit, self.cursors, self.first_worker = batches_per_unit, cursors, first_worker
+        self.recut_specs, self.cursors, self.first_worker = recut_specs, cursors, first_worker
         self.collate = Collate(cfg, tokenizer, needs)
         self.augment = TrainAugment(cfg.data)
         self.mask_token = tokenizer.mask_token or "[MASK]"
 
-    def _mixed(self, epoch: int, unit: int, bufsize: int, handler: SkipCounter) -> Iterator[dict]:
-        """Deterministic weighted mix: a seeded permutation with exact per-source counts, then weighted draws."""
-        units, d = self.world_size * self.workers, self.cfg.data
-        streams, labels = [], []
-        for sidx, (src, quota) in enumerate(zip(self.sources, self.quotas)):
-            lo, hi = windows(quota, units, unit)
-            streams.append(source_stream(src, sidx, lo, hi, seed=self.cfg.seed, epoch=epoch, unit=unit,
-                                         resampled=d.resampled, bufsize=bufsize, handler=handler))
-            labels += [sidx] * (quota // units)
-        rng = random.Random(stable_seed(self.cfg.seed, "mix", epoch, unit))
-        rng.shuffle(labels)
-        weights = [s.weight for s in self.sources]
-        top_up = iter(lambda: rng.choices(range(len(streams)), weights=weights)[0], None)
-        for sidx in itertools.chain(labels, top_up):
+    def _spec(self, epoch: int, worker: int) -> UnitSpec:
+        """The unit's epoch: its share of a recut epoch, else the plan's window."""
+        if epoch in self.recut_specs:
+            return self.recut_specs[epoch][worker]
+        return fresh_spec(self.plan, self.world_size * self.workers, self.rank * self.workers + worker)
+
+    def _mixed(self, epoch: int, spec: UnitSpec, bufsize: int, handler: SkipCounter) -> Iterator[dict]:
+        """Deterministic weighted mix of the sources (``remainder.mix_order``) of one unit's epoch."""
+        streams = [source_stream(src, sidx, spec.ranges[sidx], seed=self.cfg.seed, epoch=epoch, unit=spec.unit,
+                                 resampled=self.cfg.data.resampled, bufsize=bufsize, handler=handler)
+                   for sidx, src in enumerate(self.sources)]
+        for sidx in mix_order(spec, self.plan, epoch):
             yield next(streams[sidx])
 
     def _pick(self, epoch: int):
@@ -109,17 +111,15 @@ class _TrainUnits(IterableDataset):
             sample["mlm_draws"] = rng.random((3, d.text.max_length), dtype=np.float32)
         return sample
 
-    def _epoch(self, worker: int, cursor: dict, handler: SkipCounter) -> Iterator[dict]:
+    def _epoch(self, worker: int, cursor: dict, spec: UnitSpec, handler: SkipCounter) -> Iterator[dict]:
         """Batches of one epoch of one unit, starting after ``cursor`` (consumed raw samples skipped undecoded,
-        and not counted again). An epoch takes ``batches_per_unit`` micro batches' worth of samples; a cursor
-        saved with another micro batch size may leave fewer than one batch at the end, dropped like the
-        epoch's remainder always is."""
-        epoch, unit = cursor["epoch"], self.rank * self.workers + worker
-        mb = self.cfg.train.micro_batch_size
+        and not counted again). An epoch takes ``spec.budget`` samples; a cursor saved with another micro batch
+        size may leave fewer than one batch at the end, dropped like the epoch's remainder always is."""
+        epoch, mb = cursor["epoch"], self.cfg.train.micro_batch_size
         counter = {"raw": cursor["raw"]}
-        left = (self.batches_per_unit * mb - cursor["taken"]) // mb * mb
+        left = (spec.budget(mb) - cursor["taken"]) // mb * mb
         pipeline = wds.DataPipeline(
-            lambda: self._mixed(epoch, unit, cursor["bufsize"], handler),
+            lambda: self._mixed(epoch, spec, cursor["bufsize"], handler),
             lambda raws: _after_replay(raws, cursor["raw"], handler),
             lambda raws: decoded(raws, handler, self.cfg.data, counter, self._pick(epoch)),
             lambda samples: itertools.islice(samples, left),
@@ -139,16 +139,18 @@ class _TrainUnits(IterableDataset):
         handler = SkipCounter(SkipStats(**cursor["skips"]))
         mb = self.cfg.train.micro_batch_size
         while True:  # the unit's stream never runs dry (top-up), so each epoch gives exactly its batches
-            if self.batches_per_unit * mb - cursor["taken"] >= mb:  # else: saved after its epoch's last batch
-                yield from self._epoch(worker, cursor, handler)
+            spec = self._spec(cursor["epoch"], worker)
+            if spec.budget(mb) - cursor["taken"] >= mb:  # else: saved after its epoch's last batch
+                yield from self._epoch(worker, cursor, spec, handler)
             cursor = {"epoch": cursor["epoch"] + 1, "raw": 0, "taken": 0, "bufsize": self.cfg.data.shuffle_buffer}
 
 
 class TrainStream:
     """Endless training batches for one rank; ``steps_per_epoch`` is identical on every rank.
 
-    ``state_dict()`` describes the position after the last batch handed out; ``load_state_dict`` before
-    iterating resumes exactly there (same samples, same augmentation).
+    ``state_dict()`` describes the position after the last batch handed out; ``load_state_dict`` (one rank's
+    state, same layout) or ``resume`` (any layout) before iterating resumes exactly there (same samples, same
+    augmentation), or, at another number of ranks or workers, with the rest of the interrupted epoch recut.
     """
 
     def __init__(self, cfg: Config, tokenizer, needs: BatchNeeds, rank: int, world_size: int):
@@ -161,6 +163,7 @@ class TrainStream:
         self.micro_batch_size = cfg.train.micro_batch_size
         self.sources = resolve_sources(cfg.data.train, "train")
         per_epoch, self.quotas = source_quotas(self.sources, cfg.data.samples_per_epoch)
+        self.plan = PlanFacts(tuple(self.quotas), tuple(s.weight for s in self.sources), cfg.seed, cfg.data.resampled)
         units = world_size * self.workers
         per_unit = sum(q // units for q in self.quotas)
         self.batches_per_unit = per_unit // self.micro_batch_size
@@ -179,9 +182,20 @@ class TrainStream:
         self._plan = stable_seed(shard_lists, self.quotas, cfg.data.resampled)
         self._delivered = 0
         self._cursors = [self._fresh_cursor(0, SkipCounter()) for _ in range(self.workers)]
+        self._recuts: dict[int, StreamView] = {}  # epoch -> the view whose remainder this layout recut
+        self._pending = None  # the view loaded at another layout, kept as the state until a batch is drawn
+        #: after a recut: {"epoch", "remaining", "from": (ranks, workers), "to": (ranks, workers)}
+        self.resharded = None
+        self.last_epoch = None  # the epoch of the last batch handed out
 
     def _fresh_cursor(self, epoch: int, skips: SkipCounter) -> dict:
         return {"epoch": epoch, "raw": 0, "taken": 0, "bufsize": self.cfg.data.shuffle_buffer, "skips": skips.state()}
+
+    def _spec(self, epoch: int, worker: int) -> UnitSpec:
+        """This rank's unit ``worker`` in ``epoch``: its share of a recut epoch, else the plan's window."""
+        unit, units = self.rank * self.workers + worker, self.world_size * self.workers
+        parent = self._recuts.get(epoch)
+        return parent.share(epoch, units, unit) if parent else fresh_spec(self.plan, units, unit)
 
     @property
     def skipped_samples(self) -> int:
@@ -196,18 +210,63 @@ class TrainStream:
     @property
     def epoch(self) -> int:
         """The epoch the next batch belongs to."""
-        c = self._cursors[self._delivered % self.workers]
-        done = self.batches_per_unit * self.micro_batch_size - c["taken"] < self.micro_batch_size
+        worker = self._delivered % self.workers
+        c, mb = self._cursors[worker], self.micro_batch_size
+        done = self._spec(c["epoch"], worker).budget(mb) - c["taken"] < mb
         return c["epoch"] + 1 if done else c["epoch"]
 
     def state_dict(self) -> dict:
+        if self._pending is not None:  # nothing drawn at this layout yet: the old layout, as it was
+            return {"version": _STATE_VERSION, "view": self._pending}
+        oldest = min(c["epoch"] for c in self._cursors)
         return {"version": _STATE_VERSION, "delivered": self._delivered,
-                "cursors": [json.loads(json.dumps(c)) for c in self._cursors], **self._layout()}
+                "cursors": [json.loads(json.dumps(c)) for c in self._cursors], **self._layout(),
+                "recuts": {str(e): v.data for e, v in self._recuts.items() if e >= oldest}}
 
     def _layout(self) -> dict:
         return {"rank": self.rank, "workers": self.workers, "world_size": self.world_size, "seed": self.cfg.seed,
                 "micro_batch_size": self.micro_batch_size, "steps_per_epoch": self.steps_per_epoch,
                 "plan": self._plan}
+
+    def resume(self, read_state: Callable[[int], dict], saved_world: int) -> None:
+        """Resume from a checkpoint written by ``saved_world`` ranks; ``read_state(r)`` gives rank r's
+        ``state_dict()``. The same ranks and workers: this rank's state, exactly (``load_state_dict``). Another
+        number of either: the rest of the interrupted epoch, recut for this layout (``load_view``); the other
+        ranks' states are read only then."""
+        own = read_state(self.rank) if self.rank < saved_world else read_state(0)
+        if own.get("version") != _STATE_VERSION:
+            self.load_state_dict(own, strict=False)  # an older format: the next epoch, with a message
+        elif "view" in own:
+            self.load_view(own["view"])
+        elif own["world_size"] == self.world_size and own["workers"] == self.workers:
+            self.load_state_dict(own)
+        else:
+            self.load_view(StreamView.build([own if r == self.rank else read_state(r) for r in range(saved_world)]))
+
+    def load_view(self, view: dict) -> None:
+        """Resume from every unit of a stream (``StreamView.build``): exactly, at its own layout; at another, with
+        the interrupted epoch's remainder recut for this one (``remainder.py``), its skip counts carried (summed,
+        on this layout's first unit)."""
+        layout = view["layout"]
+        if layout["world_size"] == self.world_size and layout["workers"] == self.workers:
+            k = self.rank * self.workers
+            self.load_state_dict({"version": _STATE_VERSION, "delivered": view["delivered"][self.rank],
+                                  "cursors": view["units"][k:k + self.workers], **layout, "rank": self.rank,
+                                  "recuts": view.get("recuts", {})})
+            return
+        parent = StreamView(view, self.plan)
+        skips = SkipStats.combine([SkipStats(**s) for s in parent.skips()])
+        diff = {k: (layout[k], v) for k, v in self._layout().items() if k in ("seed", "plan") and layout[k] != v}
+        if diff:
+            return self._restart(diff, view["units"], skips if self.rank == 0 else SkipStats())
+        start, epochs = parent.interrupted()
+        self._recuts = {e: parent for e in epochs}
+        self._cursors = [self._fresh_cursor(start, SkipCounter(skips if self.rank == 0 and w == 0 else None))
+                         for w in range(self.workers)]
+        self._delivered, self._pending = 0, view
+        epoch = epochs[0] if epochs else max(start - 1, 0)
+        self.resharded = {"epoch": epoch, "remaining": parent.remaining(epoch) if epochs else 0,
+                          "from": (layout["world_size"], layout["workers"]), "to": (self.world_size, self.workers)}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Resume at ``state`` (a ``state_dict()`` from a checkpoint), before iterating.
@@ -215,11 +274,14 @@ class TrainStream:
         * The same layout, or another micro batch size (positions count samples): exactly where it stopped.
           Another shuffle buffer: the current epoch finishes in its saved order; the new one applies from the
           next epoch.
-        * Another number of workers, seed or data plan (sources, weights, epoch size), another loader version,
-          or (``strict=False``) another rank / world size: positions inside an epoch do not map, so the stream
-          restarts at the beginning of the next epoch, with a message.
+        * A pending state (a view of another layout, saved before any batch was drawn): as ``load_view``.
+        * Another seed or data plan (sources, weights, epoch size), an older loader version, or (``strict=False``)
+          another rank / number of workers or ranks: positions inside an epoch do not map, so the stream
+          restarts at the beginning of the next epoch, with a message (``resume`` recuts instead).
         ``strict`` refuses (ValueError) a state saved by another rank or world size: that happens only when the
-        caller passes one knowingly (a world-size change, with ``strict=False``)."""
+        caller passes one knowingly (with ``strict=False``)."""
+        if "view" in state and state.get("version") == _STATE_VERSION:
+            return self.load_view(state["view"])
         now = self._layout()
         diff = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
         if strict and ("rank" in diff or "world_size" in diff):
@@ -228,6 +290,7 @@ class TrainStream:
         if state.get("version") == _STATE_VERSION and set(diff) <= {"micro_batch_size", "steps_per_epoch"}:
             self._delivered = int(state["delivered"])
             self._cursors = [json.loads(json.dumps(c)) for c in state["cursors"]]
+            self._recuts = {int(e): StreamView(v, self.plan) for e, v in state.get("recuts", {}).items()}
             if "micro_batch_size" in diff:
                 self._note("micro batch %d -> %d: the data stream continues exactly where it stopped",
                            *diff["micro_batch_size"])
@@ -239,10 +302,14 @@ class TrainStream:
             return
         if state.get("version") != _STATE_VERSION:
             diff["loader state version"] = (state.get("version"), _STATE_VERSION)
+        own = state.get("rank") == self.rank  # another rank's counts stay with that rank
         cursors = state.get("cursors", [])
+        self._restart(diff, cursors, SkipStats.combine([SkipStats(**c["skips"]) for c in cursors
+                                                        if own and "skips" in c]))
+
+    def _restart(self, diff: dict, cursors: list, carried: SkipStats) -> None:
+        """Start at the beginning of the epoch after the saved positions, with a message naming ``diff``."""
         next_epoch = max((c["epoch"] + (1 if c.get("raw", 0) else 0) for c in cursors), default=0)
-        own = state.get("rank") == self.rank  # another rank's counts stay with that rank (world-size change)
-        carried = SkipStats.combine([SkipStats(**c["skips"]) for c in cursors if own and "skips" in c])
         self._delivered = next_epoch * self.steps_per_epoch
         self._cursors = [self._fresh_cursor(next_epoch, SkipCounter(carried if i == 0 else None))
                          for i in range(self.workers)]
@@ -254,8 +321,9 @@ class TrainStream:
             log.warning(message, *args)
 
     def __iter__(self) -> Iterator[dict]:
-        dataset = _TrainUnits(self.cfg, self.tokenizer, self.needs, self.sources, self.quotas, self.rank,
-                              self.workers, self.world_size, self.batches_per_unit, self._cursors,
+        recut_specs = {e: [self._spec(e, w) for w in range(self.workers)] for e in self._recuts}
+        dataset = _TrainUnits(self.cfg, self.tokenizer, self.needs, self.sources, self.plan, self.rank,
+                              self.workers, self.world_size, recut_specs, self._cursors,
                               first_worker=self._delivered % self.workers)
         if self.num_workers > 0:
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
@@ -267,4 +335,5 @@ class TrainStream:
             cursor = batch.pop("_cursor")
             self._cursors[cursor.pop("worker")] = cursor
             self._delivered += 1
+            self._pending, self.last_epoch = None, cursor["epoch"]
             yield batch

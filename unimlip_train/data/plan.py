@@ -16,8 +16,9 @@ Why every rank yields exactly ``steps_per_epoch`` batches, and what is dropped:
     samples were corrupt tops up from the samples that follow its window, so no rank ever runs dry.
 
 A piece is ``(url, first, stop, pass)``: samples ``first`` to ``stop`` of one shard, read in the given pass
-(or resampling draw). ``raw.py`` reads the pieces; ``loader.py`` mixes the sources and cuts the batches.
-Evaluation cuts the unshuffled sequence into the same windows (``window_pieces``).
+(or resampling draw), optionally with a fifth element, the sample ranges of the shard wanted (a unit whose share
+of an epoch has holes: ``range_pieces``, ``remainder.py``). ``raw.py`` reads the pieces; ``loader.py`` mixes the
+sources and cuts the batches. Evaluation cuts the unshuffled sequence into the same windows (``window_pieces``).
 """
 from __future__ import annotations
 
@@ -63,6 +64,31 @@ def epoch_pieces(src: ShardSource, seed: int, epoch: int, sidx: int, start: int)
             if pos + n > start:
                 yield src.urls[i], max(0, start - pos), n, pass_no
             pos += n
+
+
+def range_pieces(src: ShardSource, seed: int, epoch: int, sidx: int, ranges: tuple) -> Iterator[tuple]:
+    """(url, first, stop, pass, wanted) pieces of the epoch sequence's positions in ``ranges`` (sorted, disjoint
+    ``(start, stop)`` pairs), one per shard they touch (``wanted``: that shard's sample ranges), then the sequence
+    from the end of the last range on, unbounded (the top-up). ``[(lo, hi)]`` reads what ``epoch_pieces`` does."""
+    todo = [(a, b) for a, b in ranges if b > a]
+    k, pos = 0, 0
+    for pass_no in itertools.count():
+        if k == len(todo):
+            break
+        for i in _pass_order(src, seed, epoch, sidx, pass_no):
+            n, wanted = src.counts[i], []
+            while k < len(todo) and todo[k][0] < pos + n:
+                a, b = todo[k]
+                wanted.append((max(a, pos) - pos, min(b, pos + n) - pos))
+                if b > pos + n:
+                    break  # the range goes on in the next shard
+                k += 1
+            if wanted:
+                yield src.urls[i], wanted[0][0], wanted[-1][1], pass_no, tuple(wanted)
+            pos += n
+            if k == len(todo):
+                break
+    yield from epoch_pieces(src, seed, epoch, sidx, ranges[-1][1])
 
 
 def resampled_pieces(src: ShardSource, seed: int, epoch: int, sidx: int, unit: int) -> Iterator[tuple]:

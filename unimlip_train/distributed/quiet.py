@@ -1,10 +1,8 @@
 """DeepSpeed's routine output, filtered line by line, and its one op build shared by every command of a venv.
 
 What goes: the per-rank "DeepSpeed ... built successfully" line of its CPU communication op, torch's
-``all_gather_into_tensor`` deprecation FutureWarning that DeepSpeed's ZeRO triggers on every rank, and the progress
-lines ``zero_to_fp32`` prints while consolidating a checkpoint ("Processing zero checkpoint", "Detected checkpoint
-of type", "Reconstructed fp32 state dict", its shard-loading bar). Only those exact lines are dropped: any other
-output, and any other warning, passes unchanged.
+``all_gather_into_tensor`` deprecation FutureWarning that DeepSpeed's ZeRO triggers on every rank. Only those
+exact lines are dropped: any other output, and any other warning, passes unchanged.
 
 The op build (60-90 s on a CPU machine) lands in ``TORCH_EXTENSIONS_DIR``, which defaults to ``torch_extensions``
 under the venv (as the tests use), and the venv's own ninja goes first on ``PATH``: torch's default folder is one
@@ -23,8 +21,6 @@ from typing import Iterator, TextIO
 
 #: Lines of DeepSpeed's that say nothing the run's own messages do not.
 OP_BUILT = re.compile(r"^DeepSpeed \S+ built successfully$")
-CONSOLIDATION = re.compile(r"^(Processing zero checkpoint|Parsing checkpoint created by deepspeed|Detected checkpoint "
-                           r"of type|Reconstructed (Frozen |Trainable )?fp32 state dict|Loading checkpoint shards)")
 
 
 def share_op_build() -> None:

@@ -18,7 +18,7 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.zero_stage == 3:
-        # Export consolidates from the fp32 partitions (zero_to_fp32), so skip the 16-bit gather on save.
+        # Export consolidates from the fp32 partitions (checkpoint/optimizer_state.py), so skip the 16-bit gather on save.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

@@ -264,10 +264,13 @@ class Monitor:
                 self._wandb.log(step, {tag: self._wandb.image(pixels, caption=text)})
         self._writer.flush()
 
-    def event(self, message: str) -> None:
-        """A one-off message (skipped step, resume, checkpoint) on the console of rank 0."""
+    def event(self, message: str, record: Optional[dict] = None) -> None:
+        """A one-off message (skipped step, resume, checkpoint) on the console of rank 0; with a ``record`` (its
+        numbers as fields, ``step`` among them) also a ``"split": "event"`` line in metrics.jsonl."""
         if self.enabled:
             print(message, file=sys.stdout, flush=True)
+            if record is not None:
+                self._write_jsonl({"split": "event", **record, "message": message})
 
     def _write_jsonl(self, record: dict) -> None:
         self._jsonl.write(json.dumps(record) + "\n")

@@ -35,8 +35,10 @@ def _group_of(model: nn.Module) -> dict[int, str]:
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
-    """Biases, norm weights and the temperature are not decayed (open_clip's rule)."""
-    return p.ndim < 2 or "logit_scale" in name
+    """Biases, norm weights and the temperature are not decayed (open_clip's rule). By the parameter's full
+    shape: a ZeRO-3 partitioned parameter's own tensor is an empty 1-D placeholder (a resume rebuilds the groups
+    after the engine exists)."""
+    return len(getattr(p, "ds_shape", p.shape)) < 2 or "logit_scale" in name
 
 
 def layer_scales(towers: Iterable[nn.Module], layer_decay: float) -> dict[int, float]:

@@ -22,7 +22,8 @@ from unimlip_train.engine.monitor import gpu_memory_gib
 from unimlip_train.engine.optim import group_lrs
 
 # Debug aid for exactness checks: when set to 1, each rank appends the sample keys of every micro batch to
-# run_dir/debug/sample_keys.rank{R}.jsonl as {"start": first step of this launch, "step": step, "keys": [...]}.
+# run_dir/debug/sample_keys.rank{R}.jsonl as {"start": first step of this launch, "step": step, "epoch": the data
+# epoch the batch belongs to, "keys": [...]}.
 SAMPLE_LOG_ENV = "UNIMLIP_LOG_SAMPLE_KEYS"
 
 
@@ -98,8 +99,8 @@ class SampleKeyLog:
     def if_requested(cls, run_dir: str, rank: int, start_step: int) -> Optional["SampleKeyLog"]:
         return cls(run_dir, rank, start_step) if os.environ.get(SAMPLE_LOG_ENV) == "1" else None
 
-    def write(self, step: int, keys) -> None:
-        self.file.write(json.dumps({"start": self.start, "step": step, "keys": list(keys)}) + "\n")
+    def write(self, step: int, keys, epoch: int) -> None:
+        self.file.write(json.dumps({"start": self.start, "step": step, "epoch": epoch, "keys": list(keys)}) + "\n")
         self.file.flush()
 
     def close(self) -> None:

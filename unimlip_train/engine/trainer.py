@@ -32,6 +32,7 @@ import unimlip_train.distributed.process_group as du
 import unimlip_train.engine.checkpoint as ck
 from unimlip_train.config.load import dump_yaml
 from unimlip_train.config.schema import Config
+from unimlip_train.config.validate import derive_grad_accum
 from unimlip_train.data.collate import batch_needs
 from unimlip_train.data.loader import TrainStream
 from unimlip_train.data.tokenizer import load_tokenizer
@@ -50,7 +51,6 @@ from unimlip_train.engine.optim import (
     build_optimizer,
     build_scheduler,
     clamp_parameter_,
-    fast_forward,
     follow_config_schedule,
     param_groups,
 )
@@ -112,6 +112,9 @@ class Trainer:
         cfg, run_dir = self.cfg, self.run_dir
         self.rank, self.world, self.local_rank = du.init_distributed(
             cfg.deepspeed.backend, collective_timeout_s(cfg.train.hang_timeout_s))
+        if cfg.train.global_batch_size:  # the accumulation that keeps the global batch at this world size
+            cfg.train.grad_accum = derive_grad_accum(cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                                     self.world)
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", self.local_rank) if self.cuda else torch.device("cpu")
         if self.cuda:
@@ -144,16 +147,21 @@ class Trainer:
         if self.saved is not None:
             ck.check_compatible(self.source, cfg, self.model)  # one message naming the keys, not a size mismatch
         step_module = TrainStep(self.model, UniMlipObjective(cfg))
-        self.same_layout = (self.saved is not None and self.saved.world_size == self.world
-                            and self.saved.zero_stage == cfg.deepspeed.zero_stage)
-        # DeepSpeed's own files only load into the layout that wrote them; otherwise the consolidated weights do.
+        self.same_layout = (self.saved is not None and self.saved.format == ck.DEEPSPEED
+                            and self.saved.world_size == self.world and self.saved.zero_stage == cfg.deepspeed.zero_stage)
+        # DeepSpeed's own files only load into the layout that wrote them; otherwise the consolidated state does:
+        # the weights now, the optimizer's master weights, moments and steps once the engine exists (``resume``).
+        self.carried = None
         if self.saved is not None and not self.same_layout:
-            self.model.load_state_dict(ck.consolidated_state_dict(self.source), strict=True)
+            weights, self.carried = ck.read_for_reshard(self.source)
+            self.model.load_state_dict(weights, strict=True)
         if cfg.train.compile:
             self.model.image_tower.compile(backend=cfg.train.compile_backend)
             self.model.text_tower.compile(backend=cfg.train.compile_backend)
         self.fresh_param_groups = lambda: param_groups(step_module, self.model, cfg)
         self.optimizer = build_optimizer(self.fresh_param_groups(), cfg)
+        names = {id(p): n for n, p in step_module.named_parameters()}
+        optimizer_params = [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=self.optimizer,
                                                     lr_scheduler=self.scheduler,
@@ -161,7 +169,8 @@ class Trainer:
         torch.manual_seed(cfg.seed + 1 + self.rank)  # dropout / feature noise differ per rank
         self.stream = TrainStream(cfg, self.tokenizer, batch_needs(cfg.loss), self.rank, self.world)
         self.state = ck.TrainerState(world_size=self.world, zero_stage=cfg.deepspeed.zero_stage,
-                                     config_hash=cfg.hash(), model_prefix=_model_prefix(step_module, self.model))
+                                     config_hash=cfg.hash(), model_prefix=_model_prefix(step_module, self.model),
+                                     optimizer_params=optimizer_params)
         self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision,
                                                                                 torch.float32)
         self.accumulate = cfg.train.grad_accum > 1 and cfg.train.negatives == "accumulated"
@@ -181,22 +190,46 @@ class Trainer:
         if saved.config_hash != state.config_hash:
             self.monitor.event(f"note: resuming {source} written with a different config (hash "
                                f"{saved.config_hash} -> {state.config_hash}); continuing with the new config")
+
+        def read_stream(rank: int) -> dict:  # the stream reads the other ranks' states only at another layout
+            return ck.read_rank_state(source, rank)["stream"]
+
         if self.same_layout:
             ck.load_engine(self.engine, source)
             follow_config_schedule(self.scheduler, self.fresh_param_groups(), cfg, state.step)
-            rank_state = ck.read_rank_state(source, self.rank)
-            self.stream.load_state_dict(rank_state["stream"])
-            ck.set_rng_state(rank_state["rng"])
-            self.monitor.event(f"resumed from {source} at step {state.step} ({state.samples_seen} samples seen)")
+            self.stream.resume(read_stream, saved.world_size)
+            ck.set_rng_state(ck.read_rank_state(source, self.rank)["rng"])
+            if self.stream.resharded is None:
+                self.monitor.event(f"resumed from {source} at step {state.step} ({state.samples_seen} samples seen)")
+                return
         else:
-            fast_forward(self.scheduler, state.step)
-            self.stream.load_state_dict(ck.read_rank_state(source, 0)["stream"], strict=False)
-            self.monitor.event(
-                f"resumed from {source} at step {state.step}, but the layout changed ({saved.world_size} -> "
-                f"{self.world} ranks, ZeRO {saved.zero_stage} -> {cfg.deepspeed.zero_stage}): model weights come "
-                "from the consolidated fp32 state, the optimizer moments start fresh, the lr schedule continues "
-                "at this step, and the data stream cannot continue mid-epoch (per-rank positions do not remap): "
-                f"it restarts at the beginning of epoch {self.stream.epoch}.")
+            if self.carried is not None:
+                ck.load_into(self.engine, self.carried, state.model_prefix)
+            follow_config_schedule(self.scheduler, self.fresh_param_groups(), cfg, state.step)
+            self.stream.resume(read_stream, saved.world_size)
+            ck.set_rng_state(ck.rank_rng(source, saved.world_size, self.rank, cfg.seed, state.step))
+        self._announce_reshard()
+
+    def _announce_reshard(self) -> None:
+        """The one line of a resume at another layout (ranks, ZeRO stage, loader units), also an event line in
+        metrics.jsonl with its numbers."""
+        saved, state, recut, cfg = self.saved, self.state, self.stream.resharded, self.cfg
+        kept = self.same_layout or self.carried is not None
+        moments = ("optimizer moments kept" if kept else "optimizer moments restart (a stage-0 checkpoint from before "
+                   "this version does not name its optimizer's parameters)")
+        record = {"event": "reshard", "step": state.step, "from_ranks": saved.world_size,
+                  "from_zero_stage": saved.zero_stage, "to_ranks": self.world, "to_zero_stage": cfg.deepspeed.zero_stage,
+                  "moments_kept": kept, "source": self.source}
+        if recut is not None:
+            data = (f"{recut['remaining']} samples of epoch {recut['epoch']} remaining, spread over "
+                    f"{self.world} × {self.stream.workers} loader units")
+            record.update(epoch=recut["epoch"], remaining_samples=recut["remaining"], loader_units=self.world *
+                          self.stream.workers, workers=self.stream.workers)
+        else:
+            data = f"the data stream continues at epoch {self.stream.epoch}"
+        self.monitor.event(f"resumed {self.source} at step {state.step}: from {saved.world_size} ranks / ZeRO "
+                           f"{saved.zero_stage} to {self.world} ranks / ZeRO {cfg.deepspeed.zero_stage}, {moments}, "
+                           f"{data}", record)
 
     # ------------------------------------------------------------------------------------------- loop
     def start(self) -> None:
@@ -277,7 +310,7 @@ class Trainer:
             self.state.samples_seen += global_micro
             self.window.samples += global_micro
             if self.sample_log is not None:
-                self.sample_log.write(self.state.step + 1, batch["key"])
+                self.sample_log.write(self.state.step + 1, batch["key"], self.stream.last_epoch)
             batches.append(_to_device(batch, self.device, self.compute_dtype))
         return batches
 

@@ -21,8 +21,10 @@ the partial checkpoint is removed, ``latest`` is untouched, and the message name
 
 The modules, bottom up: ``state`` (names, the trainer state, RNG and rank states), ``integrity`` (file
 records, complete / damaged / newest intact tag, reading a tag's state, model compatibility), ``save``
-(``CheckpointManager``: guarded writes, the completion marker, pruning), ``consolidate`` (fp32 weights of any
-ZeRO stage and world size). Loading a checkpoint for evaluation and exporting it live in
+(``CheckpointManager``: guarded writes, the completion marker, pruning), ``optimizer_state`` (Adam's state of
+any ZeRO stage as full per-parameter tensors, and the consolidated files), ``consolidate`` (fp32 weights of any
+ZeRO stage and world size), ``reshard`` (a checkpoint into an engine of another layout; the offline reshard),
+``describe`` (what a tag holds). Loading a checkpoint for evaluation and exporting it live in
 ``unimlip_train.export``.
 """
 from unimlip_train.engine.checkpoint.consolidate import consolidated_state_dict
@@ -36,8 +38,11 @@ from unimlip_train.engine.checkpoint.integrity import (
     read_state,
     resolve_checkpoint,
 )
+from unimlip_train.engine.checkpoint.reshard import load_into, rank_rng, read_for_reshard
 from unimlip_train.engine.checkpoint.save import FAULT_ENV, CheckpointManager
 from unimlip_train.engine.checkpoint.state import (
+    CONSOLIDATED,
+    DEEPSPEED,
     LATEST,
     STATE_FILE,
     CheckpointError,
@@ -52,7 +57,8 @@ from unimlip_train.engine.checkpoint.state import (
     tag_for,
 )
 
-__all__ = ["FAULT_ENV", "LATEST", "STATE_FILE", "CheckpointError", "CheckpointManager", "CheckpointWriteError",
-           "TrainerState", "check_compatible", "consolidated_state_dict", "damage", "file_records", "is_complete",
-           "latest_pointer", "load_engine", "newest_complete", "parameter_shapes", "read_rank_state", "read_state",
-           "resolve_checkpoint", "rng_state", "set_rng_state", "shape_differences", "tag_for"]
+__all__ = ["CONSOLIDATED", "DEEPSPEED", "FAULT_ENV", "LATEST", "STATE_FILE", "CheckpointError", "CheckpointManager",
+           "CheckpointWriteError", "TrainerState", "check_compatible", "consolidated_state_dict", "damage",
+           "file_records", "is_complete", "latest_pointer", "load_engine", "load_into", "newest_complete",
+           "parameter_shapes", "rank_rng", "read_for_reshard", "read_rank_state", "read_state", "resolve_checkpoint",
+           "rng_state", "set_rng_state", "shape_differences", "tag_for"]

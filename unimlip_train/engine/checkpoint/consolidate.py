@@ -1,63 +1,66 @@
-"""One fp32 state dict of the UniMlip weights from a tag, whatever ZeRO stage and world size wrote it: for a
-resume on another layout, for evaluation and for export.
+"""One fp32 state dict of the UniMlip weights from a tag, whatever ZeRO stage, precision and world size wrote it:
+for a resume on another layout, for evaluation and for export.
 
-Stage 0 keeps the full module in rank 0's model-states file; ZeRO-1 with bf16 weights keeps the fp32 master
-weights in DeepSpeed's BF16_Optimizer files, which its own consolidation refuses; every other case goes
-through DeepSpeed's ``zero_to_fp32``.
+The trainable parameters are the optimizer's fp32 master weights (``optimizer_state``: every stage, bf16 included,
+whose 16-bit module copies are only rounded from them); buffers and frozen (locked) parameters come from the
+model-states files (ZeRO-3 partitions frozen parameters too: their fragments are joined). A stage-0 tag written
+before the trainer recorded its optimizer's parameter names has its module weights read as they are. A resharded
+tag (``reshard.py``) holds the consolidated weights already (``model.safetensors``).
 """
 from __future__ import annotations
 
 import os
 
 import torch
+from safetensors.torch import load_file
 
-from unimlip_train.distributed.quiet import CONSOLIDATION, without_lines
 from unimlip_train.engine.checkpoint.integrity import read_state
+from unimlip_train.engine.checkpoint.optimizer_state import (
+    MODEL_STATES,
+    WEIGHTS_FILE,
+    ZERO3_MODEL_STATES,
+    OptimizerState,
+    load_pt,
+    rank_files,
+    read_optimizer_state,
+)
+from unimlip_train.engine.checkpoint.state import CONSOLIDATED, TrainerState
 
-_BF16_OPTIM_FILE = "bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+def _fp32(tensors: dict) -> dict:
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
 
 
-def _module_states(path: str) -> dict[str, torch.Tensor]:
-    """The module as rank 0's model-states file holds it (full tensors at stages 0 and 1), in fp32."""
-    blob = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=True)
-    return {k: v.float() if v.is_floating_point() else v for k, v in blob["module"].items()}
+def _module_tensors(path: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """What the model-states files hold besides the optimizer's parameters: everything at stages 0-2 (the module
+    in full), buffers and frozen parameters (joined from every rank's fragment) at stage 3; in fp32."""
+    if zero_stage < 3:
+        return _fp32(load_pt(os.path.join(path, MODEL_STATES))["module"])
+    files = rank_files(path, (ZERO3_MODEL_STATES,))
+    first = load_pt(files[0])
+    out = {k: v for k, v in first["module"].items() if k in set(first["buffer_names"])}
+    fragments = [load_pt(f)["frozen_param_fragments"] or {} for f in files]
+    for name, shape in (first["frozen_param_shapes"] or {}).items():
+        joined = torch.cat([frags[name].flatten() for frags in fragments])
+        out[name] = joined[:shape.numel()].view(shape)
+    return _fp32(out)
 
 
-def _bf16_optimizer_weights(path: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of a tag written by DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16 weights and fp32
-    gradient accumulation), which DeepSpeed's own consolidation refuses: every rank's flat fp32 partition,
-    cut into parameters by its slice map and joined in rank order; buffers from the model states."""
-    from deepspeed.utils.tensor_fragment import fragment_address  # deepspeed: heavy, imported when needed
-
-    full, pieces = _module_states(path), {}
-    rank = 0
-    while os.path.isfile(file := os.path.join(path, _BF16_OPTIM_FILE.format(rank=rank))):
-        with torch.serialization.safe_globals([fragment_address]):
-            optim = torch.load(file, map_location="cpu", weights_only=True)["optimizer_state_dict"]
-        for flat, mapping in zip(optim["single_partition_of_fp32_groups"], optim["param_slice_mappings"]):
-            for name, frag in mapping.items():
-                pieces.setdefault(name, []).append(flat.narrow(0, frag.start, frag.numel))
-        rank += 1
-    for name, parts in pieces.items():
-        full[name] = torch.cat(parts).view(full[name].shape).float()
-    return full
+def engine_state(path: str, state: TrainerState) -> tuple[dict, OptimizerState | None]:
+    """(every tensor of the TrainStep's state dict in fp32, its optimizer state), names with the engine's prefix,
+    of a DeepSpeed tag; the optimizer state is None where nothing maps (see the module doc)."""
+    optim = read_optimizer_state(path, state.zero_stage, state.optimizer_params)
+    full = _module_tensors(path, state.zero_stage)
+    if optim is not None:
+        full.update(optim.master)
+    return full, optim
 
 
 def consolidated_state_dict(path: str) -> dict[str, torch.Tensor]:
     """fp32 UniMlip weights of a tag, independent of the ZeRO stage and world size that wrote it."""
     state = read_state(path)
-    if state.zero_stage == 0:
-        # Stage 0 keeps the full module in rank 0's model-states file (DeepSpeed's own file format).
-        full = _module_states(path)
-    elif os.path.isfile(os.path.join(path, _BF16_OPTIM_FILE.format(rank=0))):
-        full = _bf16_optimizer_weights(path)
-    else:
-        # deepspeed: heavy, imported only for a ZeRO tag (an export of a stage-0 run never loads it)
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with without_lines(CONSOLIDATION):  # its progress lines, four per consolidation
-            full = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
-        if state.zero_stage == 1:  # ZeRO-1 records frozen (locked) parameters only in the module states
-            full.update({k: v for k, v in _module_states(path).items() if k not in full})
+    if state.format == CONSOLIDATED:
+        return load_file(os.path.join(path, WEIGHTS_FILE))
+    full, _ = engine_state(path, state)
     p = state.model_prefix
     return {k[len(p):]: v for k, v in full.items() if k.startswith(p)}

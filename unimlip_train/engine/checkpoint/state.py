@@ -16,6 +16,8 @@ import torch
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+#: ``TrainerState.format`` of a tag DeepSpeed wrote, and of one holding consolidated tensors (``reshard.py``)
+DEEPSPEED, CONSOLIDATED = "deepspeed", "consolidated"
 TAG_RE = re.compile(r"^step_(\d{7,})$")
 
 
@@ -45,6 +47,10 @@ class TrainerState:
     rollbacks: int = 0  # loss-spike rollbacks so far (engine.health.rollback)
     rollback_skipped: int = 0  # samples read, then skipped by those rollbacks
     loss_history: list = field(default_factory=list)  # the spike guard's window of recent normal losses
+    # the names of the optimizer's parameters, group by group, in its order (stage 0 keeps its state by index)
+    optimizer_params: list = field(default_factory=list)
+    format: str = DEEPSPEED  # DeepSpeed's files, or consolidated ones (``unimlip-checkpoint reshard``)
+    resharded_from: dict = field(default_factory=dict)  # a consolidated tag: the layout and tag it came from
 
 
 def parameter_shapes(module: torch.nn.Module, prefix: str = "") -> dict[str, list[int]]:
@@ -88,11 +94,17 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """A saved ``rng_state()``, or ``{"seed": s}`` (a rank a layout change added: every generator seeded)."""
+    if "seed" in state:
+        random.seed(state["seed"])
+        np.random.seed(state["seed"] % 2**32)
+        torch.manual_seed(state["seed"])
+        return
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
