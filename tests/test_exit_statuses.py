@@ -32,7 +32,7 @@ CHECKED = {
     "test_shard_statuses_and_sigterm": {("unimlip-shard", 0), ("unimlip-shard", 1), ("unimlip-shard", 2)},
     "test_other_commands": {("unimlip-demo", 1), ("unimlip-demo", 2), ("unimlip-eval", 1), ("unimlip-eval", 2),
                             ("unimlip-finetune", 1), ("unimlip-finetune", 2), ("unimlip-export", 2),
-                            ("unimlip-fetch-weights", 2), ("unimlip-submit", 2)},
+                            ("unimlip-fetch-weights", 2), ("unimlip-submit", 2), ("unimlip-checkpoint", 2)},
 }
 
 
@@ -164,6 +164,9 @@ def test_other_commands(shards, tmp_path):
         ([*finetune], 2, "--test-split test: "),
         ([*finetune, "--test-split", "val"], 1, str(missing)),
         ([BIN / "unimlip-export", missing, "--out", tmp_path / "ex"], 2, "no such directory"),
+        ([BIN / "unimlip-checkpoint", "inspect", missing], 2, "no such directory"),
+        ([BIN / "unimlip-checkpoint", "reshard", missing, "--world-size", "2", "--out", tmp_path / "r"], 2,
+         "no such directory"),
         ([BIN / "unimlip-fetch-weights", TINY, "--out", tmp_path / "w", "trian.x=1"], 2, "unknown key 'trian'"),
         ([BIN / "unimlip-submit", "train", "--config", TINY, "--run-dir", tmp_path / "s", "--dry-run",
           "trian.steps=5"], 2, "unknown key 'trian'"),
