@@ -41,6 +41,32 @@ from unimlip_train.eval.run import run_eval
 from unimlip_train.eval.validate import validate_with_examples
 from unimlip_train.export import resolve_checkpoint
 
+CALLER_ENV_PREFIX = "UNIMLIP_"
+
+
+def caller_environment() -> dict[str, str]:
+    """The submitting shell's ``UNIMLIP_*`` variables (debug logs, fault injection), which a job sets again
+    when it starts: sbatch exports the caller's environment only where the site leaves ``--export=ALL``."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(CALLER_ENV_PREFIX)}
+
+
+def _apply_environment(env: dict[str, str]) -> None:
+    os.environ.update(env)
+    if env:
+        print(f"unimlip job: from the submitter's environment: {', '.join(f'{k}={v}' for k, v in env.items())}",
+              flush=True)
+
+
+class WithCallerEnvironment:
+    """``fn`` run with the submitter's ``UNIMLIP_*`` variables (for the plain functions of the shard jobs)."""
+
+    def __init__(self, fn):
+        self.fn, self.env = fn, caller_environment()
+
+    def __call__(self, *args, **kwargs):
+        _apply_environment(self.env)
+        return self.fn(*args, **kwargs)
+
 
 class RequeueLimitReached(RuntimeError):
     """Preempted again after ``--max-requeues`` requeues: the job fails so someone looks at it."""
@@ -72,8 +98,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.config = config  # resolved Config as a plain dict (no pickled classes across versions)
         self.run_dir = run_dir
         self.max_requeues = max_requeues
+        self.env = caller_environment()  # captured on the submitting machine
 
     def __call__(self) -> Any:
+        _apply_environment(self.env)
         flag = PreemptionFlag()
         flag.install(signal.SIGUSR2, signal.SIGTERM)  # after Submitit's setup, so ours win
         dist_env = _export_rendezvous()
@@ -176,8 +204,10 @@ class EvalJob:
     def __init__(self, args: argparse.Namespace, out: str):
         self.args = argparse.Namespace(**{**vars(args), "out": out})
         self.out = out
+        self.env = caller_environment()  # captured on the submitting machine
 
     def __call__(self) -> dict:
+        _apply_environment(self.env)
         _export_rendezvous()
         os.makedirs(os.path.dirname(self.out), exist_ok=True)
         try:

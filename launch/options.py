@@ -6,6 +6,7 @@ Public for the command-line modules in ``unimlip_train.cli`` (launch never impor
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from launch import slurm
@@ -17,7 +18,10 @@ def add_slurm_arguments(p: argparse.ArgumentParser, ranks: bool) -> None:
     g = p.add_argument_group("SLURM resources")
     g.add_argument("--partition", default="", help="partition (checked with sinfo; default: the cluster's default)")
     g.add_argument("--time", default="01:00:00", help="time limit, HH:MM:SS or D-HH:MM:SS (default 01:00:00)")
-    g.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    g.add_argument("--nodes", default="1", metavar="A or A-B",
+                   help="nodes (default 1); A-B: an elastic training job that starts on as many as it gets, at least A, "
+                        "and when it loses a node is requeued and resumes on what is left (needs "
+                        "train.global_batch_size)")
     if ranks:
         per_node = g.add_mutually_exclusive_group()
         per_node.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one rank (task) per GPU")
@@ -39,11 +43,27 @@ def add_slurm_arguments(p: argparse.ArgumentParser, ranks: bool) -> None:
     g.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved config; submit nothing")
 
 
-def resources(args: argparse.Namespace, default_name: str, tasks_per_node: int = 1, gpus_per_node: int = 0) -> Resources:
-    """The job's resources from those options (``default_name``: the job name unless --job-name)."""
-    if args.nodes < 1:
-        raise LaunchError(f"--nodes {args.nodes}: must be >= 1")
-    return Resources(partition=args.partition, time=args.time, nodes=args.nodes, tasks_per_node=tasks_per_node,
+def node_range(text: str) -> tuple[int, int]:
+    """``--nodes`` as (at least, at most): ``2`` is (2, 2), ``1-4`` is (1, 4)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(text))
+    if not m:
+        raise LaunchError(f"--nodes {text!r}: expected a number of nodes (2) or a range (1-2)")
+    low = int(m.group(1))
+    high = int(m.group(2)) if m.group(2) is not None else low
+    if low < 1 or high < low:
+        raise LaunchError(f"--nodes {text}: must be >= 1, and a range A-B needs A <= B")
+    return low, high
+
+
+def resources(args: argparse.Namespace, default_name: str, tasks_per_node: int = 1, gpus_per_node: int = 0,
+              elastic: bool = False) -> Resources:
+    """The job's resources from those options (``default_name``: the job name unless --job-name; ``elastic``:
+    the job may take a node range, ``--nodes A-B``)."""
+    low, high = node_range(args.nodes)
+    if high > low and not elastic:
+        raise LaunchError(f"--nodes {args.nodes}: a node range (an elastic job) is for `unimlip-submit train` only; "
+                          "give one number")
+    return Resources(partition=args.partition, time=args.time, nodes=low, max_nodes=high, tasks_per_node=tasks_per_node,
                      gpus_per_node=gpus_per_node, cpus_per_task=args.cpus_per_task, mem=args.mem,
                      account=args.account, qos=args.qos, constraint=args.constraint, exclusive=args.exclusive,
                      comment=args.comment, dependency=args.dependency, signal_seconds=args.signal_seconds,

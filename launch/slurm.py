@@ -33,6 +33,7 @@ class Resources:
     partition: str = ""
     time: str = "01:00:00"
     nodes: int = 1
+    max_nodes: int = 0  # above ``nodes``: an elastic job, ``--nodes nodes-max_nodes``
     tasks_per_node: int = 1
     gpus_per_node: int = 0
     cpus_per_task: Optional[int] = None
@@ -97,7 +98,8 @@ def sbatch_parameters(res: Resources) -> dict[str, Any]:
     """``res`` in the names Submitit's SlurmExecutor takes (sbatch's, with ``time`` in minutes).
 
     The job asks for ``--signal USR2@signal_seconds`` and ``--requeue``, so it can checkpoint before its
-    time limit and put itself back in the queue even on clusters where requeueing is off by default.
+    time limit and put itself back in the queue even on clusters where requeueing is off by default, and so
+    SLURM requeues it when one of its nodes fails.
     """
     minutes = parse_time_minutes(res.time)
     if res.signal_seconds >= minutes * 60:
@@ -107,7 +109,16 @@ def sbatch_parameters(res: Resources) -> dict[str, Any]:
                               "additional_parameters": {"requeue": True, **res.extra},
                               # one rank failing ends the step, instead of the others waiting in a collective
                               "srun_args": ["--kill-on-bad-exit=1"]}
-    optional = {"gpus_per_node": res.gpus_per_node, "cpus_per_task": res.cpus_per_task, "partition": res.partition,
+    cpus_per_task = res.cpus_per_task
+    if res.max_nodes > res.nodes:
+        # A node range with --ntasks-per-node makes SLURM count the tasks from the minimum and allocate the fewest
+        # nodes. Without it SLURM allocates as many nodes of the range as it can (one task each), and srun puts
+        # the ranks on every node it got. (Submitit keeps the minimum as its own count of the job's tasks.)
+        params["additional_parameters"]["nodes"] = f"{res.nodes}-{res.max_nodes}"
+        del params["ntasks_per_node"]
+        params["srun_args"] += [f"--ntasks-per-node={res.tasks_per_node}", f"--cpus-per-task={cpus_per_task or 1}"]
+        cpus_per_task = res.tasks_per_node * (cpus_per_task or 1)
+    optional = {"gpus_per_node": res.gpus_per_node, "cpus_per_task": cpus_per_task, "partition": res.partition,
                 "mem": res.mem, "account": res.account, "qos": res.qos, "constraint": res.constraint,
                 "comment": res.comment, "dependency": res.dependency, "exclusive": res.exclusive or None}
     params.update({k: v for k, v in optional.items() if v})
@@ -117,7 +128,7 @@ def sbatch_parameters(res: Resources) -> dict[str, Any]:
 def make_executor(folder: Path, res: Resources, cluster: str) -> submitit.Executor:
     """A Submitit executor for ``cluster``: 'slurm', or 'local' (same job as local processes, for debugging)."""
     if cluster == "local":
-        if res.nodes != 1:
+        if max(res.nodes, res.max_nodes) != 1:
             raise LaunchError("--cluster local runs on this machine only: use --nodes 1")
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=parse_time_minutes(res.time), tasks_per_node=res.tasks_per_node,
@@ -162,9 +173,9 @@ class JobState:
 def query_states(job_ids: list[str]) -> dict[str, JobState]:
     """Current state of each job (array tasks listed as ``ID_TASK``) from ``sacct``, else ``squeue``.
 
-    ``sacct -D`` lists every run of a requeued job, oldest first: the last is the current state and the
-    earlier REQUEUED ones count the requeues. Without accounting only queued/running jobs are visible;
-    the others are reported as UNKNOWN.
+    ``sacct -D`` lists every run of a requeued job, oldest first: the last is the current state and each
+    earlier one (REQUEUED after a preemption, NODE_FAIL after a lost node) counts a requeue. Without
+    accounting only queued/running jobs are visible; the others are reported as UNKNOWN.
     """
     found: dict[str, JobState] = {}
     if job_ids and shutil.which("sacct"):
@@ -172,14 +183,12 @@ def query_states(job_ids: list[str]) -> dict[str, JobState]:
         cmd = ["sacct", "-X", "-D", "-n", "-P", "-o", "JobID,State,Elapsed,ExitCode", "-j", ",".join(job_ids)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if out.returncode == 0:
-            requeues: dict[str, int] = {}
             for line in out.stdout.splitlines():
                 parts = line.split("|")
                 if len(parts) < 4:
                     continue
-                state = parts[1].split(" ")[0]
-                requeues[parts[0]] = requeues.get(parts[0], 0) + (state == "REQUEUED")
-                found[parts[0]] = JobState(parts[0], state, parts[2], parts[3], requeues[parts[0]])
+                earlier = found[parts[0]].requeues + 1 if parts[0] in found else 0
+                found[parts[0]] = JobState(parts[0], parts[1].split(" ")[0], parts[2], parts[3], earlier)
     missing = [j for j in job_ids if j not in found]
     if missing and shutil.which("squeue"):
         arrays = sorted({j.split("_")[0] for j in missing})

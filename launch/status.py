@@ -1,5 +1,6 @@
-"""``unimlip-submit status``: the jobs of a run dir (from its ``submissions.jsonl``), their SLURM states and the
-training progress the run dir itself shows, optionally waiting until every job has ended."""
+"""``unimlip-submit status``: the jobs of a run dir (from its ``submissions.jsonl``), their SLURM states (and why
+a pending one waits), the shape of the training's last launch and the progress the run dir itself shows,
+optionally waiting until every job has ended."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,9 @@ import time
 from pathlib import Path
 
 from launch import slurm
+from launch.pending import why_pending
 from launch.runs import submissions
+from unimlip_train.engine.world import describe_launch, read_world
 
 
 def _progress(run_dir: Path) -> str:
@@ -59,14 +62,19 @@ def show_status(args: argparse.Namespace) -> int:
     print(f"run dir: {run_dir}")
     kinds = {str(r["job_id"]): (r["kind"], r.get("time", "")) for r in records}
     kinds.update({str(r["merge_job_id"]): ("merge", r.get("time", "")) for r in records if r.get("merge_job_id")})
+    why = why_pending([j for j, s in states.items() if s.state == "PENDING"])
     for j, s in states.items():
         kind, submitted = kinds.get(j.split("_")[0], ("?", ""))
         restarts = f" requeued {s.requeues}x" if s.requeues else ""
         print(f"  {j:<14} {kind:<6} {s.state:<12} elapsed {s.elapsed or '-':<10} "
               f"exit {s.exit_code or '-':<6}{restarts}  submitted {submitted}")
+        if j in why:
+            print(f"  {'':<14} waiting: {why[j]}")
     for r in records:
         if r.get("cluster") == "local":
             print(f"  {r['job_id']:<14} {r.get('kind', '?'):<6} (local run)  {r.get('time', '')}")
+    if (world := read_world(str(run_dir))) is not None:
+        print(f"last {describe_launch(world, str(run_dir))}")
     if (progress := _progress(run_dir)):
         print(f"progress: {progress}")
     if records:

@@ -8,6 +8,7 @@ record to ``RUN_DIR/submissions.jsonl``, which ``unimlip-submit status --run-dir
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from launch import slurm
-from launch.jobs import EvalJob, TrainJob
+from launch.jobs import EvalJob, TrainJob, WithCallerEnvironment, caller_environment
 from launch.options import after_dashes, preflight, ranks, resources
 from launch.runs import check_run_dir, record_submission, write_config
 from launch.sharding import encode_slice, merge_slices, parse_shard_argv
@@ -29,10 +30,13 @@ from unimlip_train.models.pretrained import resolve_towers
 def _report(job, run_dir: Path, kind: str, argv: Sequence[str], extra: dict) -> None:
     """Print what the user needs to find the job again, and record it in the run dir."""
     stdout, stderr = slurm.log_paths(job)
+    env = caller_environment()
     record = {"kind": kind, "job_id": str(job.job_id), "stdout": stdout, "stderr": stderr,
-              "folder": str(job.paths.folder), "argv": list(argv), **extra}
+              "folder": str(job.paths.folder), "argv": list(argv), **extra, "env": env}
     record_submission(run_dir, record)
     print(f"job_id: {record['job_id']}")
+    if env:
+        print(f"environment passed into the job: {' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())}")
     print(f"stdout: {stdout}")
     print(f"stderr: {stderr}")
     print(f"run_dir: {run_dir}")
@@ -62,7 +66,9 @@ def submit_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                                  args.nodes * tasks)
     if args.max_requeues < 0:
         raise LaunchError("--max-requeues must be >= 0")
-    folder, res = run_dir / "slurm" / "%j", resources(args, "unimlip-train", tasks, gpus)
+    folder, res = run_dir / "slurm" / "%j", resources(args, "unimlip-train", tasks, gpus, elastic=True)
+    if res.max_nodes > res.nodes:
+        check_elastic_batch(cfg, res.nodes, res.max_nodes, tasks)
     if args.dry_run:
         print("# ---- sbatch script (not submitted) ----")
         print(slurm.sbatch_script(folder, res), end="")
@@ -77,6 +83,27 @@ def submit_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                           "tasks_per_node": tasks, "gpus_per_node": gpus, "time_limit": args.time,
                                           "partition": args.partition})
     return _wait_local([job]) if args.cluster == "local" else 0
+
+
+def check_elastic_batch(cfg, low: int, high: int, tasks_per_node: int) -> None:
+    """An elastic job (``--nodes low-high``) restarts on any node count in the range: it needs a fixed
+    ``train.global_batch_size`` (the grad accumulation follows the world size), divisible at every count."""
+    micro = cfg.train.micro_batch_size
+    # train.global_batch_size comes with the elastic resume (issue 17); until then no config has one.
+    global_batch = getattr(cfg.train, "global_batch_size", 0)
+    if not global_batch:
+        fits = micro * tasks_per_node * math.lcm(*range(low, high + 1))
+        raise LaunchError(
+            f"--nodes {low}-{high} is an elastic job: set train.global_batch_size, so that a restart on fewer nodes "
+            f"trains with the same batch (e.g. train.global_batch_size={fits}: micro batch {micro} x "
+            f"{tasks_per_node} rank(s) per node x any node count from {low} to {high} divides it)")
+    for nodes in range(low, high + 1):
+        world = nodes * tasks_per_node
+        if global_batch % (micro * world):
+            raise LaunchError(
+                f"train.global_batch_size {global_batch} is not a multiple of micro batch {micro} x {world} ranks "
+                f"({nodes} node(s) x {tasks_per_node}): the elastic job could not run on {nodes} node(s); choose a "
+                f"global batch that every node count in {low}-{high} divides")
 
 
 def submit_eval(args: argparse.Namespace, argv: Sequence[str], eval_argv: list[str],
@@ -117,7 +144,7 @@ def submit_shard(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"# unimlip-shard {shlex.join(shard_argv)}")
         return 0
     array_ex = preflight(args, folder, res)
-    jobs = array_ex.map_array(encode_slice, [shard_argv] * k, range(k), [k] * k)
+    jobs = array_ex.map_array(WithCallerEnvironment(encode_slice), [shard_argv] * k, range(k), [k] * k)
     array_id = str(jobs[0].job_id).split("_")[0]
     if args.cluster == "local":  # no scheduler to hold the merge back: wait here
         if _wait_local(jobs):
@@ -125,7 +152,7 @@ def submit_shard(args: argparse.Namespace, argv: Sequence[str]) -> int:
         merge_res = replace(merge_res, dependency=None)
     else:
         merge_res = replace(merge_res, dependency=f"afterany:{array_id}")
-    merge = slurm.make_executor(folder, merge_res, args.cluster).submit(merge_slices, shard_argv, k)
+    merge = slurm.make_executor(folder, merge_res, args.cluster).submit(WithCallerEnvironment(merge_slices), shard_argv, k)
     _report(jobs[0], run_dir, "shard", argv, {"cluster": args.cluster, "job_id": array_id, "array_size": k,
                                               "merge_job_id": str(merge.job_id), "out": str(out)})
     print(f"merge_job_id: {merge.job_id}")

@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_slurm import cluster, sacct_state  # noqa: F401  (cluster: the session fixture that starts local SLURM)
+from test_slurm import cluster  # noqa: F401  (the session fixture that starts the local SLURM)
+
+from slurm_jobs import sacct_state
 
 REPO = Path(__file__).resolve().parent.parent
 ABLATIONS = REPO / "configs" / "ablations"

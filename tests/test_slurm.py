@@ -11,11 +11,8 @@ import csv
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 import tarfile
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -25,11 +22,17 @@ import yaml
 from PIL import Image
 
 from conftest import IU_REPORTS_TGZ, PNEUMONIAMNIST_NPZ
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "configs" / "tiny_cpu.yaml"
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-            "DEADLINE"}
+from slurm_jobs import (
+    TINY,
+    cluster_up,
+    job_id_of,
+    metrics,
+    shard_cli,
+    steps_logged,
+    submit,
+    wait_done,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 
@@ -39,79 +42,15 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="session")
 def cluster() -> str:
-    """Bring the local SLURM up (idempotent); skip only where it cannot start, never in CI."""
-    script = REPO / "launch" / "local_cluster.sh"
-    reason = ""
-    if os.geteuid() != 0:
-        reason = "launch/local_cluster.sh needs root"
-    elif shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
-        reason = "no SLURM installed and no apt-get to install it"
-    else:
-        done = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            reason = f"local_cluster.sh up failed: {done.stderr.strip()[-2000:]}"
-    if reason:
-        if os.environ.get("UNIMLIP_REQUIRE_SLURM") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, check=True).stdout.split()[0]
-
-
-def submit(*args: str, expect: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "unimlip_train.cli.submit", *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, env=env)
-    assert done.returncode == expect, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-    return done
-
-
-def job_id_of(stdout: str, key: str = "job_id") -> str:
-    ids = re.findall(rf"^{key}: (\S+)$", stdout, flags=re.M)
-    assert len(ids) == 1, stdout
-    return ids[0]
-
-
-def sacct_state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", job_id],
-                         capture_output=True, text=True, check=True).stdout
-    states = dict(line.split("|")[:2] for line in out.splitlines() if "|" in line)
-    return states.get(job_id, "UNKNOWN").split(" ")[0]
-
-
-def wait_done(job_id: str, timeout: float = 420) -> str:
-    """Poll sacct until the job reaches a terminal state (a requeued job passes through PENDING again)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = sacct_state(job_id)
-        if state in TERMINAL:
-            return state
-        time.sleep(1)
-    subprocess.run(["scancel", job_id], check=False)
-    raise AssertionError(f"job {job_id} still {sacct_state(job_id)} after {timeout} s")
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("split") == "train"]
-
-
-def steps_logged(run_dir: Path) -> int:
-    """Train lines metrics.jsonl holds so far (complete lines only: the job may be writing one)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    text = path.read_text()
-    return sum('"split": "train"' in line for line in text[: text.rfind("\n") + 1].splitlines())
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_prep.cli", *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+    """The local SLURM with one node (idempotent; skips only where it cannot start, never in CI)."""
+    return cluster_up(nodes=1)
 
 
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("syn") / "shards"
-    done = cli("synthetic", "--n", "96", "--image-size", "64", "--out", str(out), "--workers", "1", "--no-progress")
+    done = shard_cli("synthetic", "--n", "96", "--image-size", "64", "--out", str(out), "--workers", "1",
+                     "--no-progress")
     assert done.returncode == 0, done.stderr
     return out
 
@@ -225,13 +164,6 @@ def test_two_rank_job_completes_with_checkpoints_and_tensorboard(reference_run):
     assert "rank 1/2" in log  # the second task really was rank 1 of 2
 
 
-def _wait_for(what: str, predicate, job_id: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline and sacct_state(job_id) not in TERMINAL, f"job {job_id} never got to {what}"
-        time.sleep(0.3)
-
-
 def test_preempted_and_requeued_job_resumes_exactly(tmp_path, cluster, synthetic_shards, reference_run):
     """USR2 (the time-limit warning): checkpoint, self-requeue, resume with no step lost or repeated; then an
     external ``scontrol requeue`` (SIGTERM, then SIGKILL after KillWait): the rerun resumes from the last
@@ -240,12 +172,12 @@ def test_preempted_and_requeued_job_resumes_exactly(tmp_path, cluster, synthetic
     done = submit(*train_args(run_dir, synthetic_shards, cluster, STEPS))
     job_id = job_id_of(done.stdout)
     log_path = Path(job_id_of(done.stdout, "stdout"))
-    _wait_for("step 2", lambda: steps_logged(run_dir) >= 2, job_id)
+    wait_for("step 2", lambda: steps_logged(run_dir) >= 2, job_id)
     subprocess.run(["scancel", "--signal", "USR2", job_id], check=True)
-    _wait_for("its resume", lambda: "requeues so far 1" in log_path.read_text(), job_id)
+    wait_for("its resume", lambda: "requeues so far 1" in log_path.read_text(), job_id)
     resume_step = int(re.search(r"SIGUSR2 received, checkpointed at step (\d+)", log_path.read_text()).group(1))
     assert 2 <= resume_step < STEPS - 4
-    _wait_for("two steps after its resume", lambda: steps_logged(run_dir) >= resume_step + 2, job_id)
+    wait_for("two steps after its resume", lambda: steps_logged(run_dir) >= resume_step + 2, job_id)
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     assert wait_done(job_id) == "COMPLETED", Path(job_id_of(done.stdout, "stderr")).read_text()[-3000:]
 
@@ -277,7 +209,7 @@ def test_preemption_beyond_max_requeues_fails_with_its_checkpoint(tmp_path, clus
     run_dir = tmp_path / "run"
     done = submit(*train_args(run_dir, synthetic_shards, cluster, STEPS, "--max-requeues", "0"))
     job_id = job_id_of(done.stdout)
-    _wait_for("step 1", lambda: steps_logged(run_dir) >= 1, job_id)
+    wait_for("step 1", lambda: steps_logged(run_dir) >= 1, job_id)
     subprocess.run(["scancel", "--signal", "USR2", job_id], check=True)
     assert wait_done(job_id) == "FAILED"
     err = Path(job_id_of(done.stdout, "stderr")).read_text()
@@ -375,7 +307,7 @@ def test_shard_array_matches_single_process_run(tmp_path, cluster, manifest):
     shard_args = ["manifest", "--manifest", str(manifest), "--shard-size", "6", "--val-fraction", "0.2",
                   "--max-size", "24", "--seed", "3", "--no-progress"]
     single = tmp_path / "single"
-    done = cli(*shard_args, "--workers", "1", "--out", str(single))
+    done = shard_cli(*shard_args, "--workers", "1", "--out", str(single))
     assert done.returncode == 0, done.stderr
 
     arrayed = tmp_path / "arrayed"
@@ -386,7 +318,7 @@ def test_shard_array_matches_single_process_run(tmp_path, cluster, manifest):
     # polled: the accounting record of an array task can lag behind the merge job's
     assert {wait_done(f"{array_id}_{k}", timeout=60) for k in range(3)} == {"COMPLETED"}
 
-    verify = cli("verify", str(arrayed), "--decode")
+    verify = shard_cli("verify", str(arrayed), "--decode")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     index = json.loads((arrayed / "index.json").read_text())
     assert index == json.loads((single / "index.json").read_text())

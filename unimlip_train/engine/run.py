@@ -9,7 +9,8 @@
 3. the stop flag starts listening to its signals (only now, so a refused start ends the ordinary way);
 4. the process group (``init_distributed``; its collectives time out only after the hang watchdog would act);
 5. the run dir's lock (``RunLock``: rank 0 takes it, every rank learns the outcome);
-6. the training itself (``Trainer.run``), which checkpoints collectively when a stop is requested, and whose
+6. ``world.json``: this launch's ranks and hosts (``world.record_launch``);
+7. the training itself (``Trainer.run``), which checkpoints collectively when a stop is requested, and whose
    hang watchdog ends a stuck job (``on_hang`` runs first: the SLURM job requeues itself there).
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from unimlip_train.engine.preemption import PreemptionFlag
 from unimlip_train.engine.run_lock import RunLock, check_free
 from unimlip_train.engine.trainer import TrainResult, train
 from unimlip_train.engine.validation import Validate
+from unimlip_train.engine.world import describe_launch, record_launch
 from unimlip_train.models.build import build_model
 from unimlip_train.models.pretrained import offline_misses
 
@@ -54,6 +56,9 @@ def run_training(cfg: Config, run_dir: str, resume: str = "auto", stop_requested
     du.init_distributed(cfg.deepspeed.backend, collective_timeout_s(cfg.train.hang_timeout_s))
     # a requeued run of the same SLURM job takes its own earlier lock over
     with RunLock.acquire(run_dir), following(watch):
+        world = record_launch(run_dir)
+        if du.is_main():
+            print(describe_launch(world, run_dir), flush=True)
         return train(cfg, run_dir, resume=resume, stop_requested=stop_requested, validate=validate, on_hang=on_hang)
 
 
