@@ -23,7 +23,7 @@ from launch.runs import check_run_dir, record_submission, write_config
 from launch.sharding import encode_slice, merge_slices, parse_shard_argv
 from launch.slurm import LaunchError
 from unimlip_train.config.load import dump_yaml, load_config
-from unimlip_train.config.validate import derive_grad_accum
+from unimlip_train.config.validate import derive_grad_accum, global_batch_error
 from unimlip_train.models.pretrained import resolve_towers
 
 
@@ -61,14 +61,14 @@ def submit_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     run_dir = Path(args.run_dir or cfg.run_dir).resolve()
     cfg.run_dir = str(run_dir)
     tasks, gpus = ranks(args)
-    if cfg.train.global_batch_size:  # the job's world is nodes x tasks, not this shell's
-        cfg.train.grad_accum = derive_grad_accum(cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                                 args.nodes * tasks)
     if args.max_requeues < 0:
         raise LaunchError("--max-requeues must be >= 0")
     folder, res = run_dir / "slurm" / "%j", resources(args, "unimlip-train", tasks, gpus, elastic=True)
     if res.max_nodes > res.nodes:
         check_elastic_batch(cfg, res.nodes, res.max_nodes, tasks)
+    if cfg.train.global_batch_size:  # the job's world is nodes x tasks, not this shell's (each launch derives again)
+        cfg.train.grad_accum = derive_grad_accum(cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                                 res.nodes * tasks)
     if args.dry_run:
         print("# ---- sbatch script (not submitted) ----")
         print(slurm.sbatch_script(folder, res), end="")
@@ -88,9 +88,7 @@ def submit_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def check_elastic_batch(cfg, low: int, high: int, tasks_per_node: int) -> None:
     """An elastic job (``--nodes low-high``) restarts on any node count in the range: it needs a fixed
     ``train.global_batch_size`` (the grad accumulation follows the world size), divisible at every count."""
-    micro = cfg.train.micro_batch_size
-    # train.global_batch_size comes with the elastic resume (issue 17); until then no config has one.
-    global_batch = getattr(cfg.train, "global_batch_size", 0)
+    micro, global_batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
     if not global_batch:
         fits = micro * tasks_per_node * math.lcm(*range(low, high + 1))
         raise LaunchError(
@@ -98,12 +96,9 @@ def check_elastic_batch(cfg, low: int, high: int, tasks_per_node: int) -> None:
             f"trains with the same batch (e.g. train.global_batch_size={fits}: micro batch {micro} x "
             f"{tasks_per_node} rank(s) per node x any node count from {low} to {high} divides it)")
     for nodes in range(low, high + 1):
-        world = nodes * tasks_per_node
-        if global_batch % (micro * world):
-            raise LaunchError(
-                f"train.global_batch_size {global_batch} is not a multiple of micro batch {micro} x {world} ranks "
-                f"({nodes} node(s) x {tasks_per_node}): the elastic job could not run on {nodes} node(s); choose a "
-                f"global batch that every node count in {low}-{high} divides")
+        if problem := global_batch_error(global_batch, micro, nodes * tasks_per_node):
+            raise LaunchError(f"train.global_batch_size: {problem}; the elastic job --nodes {low}-{high} could "
+                              f"restart on {nodes} node(s) x {tasks_per_node} rank(s)")
 
 
 def submit_eval(args: argparse.Namespace, argv: Sequence[str], eval_argv: list[str],

@@ -218,7 +218,7 @@ def test_overrides_anywhere_on_the_command_line(tmp_path):
 
     args = parse_with_overrides(submit_parser(), ["train", "--config", "c.yaml", "a.b=1", "--nodes", "2", "c=2",
                                                   "--dry-run", "d=[1, 2]"])
-    assert args.overrides == ["a.b=1", "c=2", "d=[1, 2]"] and args.nodes == 2 and args.dry_run
+    assert args.overrides == ["a.b=1", "c=2", "d=[1, 2]"] and args.nodes == "2" and args.dry_run
     for parser, argv in ((train_parser(), ["--config", "c.yaml", "a=1", "--confg", "x"]),
                          (train_parser(), ["--config", "c.yaml", "a=1", "--run-dir", "d", "stray"]),
                          (submit_parser(), ["status", "--run-dir", "d", "a=1"])):

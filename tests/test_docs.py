@@ -30,7 +30,8 @@ BENCH_RE = re.compile(r"^(?:\./)?(bench/[\w-]+\.(?:py|sh))$")
 # After `--`, these subcommands hand the rest of the line to another console script.
 NESTED = {("unimlip-submit", "shard"): "unimlip-shard", ("unimlip-submit", "eval"): "unimlip-eval"}
 # Options of other tools that the docs name in a backticked span of their own, and whose tool they are.
-FOREIGN = {"--accum-freq": "open_clip's training script", "--shutdown-timeout": "torchrun"}
+FOREIGN = {"--accum-freq": "open_clip's training script", "--shutdown-timeout": "torchrun", "--requeue": "sbatch",
+           "--ntasks-per-node": "sbatch and srun"}
 # Paths the docs name that are git-ignored outputs, absent from a fresh clone.
 IGNORED = ("bench/gpu_wheels",)
 
