@@ -128,7 +128,6 @@ class UniMlip(nn.Module):
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.feature_dropout, self.training)
 
-
     def forward(self, batch: dict, contrastive_only: bool = False) -> dict[str, torch.Tensor]:
         """Every tower pass the enabled terms need, once; every term reads these outputs.
 
