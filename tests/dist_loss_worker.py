@@ -134,21 +134,21 @@ def accumulation_check(inp: dict, rank: int, world_size: int, key: str) -> dict:
             "grads": {name: mean_over_ranks(p.grad) for name, p in model.named_parameters() if p.grad is not None}}
 
 
-def replay_check(inp: dict, rank: int, world_size: int) -> dict:
+def replay_check(inp: dict, rank: int, world_size: int, key: str) -> dict:
     """The trainer's accumulation scheme with every term on, dropout, spatial dropout and a BatchNorm tower:
     a no-grad caching pass of the K micro batches (random state saved before each, running statistics left
     alone), then each micro batch recomputed from its saved state with the cache (loss / K, as the engine
     accumulates). Reference, computed here without any cache: the K micro batches forwarded with gradients
     from the same states, then ONE loss over the whole step (contrastive terms over the concatenation of every
     rank's K micro batches, MLM and ITM per micro batch / K). Both gradients are averaged over ranks."""
-    cfg = config_from_dict(inp["replay"]["cfg"])
+    cfg = config_from_dict(inp[key]["cfg"])
     k_micro, step_no = inp["k_micro"], inp["step"]
     local = {k: local_rows(v, rank, world_size) for k, v in inp["batch"].items()}
     micro = [{k: local_rows(v, i, k_micro) for k, v in local.items()} for i in range(k_micro)]
 
     def fresh():
         model = build_model(cfg, read_tokenizer(inp)).double()
-        model.load_state_dict(inp["replay"]["state_dict"])
+        model.load_state_dict(inp[key]["state_dict"])
         return model.train()
 
     torch.manual_seed(1000 + rank)
@@ -231,7 +231,7 @@ def main() -> None:
         "nt_xent_center": nt_xent_check(inp, rank, world_size, center=True),
         "uniformity": uniformity_check(inp, rank, world_size),
         "train_step_opts": train_step_check(inp, rank, world_size, "_opts"),
-        "replay": replay_check(inp, rank, world_size),
+        "replay": {key: replay_check(inp, rank, world_size, key) for key in ("replay_resnet", "replay_vit")},
         "sampled": sampling_check(inp, rank, world_size),
         "exchange": exchange_check(inp, rank, world_size),
         "train_step": train_step_check(inp, rank, world_size),

@@ -105,13 +105,17 @@ def case(tmp_path_factory):
     cfg.loss.mlm_view, cfg.loss.itm_hardness = "augmented", 0.5
     cfg.loss.text_ssl.center = cfg.loss.text_feature.center = True
     inp["cfg_opts"], inp["state_dict_opts"], ref["train_step_opts"] = reference_step(cfg, folder, inp)
-    # the replay check (in the worker): every term, dropout, spatial dropout, a BatchNorm tower
-    cfg = tiny_config(dropout=0.1, uniformity=0.3)
-    cfg.model.image.name, cfg.model.image.kwargs, cfg.model.image.spatial_drop = "resnet10t", {}, 0.3
-    cfg.loss.text_ssl.center = cfg.loss.text_feature.center = True
-    torch.manual_seed(0)
-    replay_model = build_model(cfg, tiny_tokenizer(folder)).double()
-    inp["replay"] = {"cfg": cfg.to_dict(), "state_dict": {k: v.clone() for k, v in replay_model.state_dict().items()}}
+    # the replay checks (in the worker): every term, the text encoder's dropout, and the image perturbation of
+    # each tower kind: spatial dropout in a BatchNorm ResNet, patch dropout (token drop) in a ViT
+    for key in ("replay_resnet", "replay_vit"):
+        cfg = tiny_config(dropout=0.1, uniformity=0.3)
+        if key == "replay_resnet":
+            cfg.model.image.name, cfg.model.image.kwargs, cfg.model.image.spatial_drop = "resnet10t", {}, 0.3
+        else:
+            cfg.model.image.token_drop = 0.5
+        torch.manual_seed(0)
+        replay_model = build_model(cfg, tiny_tokenizer(folder)).double()
+        inp[key] = {"cfg": cfg.to_dict(), "state_dict": {k: v.clone() for k, v in replay_model.state_dict().items()}}
     # accumulation references: one batch of everything, contrastive terms only (infonce; sigmoid ITC)
     off = {"mlm": 0.0, "itm": 0.0}
     for key, cfg in (("acc_infonce", tiny_config(dropout=0.0, **off)),
@@ -176,12 +180,12 @@ def test_gathered_equals_single_process(case, world_size):
         assert set(got["grads"]) == set(want["grads"])
         assert_grads_match(got["grads"], want["grads"])
 
-    # the cache + replay with all noise and BatchNorm on equals one loss over the step (no cache), exactly
-    got = out["replay"]
-    assert got["replay"].item() == 0.0  # the recomputed embeddings are the cached ones, bit for bit
-    assert set(got["counters"]) == {2}  # BatchNorm counted one update per micro batch
-    assert set(got["grads"]) == set(got["reference"])
-    assert_grads_match(got["grads"], got["reference"])
+    # the cache + replay with all noise (and BatchNorm) on equals one loss over the step (no cache), exactly
+    for key, got in out["replay"].items():
+        assert got["replay"].item() == 0.0, key  # the recomputed embeddings are the cached ones, bit for bit
+        assert set(got["counters"]) == ({2} if key == "replay_resnet" else set())  # one BatchNorm update per micro batch
+        assert set(got["grads"]) == set(got["reference"]), key
+        assert_grads_match(got["grads"], got["reference"])
 
     for key in ("acc_infonce", "acc_sigmoid"):  # K = 2 accumulated micro batches per rank vs one global batch
         got, want = out["accumulated"][key], ref[key]
