@@ -92,11 +92,11 @@ def test_mean_pooling_and_cnn_three_channels(tokenizer):
     cfg.model.text.pooling = "mean"
     cfg.model.image.name, cfg.model.image.kwargs, cfg.data.in_chans = "resnet10t", {}, 3
     model = build_model(cfg, tokenizer).eval()
-    ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0]])
+    ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0], [2, 4, 7, 4, 3]])  # 4: [MASK], left out of the mean
     mask = (ids != 0).long()
     pooled, tokens = model.text_tower(ids, mask)
-    for i in range(2):
-        keep = [tokens[i, j] for j in range(5) if mask[i, j]]
+    for i in range(3):
+        keep = [tokens[i, j] for j in range(5) if mask[i, j] and ids[i, j] != 4]
         assert torch.allclose(pooled[i], sum(keep) / len(keep), atol=1e-6)
     image_pooled, image_tokens = model.image_tower(torch.randn(2, 3, 64, 64))
     assert image_pooled.shape == (2, 512) and image_tokens.shape == (2, 4, 512)  # 64 px / stride 32 = 2 x 2
