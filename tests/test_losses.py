@@ -236,15 +236,24 @@ def test_objective_terms_and_weighted_total():
         naive_nt_xent(*naive_center(out["text_ssl_1"], out["text_ssl_2"]), t["text_ssl"]), rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def fused(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["final_tokens", "two_stages"])
+def fused(tmp_path_factory, request):
+    """The tiny model; ``two_stages``: the fusion encoder also reads the tokens of the block before the last
+    (model.fusion.image_stages=2), so image tokens are a tuple of two groups."""
     torch.manual_seed(0)
     cfg = tiny_config(dropout=0.0)
+    cfg.model.fusion.image_stages = request.param
     model = build_model(cfg, tiny_tokenizer(tmp_path_factory.mktemp("vocab"))).eval()
     batch = random_batch(6, 9, torch.Generator().manual_seed(4))
     with torch.no_grad():
         out = model(batch)
+    assert isinstance(out["image_tokens"], tuple) == (request.param == 2)
     return cfg, model, batch, out
+
+
+def rows_of(tokens, i: int, j: int):
+    """Rows i..j of image tokens, a tensor or a tuple of token groups."""
+    return tuple(t[i:j] for t in tokens) if isinstance(tokens, tuple) else tokens[i:j]
 
 
 def test_mlm_matches_loops(fused):
@@ -306,7 +315,7 @@ def test_itm_hard_negatives_matches_loops(fused, report_ids, negatives, fraction
                 if t is None or im is None:
                     dropped += 1
                     continue
-                fused_cls = model.fuse(text[t:t + 1], mask[t:t + 1], image[im:im + 1])[0, 0]
+                fused_cls = model.fuse(text[t:t + 1], mask[t:t + 1], rows_of(image, im, im + 1))[0, 0]
                 logits = model.itm_head(fused_cls).double()
                 losses.append(float(torch.logsumexp(logits, 0) - logits[label]))
                 correct += int(int(logits.argmax()) == label)

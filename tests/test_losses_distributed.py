@@ -99,10 +99,11 @@ def case(tmp_path_factory):
     cfg.loss.positives = "report+group"
     inp["cfg"], inp["state_dict"], ref["train_step"] = reference_step(cfg, folder, inp)
     # the issue-21 options that must not depend on the split either (ITM's sampled pairs, one negative per
-    # pair, MLM on the augmented report, centred text NT-Xent, the uniformity term)
+    # pair, MLM on the augmented report, centred text NT-Xent, the uniformity term, two image-token groups)
     cfg = tiny_config(dropout=0.0, uniformity=0.3)
     cfg.loss.positives, cfg.loss.itm_negatives, cfg.loss.itm_fraction = "report+group", "one_per_pair", 0.5
     cfg.loss.mlm_view, cfg.loss.itm_hardness = "augmented", 0.5
+    cfg.model.fusion.image_stages = 2  # image tokens as two groups: both move between ranks for ITM
     cfg.loss.text_ssl.center = cfg.loss.text_feature.center = True
     inp["cfg_opts"], inp["state_dict_opts"], ref["train_step_opts"] = reference_step(cfg, folder, inp)
     # the replay checks (in the worker): every term, the text encoder's dropout, and the image perturbation of

@@ -449,3 +449,42 @@ def test_mlm_on_the_augmented_report_reuses_text_ssl_pass(tokenizer):
     assert torch.allclose(out["text_ssl_2"], F.normalize(model.text_ssl_head(tokens[:, 0]), dim=-1), atol=1e-6)
     loss, logs = TrainStep(model, UniMlipObjective(cfg))(batch, 0)
     assert torch.isfinite(loss) and logs["mlm"].item() > 0
+
+
+def test_fusion_reads_the_last_two_stages_of_a_cnn(tokenizer):
+    """model.fusion.image_stages=2 on ResNet-10-T at 64 px: the fusion encoder gets the final 2 x 2 map (512
+    channels) and the third stage's 4 x 4 map (256 channels), each through its own projection; the tower's
+    parameters and pooled output are those of image_stages=1."""
+    cfgs = []
+    for stages in (1, 2):
+        cfg = tiny_config(dropout=0.0, **{**OFF_BUT_ITC, "itm": 1.0})
+        cfg.model.image.name, cfg.model.image.kwargs, cfg.data.image_size = "resnet10t", {}, 64
+        cfg.model.fusion.image_stages = stages
+        cfgs.append(cfg)
+    torch.manual_seed(0)
+    one = build_model(cfgs[0], tokenizer).eval()
+    torch.manual_seed(0)
+    two = build_model(cfgs[1], tokenizer).eval()
+    assert {k for k in two.state_dict() if k not in one.state_dict()} == {
+        "fusion.stage_proj.0.0.weight", "fusion.stage_proj.0.0.bias", "fusion.stage_proj.0.1.weight",
+        "fusion.stage_proj.0.1.bias"}
+    x = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        pooled, tokens = two.image_tower(x)
+        m = two.image_tower.model  # the third stage by hand: stem, then layers 1-3
+        stage3 = m.layer3(m.layer2(m.layer1(m.maxpool(m.act1(m.bn1(m.conv1(x)))))))
+        assert torch.equal(pooled, one.image_tower(x)[0]) and torch.equal(tokens[0], one.image_tower(x)[1])
+        assert tokens[0].shape == (3, 4, 512) and tokens[1].shape == (3, 16, 256)
+        assert torch.allclose(tokens[1], stage3.flatten(2).transpose(1, 2))
+        text = torch.randn(3, 5, 64)
+        mask = torch.ones(3, 5, dtype=torch.long)
+        image = torch.cat([two.fusion.image_proj(tokens[0]), two.fusion.stage_proj[0](tokens[1])], dim=1)
+        want = text
+        for layer in two.fusion.layers:
+            want = layer(want, mask == 0, image)
+        assert torch.allclose(two.fuse(text, mask, tokens), two.fusion.norm(want), atol=1e-6)
+        with pytest.raises(ValueError, match="image_stages"):
+            one.fuse(text, mask, tokens)
+    cfgs[1].model.fusion.image_stages = 9
+    with pytest.raises(ValueError, match="model.fusion.image_stages=9"):
+        build_model(cfgs[1], tokenizer)

@@ -156,6 +156,9 @@ class FusionConfig:
 
     layers: int = 2  # cross-attention transformer layers
     heads: int = 4  # attention heads per layer
+    # image tokens from the tower's last N stages (1: the final map; 2: also the one before it, through its own
+    # projection; a 64 px ResNet's final map is 2 x 2 = 4 tokens, its third stage adds 4 x 4 = 16)
+    image_stages: int = 1
 
 
 @dataclass

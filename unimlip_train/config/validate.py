@@ -37,7 +37,8 @@ _RANGES = {
     "model.init_temperature": (0.0, None, False, True),
 }
 _POSITIVE = ("train.steps", "train.micro_batch_size", "train.grad_accum", "train.log_every",
-             "train.max_nonfinite_in_row", "data.image_size", "model.embed_dim", "data.text.max_length")
+             "train.max_nonfinite_in_row", "data.image_size", "model.embed_dim", "data.text.max_length",
+             "model.fusion.image_stages")
 _FEATURE_TERMS = ("itc_feature", "image_feature", "text_feature")
 _CONTRASTIVE_TERMS = ("itc", "itc_feature", "image_ssl", "image_feature", "text_ssl", "text_feature", "uniformity")
 _NT_XENT_TERMS = ("image_ssl", "image_feature", "text_ssl", "text_feature")

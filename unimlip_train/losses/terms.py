@@ -205,16 +205,17 @@ class ITM(Term):
             neg_text, valid_text = sample_hard_negatives(i2t, excluded, rank * n, self.seed, step, stream=0)
             neg_image, valid_image = sample_hard_negatives(t2i, excluded, rank * n, self.seed, step, stream=1)
         text_tokens, text_mask = _pad_tokens(out["text_tokens"], out["text_mask"])
-        image_tokens = out["image_tokens"]
+        image_tokens = out["image_tokens"]  # a tensor, or a tuple of token groups (model.fusion.image_stages)
         other_text, other_mask = exchange_rows(text_tokens, neg_text), exchange_rows(text_mask, neg_text)
-        other_image = exchange_rows(image_tokens, neg_image)
+        other_image = _each(lambda t: exchange_rows(t, neg_image), image_tokens)
         # (text, mask, image, valid) of the positive, then of each negative kind, one row per local pair
         rows = [(text_tokens, text_mask, image_tokens, torch.ones_like(valid_text))]
         if self.one_per_pair:
             use_text = (torch.arange(n, device=image_emb.device) + rank * n + step) % 2 == 0
             rows.append((torch.where(use_text[:, None, None], other_text, text_tokens),
                          torch.where(use_text[:, None], other_mask, text_mask),
-                         torch.where(use_text[:, None, None], image_tokens, other_image),
+                         _each(lambda own, other: torch.where(use_text[:, None, None], own, other), image_tokens,
+                               other_image),
                          torch.where(use_text, valid_text, valid_image)))
         else:
             rows += [(other_text, other_mask, image_tokens, valid_text), (text_tokens, text_mask, other_image, valid_image)]
@@ -224,8 +225,9 @@ class ITM(Term):
             scored = picked.numel()  # a host read (nonzero), like the all-to-all's split sizes
             if scored == 0:  # this rank scores no pair: one row at weight 0, so every rank runs the fusion encoder
                 picked = picked.new_zeros(1)
-            rows = [tuple(t[picked] for t in kind[:3]) + (kind[3][picked] & (scored > 0),) for kind in rows]
-        fused = model.fuse(*(torch.cat([kind[i] for kind in rows]) for i in range(3)))
+            rows = [tuple(_each(lambda t: t[picked], t) for t in kind[:3]) + (kind[3][picked] & (scored > 0),)
+                    for kind in rows]
+        fused = model.fuse(*(_each(lambda *parts: torch.cat(parts), *(kind[i] for kind in rows)) for i in range(3)))
         logits = at_least_fp32(model.itm_head(fused[:, 0]))
         m = rows[0][0].shape[0]
         labels = torch.cat([torch.ones(m), torch.zeros(m * (len(rows) - 1))]).long().to(logits.device)
@@ -262,6 +264,13 @@ class Uniformity(Term):
 
     def forward(self, batch: dict, out: dict, model: nn.Module, step: int, ids: Optional[torch.Tensor]):
         return (uniformity_loss(out["image_emb"], ids) + uniformity_loss(out["text_emb"], ids)) / 2
+
+
+def _each(fn, *tokens):
+    """``fn`` over token tensors, or over each group of tuples of token groups (zipped)."""
+    if isinstance(tokens[0], tuple):
+        return tuple(fn(*group) for group in zip(*tokens))
+    return fn(*tokens)
 
 
 def _pad_tokens(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

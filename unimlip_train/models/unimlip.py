@@ -86,7 +86,7 @@ class UniMlip(nn.Module):
         if self.mlm_on_augmented:
             self.view_masker = ViewMasker(tokenizer)
         if self.terms & {"mlm", "itm"}:
-            self.fusion = FusionEncoder(text_dim, image_dim, m.fusion.layers, m.fusion.heads)
+            self.fusion = FusionEncoder(text_dim, self.image_tower.token_dims, m.fusion.layers, m.fusion.heads)
         if "mlm" in self.terms:
             self.mlm_head = nn.Sequential(
                 nn.Linear(text_dim, text_dim), nn.GELU(), nn.LayerNorm(text_dim), nn.Linear(text_dim, len(tokenizer))
