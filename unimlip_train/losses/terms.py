@@ -144,9 +144,9 @@ class MLM(Term):
     """Fused, data-level: image-conditioned masked language modelling (M3AE, Chen et al. 2022; PMC-CLIP):
     the masked report's token states attend to the image tokens in the fusion encoder and an (untied) MLM
     head predicts the masked tokens. Normalised by the *global* number of masked tokens so the mean over
-    ranks equals the single-process token-mean. ``loss.mlm_view``: the masked report is the report (default,
-    its own text pass, as M3AE) or the augmented report (text_ssl's pass of it, masked at the same positions:
-    one text pass fewer, see ``models.masking``)."""
+    ranks equals the single-process token-mean. ``loss.mlm_view``: the masked report is the augmented report
+    (default: text_ssl's pass of it, masked at the same positions, one text pass fewer, see
+    ``models.masking``) or the report (its own text pass, as M3AE)."""
 
     name = "mlm"
 
@@ -172,8 +172,8 @@ class ITM(Term):
     shares its identity) is dropped and counted (``itm_dropped_rows``). ``itm_acc`` is the accuracy over the
     scored rows (chance: the share of negatives, 2/3 or 1/2).
 
-    ``loss.itm_negatives``: ``image_and_text`` (default, ALBEF / BLIP: both negatives of every pair, 3n fused
-    rows, labels 1 : 2) or ``one_per_pair`` (n fused rows fewer, labels 1 : 1: global row g takes its
+    ``loss.itm_negatives``: ``image_and_text`` (ALBEF / BLIP: both negatives of every pair, 3n fused rows,
+    labels 1 : 2) or ``one_per_pair`` (default; n fused rows fewer, labels 1 : 1: global row g takes its
     hard-negative text when g + step is even and its hard-negative image otherwise, so each kind is half the
     negatives and a sample alternates between them from step to step).
 
