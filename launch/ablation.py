@@ -137,8 +137,9 @@ def ablate(args: argparse.Namespace) -> int:
     run_root = Path(args.run_root).resolve()
     data = os.path.abspath(args.data)
     try:
-        if args.baseline and args.baseline not in {Path(c).stem for c in args.configs}:
-            raise ConfigError(f"--baseline {args.baseline!r} is not among the configs")
+        names = list(dict.fromkeys(Path(c).stem for c in args.configs))
+        if args.baseline and args.baseline not in names:
+            raise ConfigError(f"--baseline {args.baseline!r} is not among the configs (choices: {', '.join(names)})")
         runs = plan_runs(args.configs, data, run_root, args.steps, args.seeds, args.overrides)
         for run in runs:
             check_run_dir(run.run_dir, run.cfg, args.force)

@@ -17,10 +17,11 @@ from transformers import BertTokenizer
 import unimlip_train.losses.gather as gather
 from unimlip_train.config.load import _build
 from unimlip_train.config.schema import Config
-from unimlip_train.losses.contrastive import contrastive_loss, nt_xent, positive_mask, sigmoid_loss
+from unimlip_train.losses.contrastive import contrastive_loss, nt_xent, positive_mask, sigmoid_loss, uniformity_loss
 from unimlip_train.losses.hard_negatives import sample_hard_negatives
 from unimlip_train.losses.objective import AccumulationCache, UniMlipObjective
 from unimlip_train.models.build import TrainStep, build_model
+from unimlip_train.models.norm_stats import frozen_running_stats
 
 
 def config_from_dict(data: dict) -> Config:
@@ -64,11 +65,19 @@ def contrastive_check(inp: dict, rank: int, world_size: int) -> dict:
     return out
 
 
-def nt_xent_check(inp: dict, rank: int, world_size: int) -> dict:
+def nt_xent_check(inp: dict, rank: int, world_size: int, center: bool = False) -> dict:
     w = inp["wn"].clone().requires_grad_()
     z1 = F.normalize(local_rows(inp["x1"], rank, world_size) @ w, dim=-1)
     z2 = F.normalize(local_rows(inp["x2"], rank, world_size) @ w, dim=-1)
-    loss = nt_xent(z1, z2, inp["temperature"], local_rows(inp["ids"], rank, world_size))
+    loss = nt_xent(z1, z2, inp["temperature"], local_rows(inp["ids"], rank, world_size), center=center)
+    loss.backward()
+    return {"loss": mean_over_ranks(loss), "grads": [mean_over_ranks(w.grad)]}
+
+
+def uniformity_check(inp: dict, rank: int, world_size: int) -> dict:
+    w = inp["wn"].clone().requires_grad_()
+    loss = uniformity_loss(F.normalize(local_rows(inp["x1"], rank, world_size) @ w, dim=-1),
+                           local_rows(inp["ids"], rank, world_size))
     loss.backward()
     return {"loss": mean_over_ranks(loss), "grads": [mean_over_ranks(w.grad)]}
 
@@ -90,10 +99,10 @@ def exchange_check(inp: dict, rank: int, world_size: int) -> dict:
     return {"rows": gather.all_gather_no_grad(got.detach()), "grads": gather.all_gather_no_grad(rows.grad)}
 
 
-def train_step_check(inp: dict, rank: int, world_size: int) -> dict:
-    cfg = config_from_dict(inp["cfg"])
+def train_step_check(inp: dict, rank: int, world_size: int, key: str = "") -> dict:
+    cfg = config_from_dict(inp["cfg" + key])
     model = build_model(cfg, read_tokenizer(inp)).double()
-    model.load_state_dict(inp["state_dict"])
+    model.load_state_dict(inp["state_dict" + key])
     step = TrainStep(model, UniMlipObjective(cfg)).train()
     batch = {k: local_rows(v, rank, world_size) for k, v in inp["batch"].items()}
     loss, logs = step(batch, inp["step"])
@@ -123,6 +132,60 @@ def accumulation_check(inp: dict, rank: int, world_size: int, key: str) -> dict:
         (loss / k_micro).backward()
     return {"loss": mean_over_ranks(logs["loss"]),
             "grads": {name: mean_over_ranks(p.grad) for name, p in model.named_parameters() if p.grad is not None}}
+
+
+def replay_check(inp: dict, rank: int, world_size: int, key: str) -> dict:
+    """The trainer's accumulation scheme with every term on, dropout, spatial dropout and a BatchNorm tower:
+    a no-grad caching pass of the K micro batches (random state saved before each, running statistics left
+    alone), then each micro batch recomputed from its saved state with the cache (loss / K, as the engine
+    accumulates). Reference, computed here without any cache: the K micro batches forwarded with gradients
+    from the same states, then ONE loss over the whole step (contrastive terms over the concatenation of every
+    rank's K micro batches, MLM and ITM per micro batch / K). Both gradients are averaged over ranks."""
+    cfg = config_from_dict(inp[key]["cfg"])
+    k_micro, step_no = inp["k_micro"], inp["step"]
+    local = {k: local_rows(v, rank, world_size) for k, v in inp["batch"].items()}
+    micro = [{k: local_rows(v, i, k_micro) for k, v in local.items()} for i in range(k_micro)]
+
+    def fresh():
+        model = build_model(cfg, read_tokenizer(inp)).double()
+        model.load_state_dict(inp[key]["state_dict"])
+        return model.train()
+
+    torch.manual_seed(1000 + rank)
+    model = fresh()
+    step = TrainStep(model, UniMlipObjective(cfg)).train()
+    states, entries, replay = [], [], []
+    with torch.no_grad(), frozen_running_stats(model):
+        for b in micro:
+            states.append(torch.get_rng_state())
+            entries.append(step(b, step_no, embed_only=True))
+    for i, b in enumerate(micro):
+        torch.set_rng_state(states[i])
+        loss, logs = step(b, step_no * k_micro + i, cache=AccumulationCache(entries, i))
+        (loss / k_micro).backward()
+        replay.append(logs["accum_replay_max_abs"])
+
+    reference, objective = fresh(), UniMlipObjective(cfg)
+    outs = []
+    for i, b in enumerate(micro):
+        torch.set_rng_state(states[i])
+        outs.append(reference(b))
+    whole = {**outs[0], **{k: torch.cat([o[k] for o in outs]) for k in objective.cached_keys}}
+    ids = torch.cat([b["report_id"] for b in micro]) if cfg.loss.positives == "report" else None
+    total = 0.0
+    for name, term in objective.terms.items():
+        weight = objective.weights[name]
+        if term.contrastive:
+            total = total + weight * term(None, whole, reference, step_no, ids)
+        else:
+            for i, b in enumerate(micro):
+                value = term(b, outs[i], reference, step_no * k_micro + i, b["report_id"])
+                total = total + weight * (value[name] if isinstance(value, dict) else value) / k_micro
+    total.backward()
+    grads = lambda m: {n: mean_over_ranks(p.grad) for n, p in m.named_parameters() if p.grad is not None}  # noqa: E731
+    counters = [int(b) for n, b in model.image_tower.named_buffers() if n.endswith("num_batches_tracked")]
+    return {"grads": grads(model), "reference": grads(reference), "replay": torch.stack(replay).max(),
+            "counters": counters}
 
 
 def zero3_check(inp: dict, rank: int, world_size: int) -> dict:
@@ -165,6 +228,10 @@ def main() -> None:
         "world_size": world_size,
         "contrastive": contrastive_check(inp, rank, world_size),
         "nt_xent": nt_xent_check(inp, rank, world_size),
+        "nt_xent_center": nt_xent_check(inp, rank, world_size, center=True),
+        "uniformity": uniformity_check(inp, rank, world_size),
+        "train_step_opts": train_step_check(inp, rank, world_size, "_opts"),
+        "replay": {key: replay_check(inp, rank, world_size, key) for key in ("replay_resnet", "replay_vit")},
         "sampled": sampling_check(inp, rank, world_size),
         "exchange": exchange_check(inp, rank, world_size),
         "train_step": train_step_check(inp, rank, world_size),

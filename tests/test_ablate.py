@@ -1,9 +1,9 @@
 """``unimlip-ablate`` end to end on real shards with real trainings (tiny towers, 2 steps).
 
-Independent references: every JSON row against what ``unimlip-eval`` prints for the same checkpoint; the mean
-rows against a naive average of the seed rows; the markdown's differences against row minus baseline row
-from the JSON. A rerun must train and evaluate nothing (checkpoint files and logs untouched); a run that
-fails to train is a row with its status while the other rows are complete; a changed checkpoint is
+Independent references: every run's metrics against what ``unimlip-eval`` prints for the same checkpoint; each
+config row's mean, std, t-interval and paired difference against a naive computation from its runs; the
+markdown against the JSON. A rerun must train and evaluate nothing (checkpoint files and logs untouched); a run
+that fails to train is a row with its status while the other rows are complete; a changed checkpoint is
 re-evaluated; bad input stops before anything trains.
 """
 import json
@@ -70,6 +70,11 @@ def first(data):
     return {"stdout": out, "rows": last_json(out)}
 
 
+def runs_of(rows: list) -> list:
+    """The per-seed runs of ablation.json's config rows, in order."""
+    return [run for row in rows for run in row["runs"]]
+
+
 def _files(run_dir: Path) -> dict:
     """Every file of a run dir with its modification time: what a retraining or re-evaluation would touch."""
     return {str(p): p.stat().st_mtime_ns for p in sorted(run_dir.rglob("*")) if p.is_file()}
@@ -78,7 +83,8 @@ def _files(run_dir: Path) -> dict:
 def test_rows_match_unimlip_eval(data, first):
     rows = first["rows"]
     assert rows == json.loads((data["root"] / "abl" / "ablation.json").read_text())
-    seed_rows = [r for r in rows if r["seed"] != "mean"]
+    seed_rows = runs_of(rows)
+    assert [r["config"] for r in rows] == ["clip_only", "all", "diverging"]  # one row per config
     assert [(r["config"], r["seed"]) for r in seed_rows] == [
         (c, s) for c in ("clip_only", "all", "diverging") for s in (0, 1)]
     ok = [r for r in seed_rows if r["status"] == "ok"]
@@ -111,65 +117,113 @@ def test_rows_match_unimlip_eval(data, first):
 
 
 def test_failed_config_is_a_row(data, first):
-    broken = [r for r in first["rows"] if r["config"] == "diverging"]
-    assert len(broken) == 3  # two seeds and their mean
-    assert all(r["status"].startswith("failed: training exited with") for r in broken if r["seed"] != "mean")
-    assert broken[-1]["status"] == "0 of 2 seeds ok" and broken[-1]["i2t_R@1"] is None
+    row = first["rows"][2]
+    assert row["config"] == "diverging" and row["status"] == "0 of 2 seeds ok" and row["seeds"] == []
+    assert row["i2t_R@1"] is None and row["i2t_R@1_ci95"] is None and row["delta_i2t_R@1"] is None
+    broken = row["runs"]
+    assert [r["seed"] for r in broken] == [0, 1]
+    assert all(r["status"].startswith("failed: training exited with") for r in broken)
     assert "non-finite" in Path(broken[0]["log"]).read_text()
     assert "[ablate 6/6] diverging seed 1: FAILED" in first["stdout"]
 
 
-def test_means_and_markdown_differences(data, first):
-    rows = first["rows"]
-    by = {(r["config"], r["seed"]): r for r in rows}
+def naive_t_summary(values: list) -> tuple:
+    """Mean, sample std and 95 % t-interval of two values (t quantile with 1 degree of freedom: 12.7062047)."""
+    m = (values[0] + values[1]) / 2
+    s = abs(values[0] - values[1]) / 2 ** 0.5
+    half = 12.7062047 * s / 2 ** 0.5
+    return m, s, [m - half, m + half]
+
+
+def test_seed_statistics_and_markdown(data, first):
+    """Each config row over its two seeds: mean, sample std, t-interval of every metric, the paired difference to
+    clip_only and its interval; ablation.md shows them (bold where the interval excludes 0) and every run."""
+    rows = {r["config"]: r for r in first["rows"]}
+    runs = {(r["config"], r["seed"]): r for r in runs_of(first["rows"])}
     for config in ("clip_only", "all"):
-        mean, seeds = by[(config, "mean")], [by[(config, 0)], by[(config, 1)]]
-        assert mean["seeds"] == [0, 1] and mean["status"] == "ok"
-        for key in ("i2t_R@1", "t2i_R@1", "mean_recall", "zeroshot/auroc", "linear_probe/balanced_accuracy"):
-            assert mean[key] == pytest.approx((seeds[0][key] + seeds[1][key]) / 2, abs=1e-12)
+        row = rows[config]
+        assert row["seeds"] == [0, 1] and row["status"] == "ok" and row["baseline"] == "clip_only"
+        for key in ("i2t_R@1", "mean_recall", "zeroshot/balanced_accuracy", "zeroshot/auroc",
+                    "linear_probe/balanced_accuracy"):
+            m, s, ci = naive_t_summary([runs[(config, 0)][key], runs[(config, 1)][key]])
+            assert row[key] == pytest.approx(m, abs=1e-12)
+            assert row[f"{key}_std"] == pytest.approx(s, abs=1e-12)
+            assert row[f"{key}_ci95"] == pytest.approx(ci, abs=1e-5)
+            if config == "clip_only":
+                assert f"delta_{key}" not in row
+                continue
+            diffs = [runs[(config, k)][key] - runs[("clip_only", k)][key] for k in (0, 1)]
+            dm, _, dci = naive_t_summary(diffs)
+            assert row[f"delta_{key}"] == pytest.approx(dm, abs=1e-12)
+            assert row[f"delta_{key}_ci95"] == pytest.approx(dci, abs=1e-5)
+            assert runs[(config, 0)]["delta_to_baseline"][key] == pytest.approx(diffs[0], abs=1e-12)
 
     md = (data["root"] / "abl" / "ablation.md").read_text()
-    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    assert "**bold**: the interval excludes 0" in md
+    config_table, seed_table = md.split("## Per seed")
+    lines = [line for line in config_table.splitlines() if line.startswith("| ")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     metrics = header[5:]
     assert metrics[:3] == ["i2t_R@1", "t2i_R@1", "mean_recall"] and "zeroshot/auroc" in metrics
-    table = {}
-    for line in lines[1:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        table[(cells[0].strip("*"), cells[1].strip("*"))] = dict(zip(header, cells))
-    assert len(table) == len(rows)
+    assert [line.split(" | ")[0] for line in lines[1:]] == ["| clip_only", "| all", "| diverging"]
     checked = 0
-    for (config, seed), cells in table.items():
-        row = by[(config, int(seed) if seed.isdigit() else seed)]
-        base = by[("clip_only", row["seed"])]
+    for line in lines[1:]:
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        row = rows[cells["config"]]
         assert cells["status"] == row["status"]
         for key in metrics:
-            if row.get(key) is None:
+            if row[key] is None:
                 assert cells[key] == "–"
                 continue
-            m = re.fullmatch(r"(-?\d+\.\d\d)(?: \(([+-]\d+\.\d\d)\))?", cells[key])
-            assert m and float(m.group(1)) == pytest.approx(row[key], abs=0.005), (config, seed, key, cells[key])
-            if config == "clip_only":
-                assert m.group(2) is None
-            else:
-                assert float(m.group(2)) == pytest.approx(row[key] - base[key], abs=0.0051), (config, seed, key)
-                checked += 1
-    assert checked == 3 * len(metrics)  # 'all': two seeds and the mean, every column
+            m = re.fullmatch(r"(-?\d+\.\d\d) ± (\d+\.\d\d)(?: (\*\*)?Δ ([+-]\d+\.\d\d) \[([+-]\d+\.\d\d), "
+                             r"([+-]\d+\.\d\d)\](\*\*)?)?", cells[key])
+            assert m, (row["config"], key, cells[key])
+            low, high = row[f"{key}_ci95"]
+            assert float(m.group(1)) == pytest.approx(row[key], abs=0.005)
+            assert float(m.group(2)) == pytest.approx((high - low) / 2, abs=0.005)
+            if row["config"] == "clip_only":
+                assert m.group(4) is None
+                continue
+            dlow, dhigh = row[f"delta_{key}_ci95"]
+            assert float(m.group(4)) == pytest.approx(row[f"delta_{key}"], abs=0.005)
+            assert (float(m.group(5)), float(m.group(6))) == pytest.approx((dlow, dhigh), abs=0.005)
+            assert bool(m.group(3)) == bool(m.group(7)) == (dlow > 0 or dhigh < 0), (key, cells[key])
+            checked += 1
+    assert checked == len(metrics)  # 'all': every column has its difference
+
+    seed_lines = [line for line in seed_table.splitlines() if line.startswith("| ")][1:]
+    assert len(seed_lines) == 6  # every run, the failed ones too
+    for line in seed_lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        run = runs[(cells[0], int(cells[1]))]
+        value = cells[5 + metrics.index("mean_recall")]
+        if run["status"] != "ok":
+            assert value == "–"
+            continue
+        m = re.fullmatch(r"(-?\d+\.\d\d)(?: \(([+-]\d+\.\d\d)\))?", value)
+        assert float(m.group(1)) == pytest.approx(run["mean_recall"], abs=0.005)
+        if cells[0] == "all":
+            base = runs[("clip_only", run["seed"])]["mean_recall"]
+            assert float(m.group(2)) == pytest.approx(run["mean_recall"] - base, abs=0.0051)
 
 
 def test_rerun_trains_and_evaluates_nothing(data, first):
-    runs = {r["run_dir"] for r in first["rows"] if r["status"] == "ok" and r["seed"] != "mean"}
+    runs = {r["run_dir"] for r in runs_of(first["rows"]) if r["status"] == "ok"}
     before = {d: _files(Path(d)) for d in runs}
     out = run(ablate_cmd(data), expect=1)
     rows = last_json(out)
     for d in runs:
         assert _files(Path(d)) == before[d], f"{d} was touched by the rerun"
-    ok = [r for r in rows if r["status"] == "ok" and r["seed"] != "mean"]
+    ok = [r for r in runs_of(rows) if r["status"] == "ok"]
     assert len(ok) == 4 and not any(r["trained"] or r["evaluated"] for r in ok)
     assert out.count("already finished at step 2") == 4
     strip = ("trained", "evaluated")
-    assert [{k: v for k, v in r.items() if k not in strip} for r in rows if r["config"] != "diverging"] == \
-        [{k: v for k, v in r.items() if k not in strip} for r in first["rows"] if r["config"] != "diverging"]
+    # Reused runs give the same config rows, statistics and differences included.
+    def strip_flags(config_rows):
+        return [{**r, "runs": [{k: v for k, v in run.items() if k not in strip} for run in r["runs"]]}
+                for r in config_rows]
+
+    assert strip_flags(rows[:2]) == strip_flags(first["rows"][:2])
 
 
 def test_submit_dry_run_prints_the_array(data, first):
@@ -187,9 +241,9 @@ def test_changed_checkpoint_is_reevaluated(data, first):
            f"model.tokenizer={data['tok']}", "model.embed_dim=32", *TINY]
     done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
     assert done.returncode == 2 and "train.steps: 2 -> 3" in done.stderr and "--force" in done.stderr
-    row = last_json(run(cmd + ["--force"]))[0]
+    row = last_json(run(cmd + ["--force"]))[0]["runs"][0]
     assert row["step"] == 3 and row["trained"] and row["evaluated"] and row["status"] == "ok"
-    old = next(r for r in first["rows"] if r["config"] == "clip_only" and r["seed"] == 0)
+    old = first["rows"][0]["runs"][0]
     assert row["checkpoint"] != old["checkpoint"]
 
 
@@ -202,9 +256,13 @@ def test_bad_input_stops_before_training(data, tmp_path, capsys):
     assert main(["--configs", str(ABLATIONS / "clip_only.yaml"), str(ABLATIONS / "all.yaml"), *common,
                  "--seeds", "0", "seed=3"]) == 2
     assert "--seeds" in capsys.readouterr().err
+    assert main(["--configs", str(ABLATIONS / "clip_only.yaml"), str(ABLATIONS / "all.yaml"), *common,
+                 "--baseline", "clip"]) == 2
+    assert "--baseline 'clip' is not among the configs (choices: clip_only, all)" in capsys.readouterr().err
     assert not (tmp_path / "abl").exists()  # nothing started
     help_text = build_parser().format_help()
-    for text in ("--configs", "--run-root", "--seeds", "--submit", "ablation.json", "ablation.md", "key.sub=value"):
+    for text in ("--configs", "--run-root", "--seeds", "--baseline", "--submit", "ablation.json", "ablation.md",
+                 "delta_M_ci95", "key.sub=value"):
         assert text in help_text
 
 
@@ -220,7 +278,7 @@ def test_submit_runs_an_array_on_slurm(data, request, tmp_path):
     ids = re.findall(r"job_id (\d+_\d+)", out)
     assert len(ids) == 2 and len({i.split("_")[0] for i in ids}) == 1  # one array, two tasks
     assert [sacct_state(i) for i in ids] == ["COMPLETED", "COMPLETED"]
-    rows = last_json(out)
+    rows = runs_of(last_json(out))
     assert [(r["config"], r["status"], r["step"]) for r in rows] == [("clip_only", "ok", 2), ("all", "ok", 2)]
     # The array tasks trained and evaluated; the table read their results.
     assert all(r["trained"] and not r["evaluated"] for r in rows)
@@ -231,4 +289,4 @@ def test_submit_runs_an_array_on_slurm(data, request, tmp_path):
 
     again = run(cmd)  # everything finished: nothing is submitted, the table is the same
     assert "nothing to submit" in again and "job_id" not in again
-    assert [{**r, "trained": True} for r in last_json(again)] == rows
+    assert [{**r, "trained": True} for r in runs_of(last_json(again))] == rows

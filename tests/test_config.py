@@ -90,6 +90,19 @@ def test_overrides_apply_and_are_blamed_on_the_command_line(tmp_path):
     ({"model": {"text": {"dropout": 0.0}}}, "loss.itc_feature.weight"),
     ({"model": {"image": {"token_drop": 0.0, "spatial_drop": 0.0}}}, "loss.itc_feature.weight"),
     ({"loss": {"feature_perturbation": "pooled_dropout"}, "model": {"feature_dropout": 0.0}}, "loss.itc_feature.weight"),
+    ({"loss": {"feature_noise": "pooled_dropout"}, "model": {"feature_dropout": 0.0}}, "loss.itc_feature.weight"),
+    # issue 21's keys
+    ({"loss": {"feature_noise": "inside"}}, "loss.feature_noise"),
+    ({"loss": {"image_feature_pair": "both"}}, "loss.image_feature_pair"),
+    ({"loss": {"text_feature_space": "fusion"}}, "loss.text_feature_space"),
+    ({"loss": {"mlm_view": "masked"}}, "loss.mlm_view"),
+    ({"loss": {"itm_negatives": "two"}}, "loss.itm_negatives"),
+    ({"loss": {"itm_hardness": -0.5}}, "loss.itm_hardness"),
+    ({"loss": {"itm_fraction": 0.0}}, "loss.itm_fraction"),
+    ({"loss": {"itm_fraction": 1.5}}, "loss.itm_fraction"),
+    ({"loss": {"aux_warmup_steps": -1}}, "loss.aux_warmup_steps"),
+    ({"loss": {"itc": {"center": True}}}, "loss.itc.center"),
+    ({"loss": {"mlm_view": "augmented", "text_ssl": {"weight": 0}}}, "loss.mlm_view"),
     # one sample per process and no accumulation: no negatives at all
     ({"train": {"micro_batch_size": 1}}, "loss.itc.weight"),
     ({"train": {"micro_batch_size": 1, "grad_accum": 4, "negatives": "micro"}}, "loss.itc.weight"),
@@ -263,3 +276,29 @@ def test_checkpoint_hash_survives_a_new_config_key(tmp_path):
     old["loss"]["itc"]["weight"] = 2.0
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     assert read_state(str(tmp_path)).config_hash != cfg.hash()
+
+
+def test_feature_perturbation_presets_an_old_run_config_too():
+    """A config.yaml written before issue 21 has loss.feature_perturbation and none of the three keys it now
+    stands for: reading it back gives the behaviour it was trained with; a new config.yaml names all four."""
+    from unimlip_train.config.load import dump_yaml
+
+    new = yaml.safe_load(dump_yaml(load_config(None, ["loss.feature_perturbation=pooled_dropout"])))
+    assert new["loss"]["feature_noise"] == "pooled_dropout" and new["loss"]["text_feature_space"] == "shared"
+    old = yaml.safe_load(dump_yaml(load_config(None, [])))
+    old["loss"]["feature_perturbation"] = "pooled_dropout"
+    for key in ("feature_noise", "image_feature_pair", "text_feature_space"):
+        del old["loss"][key]
+    loss = config_from_dict(old).loss
+    assert (loss.feature_noise, loss.image_feature_pair, loss.text_feature_space) == (
+        "pooled_dropout", "two_noised", "shared")
+    new["loss"]["text_feature_space"] = "ssl_head"  # a resolved config keeps what it names
+    assert config_from_dict(new).loss.text_feature_space == "ssl_head"
+
+
+def test_auxiliary_weights_sum_to_itc_by_default():
+    for cfg in (load_config(None, []), load_config(str(CONFIGS / "tiny_cpu.yaml"), []),
+                load_config(str(CONFIGS / "vitb16_biomedbert.yaml"), ["model.image.pretrained=", "model.text.name=",
+                                                                     "model.text.config={}"])):
+        enabled = cfg.loss.enabled()
+        assert sum(t.weight for name, t in enabled.items() if name != "itc") <= enabled["itc"].weight + 1e-9

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from unimlip_tiny import random_batch, tiny_config, tiny_tokenizer
-from unimlip_train.losses.contrastive import contrastive_loss, nt_xent, sigmoid_loss
-from unimlip_train.losses.hard_negatives import sample_hard_negatives
+from unimlip_train.losses.contrastive import contrastive_loss, nt_xent, sigmoid_loss, uniformity_loss
+from unimlip_train.losses.hard_negatives import gumbel_noise, sample_hard_negatives
 from unimlip_train.losses.objective import UniMlipObjective
 from unimlip_train.models.build import build_model
 
@@ -111,6 +111,64 @@ def test_nt_xent_matches_loops():
     assert masked != pytest.approx(naive_nt_xent(z1, z2, 0.3), rel=1e-3)
 
 
+def naive_center(z1: torch.Tensor, z2: torch.Tensor) -> tuple[list, list]:
+    """Both views minus the mean of all 2n embeddings, each renormalised, with Python loops."""
+    rows = [list(map(float, r)) for r in list(z1) + list(z2)]
+    mean = [sum(r[d] for r in rows) / len(rows) for d in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        c = [x - m for x, m in zip(r, mean)]
+        norm = math.sqrt(sum(x * x for x in c))
+        out.append(torch.tensor([x / norm for x in c], dtype=torch.float64))
+    return out[:len(z1)], out[len(z1):]
+
+
+def test_centered_nt_xent_matches_loops_and_lifts_a_collapsed_start():
+    g = torch.Generator().manual_seed(11)
+    z1, z2 = unit_rows(6, 5, g), unit_rows(6, 5, g)
+    ids = [0, 1, 0, 2, 1, 3]
+    for i in (None, ids):
+        got = nt_xent(z1, z2, 0.2, None if i is None else torch.tensor(i), center=True).item()
+        assert got == pytest.approx(naive_nt_xent(*naive_center(z1, z2), 0.2, i), rel=1e-6)
+    # every embedding a common direction plus a small sample-specific part (a random-init BERT's [CLS]):
+    # plain NT-Xent sits at its ceiling ln(2n - 1); centred, the pairs are told apart from the start
+    n, common = 16, F.normalize(torch.randn(1, 32, generator=g, dtype=torch.float64), dim=-1)
+    own = 0.01 * torch.randn(n, 32, generator=g, dtype=torch.float64)
+    a = F.normalize(common + own + 0.002 * torch.randn(n, 32, generator=g, dtype=torch.float64), dim=-1)
+    b = F.normalize(common + own + 0.002 * torch.randn(n, 32, generator=g, dtype=torch.float64), dim=-1)
+    assert nt_xent(a, b, 0.1).item() == pytest.approx(math.log(2 * n - 1), abs=0.05)
+    assert nt_xent(a, b, 0.1, center=True).item() < 0.5 * math.log(2 * n - 1)
+
+
+def naive_uniformity(z: torch.Tensor, ids: list | None = None, t: float = 2.0) -> float:
+    n = len(z)
+    ids = list(range(n)) if ids is None else ids
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j and ids[i] != ids[j]]
+    sq = lambda i, j: sum((float(x) - float(y)) ** 2 for x, y in zip(z[i], z[j]))  # noqa: E731
+    return math.log(sum(math.exp(-t * sq(i, j)) for i, j in pairs) / len(pairs))
+
+
+def test_uniformity_matches_loops_with_exact_gradient():
+    """Wang & Isola's uniformity over distinct-identity pairs; its gradient (written with the rank-scaling
+    used for gathered batches) equals plain autograd of the same quantity."""
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    ids = [0, 1, 0, 2, 3]
+    for i in (None, ids):
+        z = F.normalize(x @ w, dim=-1)
+        got = uniformity_loss(z, None if i is None else torch.tensor(i))
+        assert got.item() == pytest.approx(naive_uniformity(z.detach(), i), rel=1e-9)
+        (grad,) = torch.autograd.grad(got, w)
+        z, own = F.normalize(x @ w, dim=-1), torch.tensor(i or range(5))
+        keep = own[:, None] != own[None, :]
+        plain = torch.log(torch.exp(-2 * ((z[:, None] - z[None, :]) ** 2).sum(-1))[keep].mean())
+        (want,) = torch.autograd.grad(plain, w)
+        assert torch.allclose(grad, want, rtol=1e-9, atol=1e-12)
+    same = F.normalize(torch.randn(3, 4, dtype=torch.float64), dim=-1)
+    assert uniformity_loss(same, torch.tensor([7, 7, 7])).item() == 0.0  # one identity: no pair, no push
+
+
 def test_hard_negative_sampling_follows_softmax_and_is_seeded():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(4, 5, generator=g)  # rows 0..3 have their positive at column row + 1
@@ -160,9 +218,12 @@ def test_objective_terms_and_weighted_total():
         "itc_feature": naive_multi_positive(out["image_emb_feat"], out["text_emb_feat"], 3.0, ids),
         "image_ssl": naive_nt_xent(out["image_ssl_1"], out["image_ssl_2"], t["image_ssl"], ids),
         "image_feature": naive_nt_xent(out["image_feature_1"], out["image_feature_2"], t["image_feature"], ids),
-        "text_ssl": naive_nt_xent(out["text_ssl_1"], out["text_ssl_2"], t["text_ssl"], ids),
-        "text_feature": naive_nt_xent(out["text_feature_1"], out["text_feature_2"], t["text_feature"], ids),
+        # the text terms centre their embeddings by default (loss.<term>.center)
+        "text_ssl": naive_nt_xent(*naive_center(out["text_ssl_1"], out["text_ssl_2"]), t["text_ssl"], ids),
+        "text_feature": naive_nt_xent(*naive_center(out["text_feature_1"], out["text_feature_2"]), t["text_feature"],
+                                      ids),
     }
+    assert cfg.loss.text_ssl.center and cfg.loss.text_feature.center and not cfg.loss.image_ssl.center
     assert set(logs) == set(want) | {"loss"}
     for name, value in want.items():
         assert logs[name].item() == pytest.approx(value, rel=1e-5), name
@@ -172,18 +233,27 @@ def test_objective_terms_and_weighted_total():
     _, plain = UniMlipObjective(cfg)({"report_id": torch.tensor(ids)}, out, None, step=0)
     assert plain["itc"].item() == pytest.approx(naive_infonce(out["image_emb"], out["text_emb"], 3.0), rel=1e-5)
     assert plain["text_ssl"].item() == pytest.approx(
-        naive_nt_xent(out["text_ssl_1"], out["text_ssl_2"], t["text_ssl"]), rel=1e-5)
+        naive_nt_xent(*naive_center(out["text_ssl_1"], out["text_ssl_2"]), t["text_ssl"]), rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def fused(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["final_tokens", "two_stages"])
+def fused(tmp_path_factory, request):
+    """The tiny model; ``two_stages``: the fusion encoder also reads the tokens of the block before the last
+    (model.fusion.image_stages=2), so image tokens are a tuple of two groups."""
     torch.manual_seed(0)
     cfg = tiny_config(dropout=0.0)
+    cfg.model.fusion.image_stages = request.param
     model = build_model(cfg, tiny_tokenizer(tmp_path_factory.mktemp("vocab"))).eval()
     batch = random_batch(6, 9, torch.Generator().manual_seed(4))
     with torch.no_grad():
         out = model(batch)
+    assert isinstance(out["image_tokens"], tuple) == (request.param == 2)
     return cfg, model, batch, out
+
+
+def rows_of(tokens, i: int, j: int):
+    """Rows i..j of image tokens, a tensor or a tuple of token groups."""
+    return tuple(t[i:j] for t in tokens) if isinstance(tokens, tuple) else tokens[i:j]
 
 
 def test_mlm_matches_loops(fused):
@@ -192,11 +262,13 @@ def test_mlm_matches_loops(fused):
                                                           "text_ssl", "text_feature", "itm")}))
     with torch.no_grad():
         value = got(batch, out, model, step=0)[1]["mlm"].item()
-        states = model.fuse(out["mlm_tokens"], batch["attention_mask"], out["image_tokens"])
+        # the masked report's states, mask and targets as the model gives them (by default the augmented
+        # report's: tests/test_model.py checks those against the loader's masking)
+        states = model.fuse(out["mlm_tokens"], out["mlm_mask"], out["image_tokens"])
         losses = []
         for i in range(states.shape[0]):
             for j in range(states.shape[1]):
-                label = int(batch["mlm_labels"][i, j])
+                label = int(out["mlm_labels"][i, j])
                 if label != -100:
                     logits = model.mlm_head(states[i, j]).double()
                     losses.append(float(torch.logsumexp(logits, 0) - logits[label]))
@@ -204,37 +276,52 @@ def test_mlm_matches_loops(fused):
     assert value == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
+@pytest.mark.parametrize("negatives, fraction", [("image_and_text", 1.0), ("one_per_pair", 1.0),
+                                                ("one_per_pair", 0.5), ("image_and_text", 0.34)])
 @pytest.mark.parametrize("report_ids", [[0, 1, 2, 3, 4, 5], [0, 1, 0, 2, 2, 2], [0, 0, 0, 0, 0, 1]])
-def test_itm_hard_negatives_matches_loops(fused, report_ids):
+def test_itm_hard_negatives_matches_loops(fused, report_ids, negatives, fraction):
     """The hardest allowed negative (a loop finds it at a huge scale); never a same-report sample; a row whose
-    every other sample shares its report has no negative and is dropped (and counted)."""
+    every other sample shares its report has no negative and is dropped (and counted). ``one_per_pair``: row i
+    keeps only its negative text when i + step is even, only its negative image otherwise. ``itm_acc``: the
+    share of scored rows whose argmax is their label. ``itm_fraction`` < 1: only the round(f * n) pairs with
+    the largest hashed keys of (seed, step, row) are scored."""
     cfg, model, batch, out = fused
     n = out["image_emb"].shape[0]
     out = {**out, "logit_scale": torch.tensor(1e6)}
     batch = {**batch, "report_id": torch.tensor(report_ids)}
-    objective = UniMlipObjective(tiny_config(**{n: 0.0 for n in ("itc", "itc_feature", "image_ssl", "image_feature",
-                                                                 "text_ssl", "text_feature", "mlm")}))
+    itm_cfg = tiny_config(**{n: 0.0 for n in ("itc", "itc_feature", "image_ssl", "image_feature", "text_ssl",
+                                              "text_feature", "mlm")})
+    itm_cfg.loss.itm_negatives, itm_cfg.loss.itm_fraction = negatives, fraction
+    objective = UniMlipObjective(itm_cfg)
+    step = 5
+    keys = gumbel_noise(itm_cfg.seed, step, 2, torch.arange(n), 1)[:, 0].tolist()
+    scored = sorted(range(n), key=lambda i: -keys[i])[:round(fraction * n)]
 
     def hardest(x: torch.Tensor, y: torch.Tensor, i: int):
         sims = [(dot(x[i], y[j]), j) for j in range(n) if report_ids[j] != report_ids[i]]
         return max(sims)[1] if sims else None
 
     with torch.no_grad():
-        _, logs = objective(batch, out, model, step=5)
+        _, logs = objective(batch, out, model, step=step)
         mask, text, image = batch["attention_mask"], out["text_tokens"], out["image_tokens"]
-        losses, dropped = [], 0
-        for i in range(n):
+        losses, dropped, correct = [], 0, 0
+        for i in sorted(scored):
             jt = hardest(out["image_emb"], out["text_emb"], i)
             ji = hardest(out["text_emb"], out["image_emb"], i)
-            for t, im, label in ((i, i, 1), (jt, i, 0), (i, ji, 0)):
+            rows = [(i, i, 1), (jt, i, 0), (i, ji, 0)]
+            if negatives == "one_per_pair":
+                rows = [rows[0], rows[1] if (i + step) % 2 == 0 else rows[2]]
+            for t, im, label in rows:
                 if t is None or im is None:
                     dropped += 1
                     continue
-                fused_cls = model.fuse(text[t:t + 1], mask[t:t + 1], image[im:im + 1])[0, 0]
+                fused_cls = model.fuse(text[t:t + 1], mask[t:t + 1], rows_of(image, im, im + 1))[0, 0]
                 logits = model.itm_head(fused_cls).double()
                 losses.append(float(torch.logsumexp(logits, 0) - logits[label]))
+                correct += int(int(logits.argmax()) == label)
     assert logs["itm"].item() == pytest.approx(sum(losses) / len(losses), rel=1e-5)
     assert logs["itm_dropped_rows"].item() == dropped
+    assert logs["itm_acc"].item() == pytest.approx(correct / len(losses), abs=1e-6)
 
 
 @pytest.mark.parametrize("term,key", [("image_ssl", "image_view2"), ("text_ssl", "text_view2_ids"),
@@ -244,3 +331,26 @@ def test_missing_input_names_term_and_key(fused, term, key):
     incomplete = {k: v for k, v in batch.items() if k != key}
     with pytest.raises(KeyError, match=f"'{term}'.*'{key}'"):
         model(incomplete)
+
+
+def test_auxiliary_weights_ramp_linearly_and_uniformity_is_a_term():
+    """``loss.aux_warmup_steps`` = 4 with 2 accumulated micro batches: every weight but ITC's is scaled by
+    optimizer step / 4 (the micro batches of one step share the scale); the optional uniformity term is the
+    mean of the image and report uniformity."""
+    g = torch.Generator().manual_seed(13)
+    cfg = tiny_config(mlm=0.0, itm=0.0, uniformity=0.5)
+    cfg.loss.aux_warmup_steps, cfg.train.grad_accum = 4, 2
+    out = fake_outputs(6, g)
+    batch = {"report_id": torch.arange(6)}
+    objective = UniMlipObjective(cfg)
+    _, full = UniMlipObjective(tiny_config(mlm=0.0, itm=0.0, uniformity=0.5))(batch, out, None, step=0)
+    assert "aux_scale" not in full
+    assert full["uniformity"].item() == pytest.approx(
+        (naive_uniformity(out["image_emb"]) + naive_uniformity(out["text_emb"])) / 2, rel=1e-5)
+    aux = sum(getattr(cfg.loss, name).weight * full[name].item() for name in cfg.loss.enabled() if name != "itc")
+    assert aux > 0
+    for micro_step, scale in ((0, 0.0), (1, 0.0), (2, 0.25), (5, 0.5), (7, 0.75), (8, 1.0), (40, 1.0)):
+        loss, logs = objective(batch, out, None, step=micro_step)
+        assert logs["aux_scale"].item() == scale, micro_step
+        want = cfg.loss.itc.weight * full["itc"].item() + scale * aux
+        assert loss.item() == pytest.approx(want, rel=1e-5) and logs["loss"].item() == pytest.approx(want, rel=1e-5)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dist_loss_worker import pair_losses
 from unimlip_tiny import random_batch, tiny_config, tiny_tokenizer
-from unimlip_train.losses.contrastive import nt_xent, positive_mask
+from unimlip_train.losses.contrastive import nt_xent, positive_mask, uniformity_loss
 from unimlip_train.losses.hard_negatives import sample_hard_negatives
 from unimlip_train.losses.objective import UniMlipObjective
 from unimlip_train.models.build import TrainStep, build_model
@@ -79,6 +79,15 @@ def case(tmp_path_factory):
                    inp["ids"])
     loss.backward()
     ref["nt_xent"] = {"loss": loss.detach(), "grads": [w.grad]}
+    w = inp["wn"].clone().requires_grad_()
+    loss = nt_xent(F.normalize(inp["x1"] @ w, dim=-1), F.normalize(inp["x2"] @ w, dim=-1), inp["temperature"],
+                   inp["ids"], center=True)
+    loss.backward()
+    ref["nt_xent_center"] = {"loss": loss.detach(), "grads": [w.grad]}
+    w = inp["wn"].clone().requires_grad_()
+    loss = uniformity_loss(F.normalize(inp["x1"] @ w, dim=-1), inp["ids"])
+    loss.backward()
+    ref["uniformity"] = {"loss": loss.detach(), "grads": [w.grad]}
     picked, valid = sample_hard_negatives(inp["sim"], positive_mask(inp["ids"], GLOBAL, torch.device("cpu")), 0,
                                           inp["seed"], inp["step"], stream=0)
     ref["sampled"] = torch.where(valid, picked, -1)
@@ -89,6 +98,25 @@ def case(tmp_path_factory):
     cfg = tiny_config(dropout=0.0)
     cfg.loss.positives = "report+group"
     inp["cfg"], inp["state_dict"], ref["train_step"] = reference_step(cfg, folder, inp)
+    # the issue-21 options that must not depend on the split either (ITM's sampled pairs, one negative per
+    # pair, MLM on the augmented report, centred text NT-Xent, the uniformity term, two image-token groups)
+    cfg = tiny_config(dropout=0.0, uniformity=0.3)
+    cfg.loss.positives, cfg.loss.itm_negatives, cfg.loss.itm_fraction = "report+group", "one_per_pair", 0.5
+    cfg.loss.mlm_view, cfg.loss.itm_hardness = "augmented", 0.5
+    cfg.model.fusion.image_stages = 2  # image tokens as two groups: both move between ranks for ITM
+    cfg.loss.text_ssl.center = cfg.loss.text_feature.center = True
+    inp["cfg_opts"], inp["state_dict_opts"], ref["train_step_opts"] = reference_step(cfg, folder, inp)
+    # the replay checks (in the worker): every term, the text encoder's dropout, and the image perturbation of
+    # each tower kind: spatial dropout in a BatchNorm ResNet, patch dropout (token drop) in a ViT
+    for key in ("replay_resnet", "replay_vit"):
+        cfg = tiny_config(dropout=0.1, uniformity=0.3)
+        if key == "replay_resnet":
+            cfg.model.image.name, cfg.model.image.kwargs, cfg.model.image.spatial_drop = "resnet10t", {}, 0.3
+        else:
+            cfg.model.image.token_drop = 0.5
+        torch.manual_seed(0)
+        replay_model = build_model(cfg, tiny_tokenizer(folder)).double()
+        inp[key] = {"cfg": cfg.to_dict(), "state_dict": {k: v.clone() for k, v in replay_model.state_dict().items()}}
     # accumulation references: one batch of everything, contrastive terms only (infonce; sigmoid ITC)
     off = {"mlm": 0.0, "itm": 0.0}
     for key, cfg in (("acc_infonce", tiny_config(dropout=0.0, **off)),
@@ -125,7 +153,8 @@ def test_gathered_equals_single_process(case, world_size):
     assert out["world_size"] == world_size
 
     checks = [(f"contrastive/{n}", out["contrastive"][n], ref["contrastive"][n]) for n in ref["contrastive"]]
-    for name, got, want in checks + [("nt_xent", out["nt_xent"], ref["nt_xent"])]:
+    checks += [(name, out[name], ref[name]) for name in ("nt_xent", "nt_xent_center", "uniformity")]
+    for name, got, want in checks:
         assert rel_err(got["loss"], want["loss"]) < RTOL, name
         for got_grad, want_grad in zip(got["grads"], want["grads"]):
             assert rel_err(got_grad, want_grad) < RTOL or want_grad.norm() == got_grad.norm() == 0, name
@@ -140,16 +169,24 @@ def test_gathered_equals_single_process(case, world_size):
         assert out["zero3"]["log_scale_clamped"].item() == pytest.approx(1.0, abs=1e-6)
         assert abs(out["zero3"]["log_scale_after_step"].item() - 1.0) < 2e-3  # one AdamW step of lr 1e-3 away
 
-    got, want = out["train_step"], ref["train_step"]
-    assert rel_err(got["loss"], want["loss"]) < RTOL
-    assert set(got["logs"]) == set(want["logs"]) == {
-        "loss", "itc", "itc_feature", "image_ssl", "image_feature", "text_ssl", "text_feature", "mlm", "itm",
-        "itm_dropped_rows", "temperature", "logit_scale",
-    }
-    for key in want["logs"]:
-        assert rel_err(got["logs"][key], want["logs"][key]) < RTOL, key
-    assert set(got["grads"]) == set(want["grads"])
-    assert_grads_match(got["grads"], want["grads"])
+    for key in ("train_step", "train_step_opts"):
+        got, want = out[key], ref[key]
+        assert rel_err(got["loss"], want["loss"]) < RTOL
+        assert set(got["logs"]) == set(want["logs"]) == {
+            "loss", "itc", "itc_feature", "image_ssl", "image_feature", "text_ssl", "text_feature", "mlm", "itm",
+            "itm_dropped_rows", "itm_acc", "temperature", "logit_scale", *(("uniformity",) if "opts" in key else ()),
+        }
+        for log in want["logs"]:
+            assert rel_err(got["logs"][log], want["logs"][log]) < RTOL or got["logs"][log] == want["logs"][log], log
+        assert set(got["grads"]) == set(want["grads"])
+        assert_grads_match(got["grads"], want["grads"])
+
+    # the cache + replay with all noise (and BatchNorm) on equals one loss over the step (no cache), exactly
+    for key, got in out["replay"].items():
+        assert got["replay"].item() == 0.0, key  # the recomputed embeddings are the cached ones, bit for bit
+        assert set(got["counters"]) == ({2} if key == "replay_resnet" else set())  # one BatchNorm update per micro batch
+        assert set(got["grads"]) == set(got["reference"]), key
+        assert_grads_match(got["grads"], got["reference"])
 
     for key in ("acc_infonce", "acc_sigmoid"):  # K = 2 accumulated micro batches per rank vs one global batch
         got, want = out["accumulated"][key], ref[key]

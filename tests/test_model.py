@@ -19,7 +19,7 @@ from unimlip_train.models.build import TrainStep, build_model
 ALL_OUTPUTS = {
     "image_emb", "text_emb", "logit_scale", "image_tokens", "text_tokens", "text_mask", "image_emb_feat",
     "text_emb_feat", "image_feature_1", "image_feature_2", "text_feature_1", "text_feature_2", "image_ssl_1",
-    "image_ssl_2", "text_ssl_1", "text_ssl_2", "mlm_tokens",
+    "image_ssl_2", "text_ssl_1", "text_ssl_2", "mlm_tokens", "mlm_mask", "mlm_labels",
 }
 OFF_BUT_ITC = {n: 0.0 for n in ("itc_feature", "image_ssl", "image_feature", "text_ssl", "text_feature", "mlm", "itm")}
 
@@ -92,11 +92,11 @@ def test_mean_pooling_and_cnn_three_channels(tokenizer):
     cfg.model.text.pooling = "mean"
     cfg.model.image.name, cfg.model.image.kwargs, cfg.data.in_chans = "resnet10t", {}, 3
     model = build_model(cfg, tokenizer).eval()
-    ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0]])
+    ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0], [2, 4, 7, 4, 3]])  # 4: [MASK], left out of the mean
     mask = (ids != 0).long()
     pooled, tokens = model.text_tower(ids, mask)
-    for i in range(2):
-        keep = [tokens[i, j] for j in range(5) if mask[i, j]]
+    for i in range(3):
+        keep = [tokens[i, j] for j in range(5) if mask[i, j] and ids[i, j] != 4]
         assert torch.allclose(pooled[i], sum(keep) / len(keep), atol=1e-6)
     image_pooled, image_tokens = model.image_tower(torch.randn(2, 3, 64, 64))
     assert image_pooled.shape == (2, 512) and image_tokens.shape == (2, 4, 512)  # 64 px / stride 32 = 2 x 2
@@ -198,7 +198,13 @@ def test_feature_level_perturbation_is_not_a_uniformity_penalty():
     radiographs and their reports: for image_feature and text_feature, the mean cosine of the two "views" and
     the cosine between the term's tower gradient and the gradient of its uniformity part alone. Perturbing
     inside the encoders (spatial dropout of the CNN stages, BERT's own dropout) must make the term clearly
-    more than a push-apart than dropout on the pooled vector does."""
+    more than a push-apart than dropout on the pooled vector does.
+
+    Measured in issue 9's setting: [CLS] pooling, no centring. The tiny config now pools the token mean and
+    centres the text NT-Xent terms (issue 21: a random-init [CLS] carries no content at the start); there the
+    text term's gradient cosine with its uniformity part (on centred embeddings) is 0.53 (encoder) vs 0.60
+    (pooled dropout) at initialisation: averaging over tokens removes most of the dropout noise, so the
+    encoder-level text term is close to the pooled one in kind. The protocol decides between them."""
     from data_prep.synthetic import generate
     from unimlip_train.config.load import load_config
     from unimlip_train.data.collate import _tokenize
@@ -215,7 +221,7 @@ def test_feature_level_perturbation_is_not_a_uniformity_penalty():
     for mode in ("pooled_dropout", "encoder"):
         cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"),
                           [f"loss.feature_perturbation={mode}", "loss.image_ssl.weight=0", "loss.text_ssl.weight=0",
-                           "loss.mlm.weight=0"])
+                           "loss.mlm.weight=0", "model.text.pooling=cls", "loss.text_feature.center=false"])
         torch.manual_seed(0)
         model = build_model(cfg, tokenizer).train()
         for term, tower in (("image_feature", model.image_tower), ("text_feature", model.text_tower)):
@@ -255,3 +261,230 @@ def test_feature_perturbation_only_in_the_pass_that_asks_for_it(tokenizer, name,
             perturbed = tower(x, perturb=True)[0]
             again = tower(x)[0]
         assert torch.equal(clean, again) and not torch.allclose(clean, perturbed, atol=1e-3), (name, mode)
+
+
+# ---- issue 21: normalisation statistics, one key per feature-level choice, MLM on the augmented report ----
+
+
+def _bn_tower_config(**weights):
+    """The tiny config on a BatchNorm tower (ResNet-10-T at 32 px), every perturbation on."""
+    cfg = tiny_config(dropout=0.1, **weights)
+    cfg.model.image.name, cfg.model.image.kwargs = "resnet10t", {}
+    cfg.model.image.spatial_drop = 0.3
+    return cfg
+
+
+def test_only_the_clean_pass_moves_batchnorm_statistics(tokenizer):
+    """After a training step with every term on (second view, perturbed passes, and with accumulated negatives
+    the no-grad caching pass too), the image tower's running statistics equal those of a copy that saw one
+    plain forward of view 1 per micro batch, the counter included."""
+    import copy
+
+    from unimlip_train.losses.objective import AccumulationCache
+    from unimlip_train.models.norm_stats import frozen_running_stats, running_stats
+
+    torch.manual_seed(0)
+    cfg = _bn_tower_config()
+    model = build_model(cfg, tokenizer).train()
+    reference = copy.deepcopy(model.image_tower).train()
+    assert len(running_stats(model.image_tower)) > 10
+    micro = [random_batch(4, 9, torch.Generator().manual_seed(s)) for s in (1, 2)]
+    step = TrainStep(model, UniMlipObjective(cfg)).train()
+    loss, _ = step(micro[0], 0)
+    loss.backward()
+    with torch.no_grad():
+        reference(micro[0]["image"])
+    want = running_stats(reference)
+    got = running_stats(model.image_tower)
+    assert [int(b) for b in got if b.dtype == torch.long] == [1] * (len(got) // 3)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    # accumulated negatives: the caching pass under frozen_running_stats (as the trainer runs it), then the
+    # recomputation of each micro batch: one update per micro batch
+    with torch.no_grad(), frozen_running_stats(model):
+        entries = [step(b, 0, embed_only=True) for b in micro]
+    for i, b in enumerate(micro):
+        step(b, 0, cache=AccumulationCache(entries, i))[0].backward()
+        with torch.no_grad():
+            reference(b["image"])
+    assert [int(b) for b in running_stats(model.image_tower) if b.dtype == torch.long] == [3] * (len(got) // 3)
+    assert all(torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7)
+               for a, b in zip(running_stats(model.image_tower), running_stats(reference)))
+
+
+def test_frozen_running_stats_restores_after_an_error_and_keeps_backward():
+    from unimlip_train.models.norm_stats import frozen_running_stats
+
+    bn = torch.nn.BatchNorm1d(3).train()
+    x = torch.randn(5, 3, requires_grad=True)
+    y = bn(x)  # the clean pass: autograd keeps the running buffers among its saved tensors
+    before = [b.clone() for b in bn.buffers()]
+    with pytest.raises(RuntimeError, match="boom"), frozen_running_stats(bn):
+        bn(torch.randn(5, 3) * 7 + 2)
+        raise RuntimeError("boom")
+    assert all(torch.equal(a, b) for a, b in zip(bn.buffers(), before))
+    y.square().sum().backward()  # the restore must not invalidate the first pass's graph
+    assert x.grad is not None
+
+
+def _record_tower_calls(model):
+    """Wrap the towers' forward to record each call: ('image', perturb) / ('text', first input id row)."""
+    calls = []
+    image_forward, text_forward = model.image_tower.forward, model.text_tower.forward
+
+    def image(x, perturb=False):
+        calls.append(("image", perturb))
+        return image_forward(x, perturb)
+
+    def text(ids, mask):
+        calls.append(("text", ids))
+        return text_forward(ids, mask)
+
+    model.image_tower.forward, model.text_tower.forward = image, text
+    return calls
+
+
+@pytest.mark.parametrize("noise, pair, space", [("encoder", "clean_noised", "ssl_head"),
+                                                ("encoder", "two_noised", "shared"),
+                                                ("pooled_dropout", "clean_noised", "shared"),
+                                                ("pooled_dropout", "two_noised", "ssl_head")])
+def test_each_feature_level_key_changes_only_its_own_choice(tokenizer, noise, pair, space):
+    """loss.feature_noise decides the extra passes (perturbed image passes only with ``encoder``, one more
+    with ``two_noised``), loss.image_feature_pair whether image_feature's first side is the clean view, and
+    loss.text_feature_space which head text_feature uses, while text_ssl stays in its own space."""
+    cfg = tiny_config(dropout=0.1)
+    cfg.loss.feature_noise, cfg.loss.image_feature_pair, cfg.loss.text_feature_space = noise, pair, space
+    cfg.loss.mlm_view = "report"  # the masked report then has a text pass of its own
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer).train()
+    model.text_tower.eval()  # noise-free report passes, so the text side can be recomputed here
+    calls = _record_tower_calls(model)
+    batch = random_batch(4, 9, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model(batch)
+        text_pooled = model.text_tower.model(input_ids=batch["input_ids"],
+                                             attention_mask=batch["attention_mask"]).last_hidden_state[:, 0]
+    perturbed = [c for c in calls if c == ("image", True)]
+    assert len(perturbed) == (0 if noise == "pooled_dropout" else 1 if pair == "clean_noised" else 2)
+    assert sum(c[0] == "text" for c in calls) == 3 + (noise == "encoder")  # report, augmented, masked (+ dropout)
+    assert torch.equal(out["image_feature_1"], out["image_ssl_1"]) == (pair == "clean_noised")
+    assert not torch.allclose(out["image_feature_2"], out["image_ssl_1"], atol=1e-3)
+    model.feature_dropout = 0.0  # pooled_dropout's copies then equal the clean pooled vector
+    with torch.no_grad():
+        out = model(batch)
+    head = model.text_ssl_head if space == "ssl_head" else model.text_proj
+    assert torch.allclose(out["text_feature_1"], F.normalize(head(text_pooled), dim=-1), atol=1e-6)
+    assert torch.allclose(out["text_ssl_1"], F.normalize(model.text_ssl_head(text_pooled), dim=-1), atol=1e-6)
+
+
+def test_feature_perturbation_is_the_preset_of_the_three_keys():
+    from unimlip_train.config.load import load_config
+
+    for preset, want in (("encoder", ("encoder", "clean_noised", "ssl_head")),
+                         ("pooled_dropout", ("pooled_dropout", "two_noised", "shared"))):
+        loss = load_config(None, [f"loss.feature_perturbation={preset}"]).loss
+        assert (loss.feature_noise, loss.image_feature_pair, loss.text_feature_space) == want
+    loss = load_config(None, ["loss.feature_perturbation=pooled_dropout", "loss.text_feature_space=ssl_head"]).loss
+    assert (loss.feature_noise, loss.image_feature_pair, loss.text_feature_space) == (
+        "pooled_dropout", "two_noised", "ssl_head")  # a key the config names itself wins over the preset
+
+
+def naive_view_mask(view, report, mlm_ids, labels, special, mask_id):
+    ids, targets = view.clone(), torch.full_like(view, -100)
+    for i in range(view.shape[0]):
+        for j in range(view.shape[1]):
+            if int(labels[i, j]) == -100 or int(view[i, j]) in special:
+                continue
+            targets[i, j] = view[i, j]
+            if int(mlm_ids[i, j]) == mask_id:
+                ids[i, j] = mask_id
+            elif int(mlm_ids[i, j]) != int(report[i, j]):
+                ids[i, j] = mlm_ids[i, j]
+    return ids, targets
+
+
+def test_view_masker_carries_the_loaders_masking_to_the_augmented_report(tokenizer):
+    from unimlip_train.models.masking import ViewMasker
+
+    g = torch.Generator().manual_seed(6)
+    n, length = 5, 12
+    report = torch.randint(5, 5 + NUM_WORDS, (n, length), generator=g)
+    view = torch.randint(5, 5 + NUM_WORDS, (n, length), generator=g)
+    report[:, 0] = view[:, 0] = 2
+    view[:, 8], view[:, 9:] = 3, 0  # a shorter augmented report: [SEP] then padding
+    view[1, 4] = 4  # an augmentation's own [MASK]
+    u = torch.rand(n, length, generator=g)
+    chosen = (u < 0.5) & (report > 4)
+    action = torch.rand(n, length, generator=g)
+    random_ids = torch.randint(5, 5 + NUM_WORDS, (n, length), generator=g)
+    mlm_ids = torch.where(chosen & (action < 0.6), torch.full_like(report, 4), report)
+    mlm_ids = torch.where(chosen & (action >= 0.6) & (action < 0.8), random_ids, mlm_ids)
+    labels = torch.where(chosen, report, torch.full_like(report, -100))
+    got = ViewMasker(tokenizer)(view, report, mlm_ids, labels)
+    want = naive_view_mask(view, report, mlm_ids, labels, set(tokenizer.all_special_ids), 4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (got[1] != -100).sum() > 5 and ((got[0] == 4) & (view != 4)).any() and ((got[0] != view) & (got[0] != 4)).any()
+
+
+def test_mlm_on_the_augmented_report_reuses_text_ssl_pass(tokenizer):
+    """loss.mlm_view=augmented: one text pass fewer; MLM's token states are those of the masked augmented
+    report, the same pass text_ssl's second view comes from."""
+    from unimlip_train.models.masking import ViewMasker
+
+    cfg = tiny_config(dropout=0.0)
+    cfg.loss.mlm_view = "augmented"
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer).eval()
+    calls = _record_tower_calls(model)
+    batch = random_batch(4, 9, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        out = model(batch)
+        ids, labels = ViewMasker(tokenizer)(batch["text_view2_ids"], batch["input_ids"], batch["mlm_input_ids"],
+                                            batch["mlm_labels"])
+        pooled, tokens = model.text_tower.model(input_ids=ids, attention_mask=batch["text_view2_mask"]), None
+        tokens = pooled.last_hidden_state
+    assert sum(c[0] == "text" for c in calls) == 3  # report, masked augmented report, dropout pass
+    assert not any(c[0] == "text" and torch.equal(c[1], batch["mlm_input_ids"]) for c in calls)
+    assert torch.allclose(out["mlm_tokens"], tokens, atol=1e-6) and torch.equal(out["mlm_labels"], labels)
+    assert torch.equal(out["mlm_mask"], batch["text_view2_mask"])
+    assert torch.allclose(out["text_ssl_2"], F.normalize(model.text_ssl_head(tokens[:, 0]), dim=-1), atol=1e-6)
+    loss, logs = TrainStep(model, UniMlipObjective(cfg))(batch, 0)
+    assert torch.isfinite(loss) and logs["mlm"].item() > 0
+
+
+def test_fusion_reads_the_last_two_stages_of_a_cnn(tokenizer):
+    """model.fusion.image_stages=2 on ResNet-10-T at 64 px: the fusion encoder gets the final 2 x 2 map (512
+    channels) and the third stage's 4 x 4 map (256 channels), each through its own projection; the tower's
+    parameters and pooled output are those of image_stages=1."""
+    cfgs = []
+    for stages in (1, 2):
+        cfg = tiny_config(dropout=0.0, **{**OFF_BUT_ITC, "itm": 1.0})
+        cfg.model.image.name, cfg.model.image.kwargs, cfg.data.image_size = "resnet10t", {}, 64
+        cfg.model.fusion.image_stages = stages
+        cfgs.append(cfg)
+    torch.manual_seed(0)
+    one = build_model(cfgs[0], tokenizer).eval()
+    torch.manual_seed(0)
+    two = build_model(cfgs[1], tokenizer).eval()
+    assert {k for k in two.state_dict() if k not in one.state_dict()} == {
+        "fusion.stage_proj.0.0.weight", "fusion.stage_proj.0.0.bias", "fusion.stage_proj.0.1.weight",
+        "fusion.stage_proj.0.1.bias"}
+    x = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        pooled, tokens = two.image_tower(x)
+        m = two.image_tower.model  # the third stage by hand: stem, then layers 1-3
+        stage3 = m.layer3(m.layer2(m.layer1(m.maxpool(m.act1(m.bn1(m.conv1(x)))))))
+        assert torch.equal(pooled, one.image_tower(x)[0]) and torch.equal(tokens[0], one.image_tower(x)[1])
+        assert tokens[0].shape == (3, 4, 512) and tokens[1].shape == (3, 16, 256)
+        assert torch.allclose(tokens[1], stage3.flatten(2).transpose(1, 2))
+        text = torch.randn(3, 5, 64)
+        mask = torch.ones(3, 5, dtype=torch.long)
+        image = torch.cat([two.fusion.image_proj(tokens[0]), two.fusion.stage_proj[0](tokens[1])], dim=1)
+        want = text
+        for layer in two.fusion.layers:
+            want = layer(want, mask == 0, image)
+        assert torch.allclose(two.fuse(text, mask, tokens), two.fusion.norm(want), atol=1e-6)
+        with pytest.raises(ValueError, match="image_stages"):
+            one.fuse(text, mask, tokens)
+    cfgs[1].model.fusion.image_stages = 9
+    with pytest.raises(ValueError, match="model.fusion.image_stages=9"):
+        build_model(cfgs[1], tokenizer)

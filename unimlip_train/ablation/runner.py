@@ -129,12 +129,13 @@ def about(args, runs, spec, baseline) -> list[str]:
 
 
 def finish(rows: list[dict], args, runs, spec, run_root: Path, final: bool) -> str:
-    """Means, differences, both files; returns the one-line JSON (printed by the caller when final)."""
-    rows = table.mean_rows(rows)
+    """The config rows over the seed ``rows`` (statistics, paired differences), both files; returns the one-line
+    JSON (printed by the caller when final)."""
     baseline = table.find_baseline(rows, args.baseline)
-    table.add_deltas(rows, baseline)
-    md = table.markdown(rows, baseline, about(args, runs, spec, baseline))
-    doc = table.write(run_root, rows, md)
+    table.add_seed_deltas(rows, baseline)
+    configs = table.config_rows(rows, baseline)
+    md = table.markdown(configs, baseline, about(args, runs, spec, baseline))
+    doc = table.write(run_root, configs, md)
     if final:
         print("\n" + md, flush=True)
         print(f"wrote {run_root / 'ablation.json'} and {run_root / 'ablation.md'}", flush=True)

@@ -3,8 +3,11 @@
 Trains every config (x every seed) on the same shards, one after another here (``unimlip-train``
 subprocesses, under torchrun with ``--nproc``) or as one SLURM job array (``--submit``), evaluates every final
 checkpoint the same way (retrieval; zero-shot and a linear probe when the eval shards carry labels) and writes
-``RUN_ROOT/ablation.json`` (one object per config and seed, plus a mean row per config over its seeds) and
-``RUN_ROOT/ablation.md`` (the table, with each metric's difference to the CLIP-only row).
+``RUN_ROOT/ablation.json`` and ``RUN_ROOT/ablation.md``: one row per config with, for every metric M, the mean
+over seeds ``M``, ``M_std`` (sample std) and ``M_ci95`` (Student-t 95 % interval), the ``seeds``, and for rows
+other than the baseline ``delta_M`` and ``delta_M_ci95`` (the difference paired by seed and its t-interval);
+each config row lists its per-seed runs under ``runs``. The markdown marks a difference whose interval
+excludes 0.
 
 Rerunning the same command trains nothing that is finished and re-evaluates only checkpoints that changed;
 an interrupted or failed run resumes from its newest checkpoint. The last stdout line is ablation.json's list
@@ -42,14 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training shards: dir, index.json or pattern")
     p.add_argument("--run-root", required=True, metavar="DIR", help="where the runs and the tables go")
     p.add_argument("--steps", type=int, default=None, help="train.steps for every config (default: each config's)")
-    p.add_argument("--seeds", default=None,
-                   help="comma-separated seeds, each config trained once per seed, plus a mean row (default: "
-                        "the config's seed)")
+    p.add_argument("--seeds", default=None, metavar="LIST",
+                   help="comma-separated seeds, e.g. 0,1,2,3,4: each config trained and evaluated once per seed "
+                        "(RUN_ROOT/<config>/seed<k>), statistics over them (default: the config's seed)")
     p.add_argument("--nproc", type=int, default=1, help="processes per training run (torchrun) (default 1)")
     p.add_argument("--force", action="store_true",
                    help="reuse run dirs written by a different config (continue them with the new one)")
-    p.add_argument("--baseline", default="",
-                   help="config name the differences are taken to (default: the config whose only term is itc)")
+    p.add_argument("--baseline", default="", metavar="NAME",
+                   help="config name (file stem) the paired differences are taken to (default: clip_only when "
+                        "present, else the first config whose only term is itc)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-data", default="", help="evaluation shards (default: --data)")
     e.add_argument("--eval-split", default="", help="split of --eval-data to evaluate (default: the config's eval.split)")

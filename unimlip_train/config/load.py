@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Optional, Union
 import yaml
 
 from unimlip_train.config.origins import ConfigError, Origins
-from unimlip_train.config.schema import Config
+from unimlip_train.config.schema import FEATURE_PRESETS, Config
 from unimlip_train.config.validate import apply_global_batch, launch_world_size, validate
 
 #: A step after validation that checks or fills what needs more than the config (see the module doc).
@@ -41,6 +41,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
         _set_dotted(data, key, value)
         _record_origins(value, key, origins, "command line")
     cfg = _build(Config, data, "", origins, path or "defaults")
+    apply_feature_preset(cfg, origins.is_set)
     if cfg.train.global_batch_size > 0 and cfg.train.micro_batch_size > 0:  # before the checks that read grad_accum
         apply_global_batch(cfg, origins, launch_world_size())
     validate(cfg, origins)
@@ -52,8 +53,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
 def config_from_dict(data: dict, source: str = "dict") -> Config:
     """Rebuild a Config from a resolved mapping (e.g. a run dir's config.yaml or a checkpoint)."""
     cfg = _build(Config, data, "", None, source)
+    apply_feature_preset(cfg, lambda key: key.split(".")[-1] in (data.get("loss") or {}))
     validate(cfg, Origins())
     return cfg
+
+
+def apply_feature_preset(cfg: Config, named: Callable[[str], bool]) -> None:
+    """``loss.feature_perturbation=encoder|pooled_dropout`` (issue 9's key) fills the three keys it stands for,
+    each only where the config (file, override or resolved mapping) does not name that key itself
+    (``named("loss.<key>")``): explicit keys win, and an old run config resolves to what it trained with."""
+    for key, value in FEATURE_PRESETS.get(cfg.loss.feature_perturbation, {}).items():
+        if not named(f"loss.{key}"):
+            setattr(cfg.loss, key, value)
 
 
 def dump_yaml(cfg: Config) -> str:

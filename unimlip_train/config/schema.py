@@ -31,13 +31,26 @@ Pooling = Literal["cls", "mean"]  # text tower: the [CLS] state or the mean over
 Projection = Literal["linear", "mlp"]  # tower features -> the shared embedding space
 LossKind = Literal["infonce", "sigmoid"]  # image-text contrast: CLIP's InfoNCE or SigLIP's sigmoid loss
 Positives = Literal["report", "report+group", "none"]  # which other samples count as the same image-text pair
-FeaturePerturbation = Literal["encoder", "pooled_dropout"]  # where feature-level terms get their second view
+#: ``loss.feature_perturbation``: the preset that sets the three keys below together ('': none, each its own)
+FeaturePerturbation = Literal["", "encoder", "pooled_dropout"]
+FeatureNoise = Literal["encoder", "pooled_dropout"]  # where the feature-level noise goes
+ImageFeaturePair = Literal["clean_noised", "two_noised"]  # the two sides image_feature contrasts
+TextFeatureSpace = Literal["ssl_head", "shared"]  # where text_feature contrasts its two dropout passes
+MlmView = Literal["augmented", "report"]  # which report MLM masks (augmented: reads text_ssl's pass)
+ItmNegatives = Literal["one_per_pair", "image_and_text"]  # ITM negatives per pair: one, or two (ALBEF)
 TextSslSpace = Literal["ssl_head", "shared"]  # where text_ssl contrasts a report and its augmented copy
 Negatives = Literal["accumulated", "micro"]  # contrastive negatives: all K micro batches of a step, or one
 Optimizer = Literal["adamw", "fused_adam", "cpu_adam"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Backend = Literal["", "gloo", "nccl"]  # '': nccl on CUDA, gloo on CPU
 ZeroStage = Literal[0, 1, 2, 3]
+
+#: what ``loss.feature_perturbation`` stands for (``config.load.apply_feature_preset``; explicit keys win)
+FEATURE_PRESETS = {
+    "encoder": {"feature_noise": "encoder", "image_feature_pair": "clean_noised", "text_feature_space": "ssl_head"},
+    "pooled_dropout": {"feature_noise": "pooled_dropout", "image_feature_pair": "two_noised",
+                       "text_feature_space": "shared"},
+}
 
 SECTION_CHOICES: tuple = typing.get_args(Sections)
 SECTION_ORDERS: tuple = typing.get_args(SectionOrder)
@@ -123,7 +136,7 @@ class ImageTowerConfig:
     name: str = "vit_tiny_patch16_224"  # timm model name (with an optional pretrained tag)
     pretrained: str = ""  # '' | hub | a local weights file or timm hub folder
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
-    token_drop: float = 0.5  # FLIP patch dropout of the feature-level image pass (loss.feature_perturbation=encoder)
+    token_drop: float = 0.75  # FLIP patch dropout of the feature-level image pass (loss.feature_noise=encoder)
     spatial_drop: float = 0.1  # the same pass's spatial dropout of CNN stage outputs (towers without patch tokens)
     lock: bool = False  # LiT: freeze the tower (eval mode, no optimizer state)
     lock_unlocked_groups: int = 0  # with lock: the last N blocks stay trainable
@@ -147,6 +160,9 @@ class FusionConfig:
 
     layers: int = 2  # cross-attention transformer layers
     heads: int = 4  # attention heads per layer
+    # image tokens from the tower's last N stages (1: the final map; 2: also the one before it, through its own
+    # projection; a 64 px ResNet's final map is 2 x 2 = 4 tokens, its third stage adds 4 x 4 = 16)
+    image_stages: int = 1
 
 
 @dataclass
@@ -161,7 +177,7 @@ class ModelConfig:
     ssl_embed_dim: int = 256  # output size of the image / text SSL heads
     init_temperature: float = 0.07  # the learnable contrastive temperature at start
     max_logit_scale: float = 100.0  # upper clamp of 1 / temperature
-    feature_dropout: float = 0.1  # dropout on pooled features (loss.feature_perturbation=pooled_dropout)
+    feature_dropout: float = 0.1  # dropout on pooled features (loss.feature_noise=pooled_dropout)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     grad_checkpointing: bool = False  # recompute tower activations in the backward pass (less memory)
 
@@ -173,23 +189,39 @@ class TermConfig:
     weight: float = 1.0  # its weight in the total loss (0: off)
     temperature: float = 0.1  # for uni-modal NT-Xent terms; ITC terms use the model's learnable one
     kind: LossKind = "infonce"  # itc only (itc_feature follows it)
+    center: bool = False  # uni-modal NT-Xent terms only: subtract the step's global batch mean first (issue 21)
+
+
+def _aux(weight: float, center: bool = False) -> TermConfig:
+    return TermConfig(weight=weight, center=center)
 
 
 @dataclass
 class LossConfig:
     """The Uni-Mlip objective matrix: scope (cross / image / text / fused) x level (data / feature)."""
 
+    # Auxiliary weights sum to ITC's 1.0 by default: a quarter per auxiliary cell of the matrix (cross-feature,
+    # image, text, fused), split evenly inside a cell (SLIP: SSL 1 : ITC 1; ALBEF: ITC 1 : ITM 1 : MLM 1).
     itc: TermConfig = field(default_factory=TermConfig)  # image view <-> report
-    itc_feature: TermConfig = field(default_factory=TermConfig)  # the same between feature-perturbed passes
-    image_ssl: TermConfig = field(default_factory=TermConfig)  # NT-Xent between two augmented views (SLIP)
-    image_feature: TermConfig = field(default_factory=TermConfig)  # view vs. itself with patch dropout (FLIP)
-    text_ssl: TermConfig = field(default_factory=TermConfig)  # report <-> augmented report
-    text_feature: TermConfig = field(default_factory=TermConfig)  # two dropout passes of a report (SimCSE)
-    mlm: TermConfig = field(default_factory=TermConfig)  # image-conditioned masked language modelling (M3AE)
-    itm: TermConfig = field(default_factory=TermConfig)  # image-text matching with hard negatives (ALBEF)
+    itc_feature: TermConfig = field(default_factory=lambda: _aux(0.25))  # the same between feature-perturbed passes
+    image_ssl: TermConfig = field(default_factory=lambda: _aux(0.125))  # NT-Xent between two augmented views (SLIP)
+    image_feature: TermConfig = field(default_factory=lambda: _aux(0.125))  # view vs. its noised pass (FLIP)
+    text_ssl: TermConfig = field(default_factory=lambda: _aux(0.125, center=True))  # report <-> augmented report
+    text_feature: TermConfig = field(default_factory=lambda: _aux(0.125, center=True))  # two dropout passes (SimCSE)
+    mlm: TermConfig = field(default_factory=lambda: _aux(0.125))  # image-conditioned masked language modelling
+    itm: TermConfig = field(default_factory=lambda: _aux(0.125))  # image-text matching with hard negatives (ALBEF)
+    uniformity: TermConfig = field(default_factory=lambda: _aux(0.0))  # Wang & Isola 2020 push-apart, off by default
     positives: Positives = "report"  # which other samples count as the same pair
-    feature_perturbation: FeaturePerturbation = "encoder"  # inside the encoders, or dropout on pooled features
+    feature_perturbation: FeaturePerturbation = ""  # preset of feature_noise / image_feature_pair / text_feature_space
     text_ssl_space: TextSslSpace = "ssl_head"  # where text_ssl contrasts report and augmented report
+    feature_noise: FeatureNoise = "encoder"  # inside the encoders, or dropout on pooled features
+    image_feature_pair: ImageFeaturePair = "clean_noised"  # clean view vs. its noised pass, or two noised passes
+    text_feature_space: TextFeatureSpace = "ssl_head"  # the text SSL head's space or the shared embedding space
+    aux_warmup_steps: int = 0  # linear ramp of every weight but ITC's over the first N optimizer steps (0: off)
+    mlm_view: MlmView = "augmented"  # which report MLM masks (augmented: one text pass fewer)
+    itm_negatives: ItmNegatives = "one_per_pair"  # ITM's negatives per pair (image_and_text: 2, ALBEF)
+    itm_hardness: float = 1.0  # ITM negatives drawn by exp(hardness * logit_scale * sim): 1 ALBEF, 0 uniform
+    itm_fraction: float = 0.5  # share of the global batch's pairs ITM scores (a seeded sample), in (0, 1]
 
     def enabled(self) -> dict:
         """Terms with a non-zero weight, by name."""

@@ -43,9 +43,10 @@ _RANGES = {
 }
 _POSITIVE = ("train.steps", "train.micro_batch_size", "train.grad_accum", "train.log_every",
              "train.max_nonfinite_in_row", "train.spike_window", "train.spike_patience", "data.image_size",
-             "model.embed_dim", "data.text.max_length")
+             "model.embed_dim", "data.text.max_length", "model.fusion.image_stages")
 _FEATURE_TERMS = ("itc_feature", "image_feature", "text_feature")
-_CONTRASTIVE_TERMS = ("itc", "itc_feature", "image_ssl", "image_feature", "text_ssl", "text_feature")
+_CONTRASTIVE_TERMS = ("itc", "itc_feature", "image_ssl", "image_feature", "text_ssl", "text_feature", "uniformity")
+_NT_XENT_TERMS = ("image_ssl", "image_feature", "text_ssl", "text_feature")
 
 
 def launch_world_size() -> int:
@@ -170,10 +171,10 @@ def _validate_objective(cfg: Config, origins: Origins) -> None:
         if not 0.0 <= _get_dotted(cfg, key) < 1.0:
             origins.fail(key, "must be in [0, 1)")
     on = [t for t in _FEATURE_TERMS if t in enabled]
-    if on and loss.feature_perturbation == "pooled_dropout" and model.feature_dropout == 0:
+    if on and loss.feature_noise == "pooled_dropout" and model.feature_dropout == 0:
         origins.fail(f"loss.{on[0]}.weight", "a feature-level term is on but its perturbation is off",
-                     "model.feature_dropout", "loss.feature_perturbation")
-    if on and loss.feature_perturbation == "encoder":
+                     "model.feature_dropout", "loss.feature_noise")
+    if on and loss.feature_noise == "encoder":
         text_dropout = model.text.config.get("hidden_dropout_prob", model.text.dropout)
         if {"itc_feature", "text_feature"} & set(on) and text_dropout == 0:
             origins.fail(f"loss.{on[0]}.weight", "a text feature-level term is on but the text encoder has "
@@ -187,6 +188,27 @@ def _validate_objective(cfg: Config, origins: Origins) -> None:
         origins.fail(f"loss.{contrastive[0]}.weight", f"contrastive terms need a global batch of at least 2 "
                      f"(micro batch x ranks{' x grad_accum' if cfg.train.negatives == 'accumulated' else ''} = "
                      f"{per_rank * launch_world_size()}): no negatives", "train.micro_batch_size", "train.grad_accum")
+    _validate_term_options(cfg, origins)
+
+
+def _validate_term_options(cfg: Config, origins: Origins) -> None:
+    """Issue 21's options of single terms: ITM's negatives, the auxiliary ramp, centring, MLM's view."""
+    loss = cfg.loss
+    if loss.itm_hardness < 0:
+        origins.fail("loss.itm_hardness", f"must be >= 0 (0: uniform negatives, 1: ALBEF), got {loss.itm_hardness}")
+    if not 0.0 < loss.itm_fraction <= 1.0:
+        origins.fail("loss.itm_fraction", f"must be in (0, 1], got {loss.itm_fraction}")
+    if loss.aux_warmup_steps < 0:
+        origins.fail("loss.aux_warmup_steps", f"must be >= 0 (0: off), got {loss.aux_warmup_steps}")
+    for f in dataclasses.fields(loss):
+        term = getattr(loss, f.name)
+        if isinstance(term, TermConfig) and term.center and f.name not in _NT_XENT_TERMS:
+            origins.fail(f"loss.{f.name}.center", f"only the uni-modal NT-Xent terms ({', '.join(_NT_XENT_TERMS)}) "
+                         "center their embeddings")
+    enabled = loss.enabled()
+    if loss.mlm_view == "augmented" and "mlm" in enabled and "text_ssl" not in enabled:
+        origins.fail("loss.mlm_view", "MLM on the augmented report reads text_ssl's pass of it, but text_ssl "
+                     "is off", "loss.text_ssl.weight")
 
 
 def _is_index_source(train: Any) -> bool:

@@ -58,6 +58,7 @@ from unimlip_train.engine.telemetry import SampleKeyLog, StepWindow, summary
 from unimlip_train.engine.validation import PeriodicValidation, Validate, asks_for_validation
 from unimlip_train.losses.objective import AccumulationCache, UniMlipObjective
 from unimlip_train.models.build import TrainStep, build_model
+from unimlip_train.models.norm_stats import frozen_running_stats
 
 
 @dataclass
@@ -344,7 +345,7 @@ class Trainer:
         entries, rng = None, None
         if self.accumulate:
             entries, rng = [], []
-            with torch.no_grad():
+            with torch.no_grad(), frozen_running_stats(self.model):  # the recompute updates BatchNorm once
                 for batch in batches:
                     rng.append(self._rng_state())
                     entries.append(self.engine(batch, 0, embed_only=True))

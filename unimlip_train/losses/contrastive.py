@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from unimlip_train.losses.gather import all_gather_no_grad, all_gather_with_grad, world
+from unimlip_train.losses.gather import all_gather_no_grad, all_gather_with_grad, global_sum, world
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,7 @@ def sigmoid_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, lo
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
-            ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+            ids: Optional[torch.Tensor] = None, center: bool = False) -> torch.Tensor:
     """NT-Xent (SimCLR, Chen et al. 2020; SLIP's image term) between two views ``z1``, ``z2`` (local x dim).
 
     Every one of the 2N global embeddings is an anchor whose positive is its other view and whose
@@ -99,6 +99,13 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
     every other same-identity sample (masked out: they are neither negatives nor extra positives). The
     temperature is fixed. Inputs are L2-normalised. Each rank computes its 2 x local anchors against all
     2N candidates.
+
+    ``center``: before the dot products, every embedding has the mean of all 2N global embeddings subtracted
+    and is L2-normalised again (the mean carries gradients). Why: a randomly initialised text tower (and
+    BERT in general, Ethayarajh 2019) gives every report nearly the same direction, so every pair looks alike
+    and the loss starts at its ceiling ln(2N - 1); removing the common mean is BERT-whitening's first step (Su
+    et al. 2021) and what a BatchNorm in SLIP / SimCLR's projection head does, but computed here over the
+    global batch inside the loss, so it does not depend on how the batch is split over ranks or micro batches.
     """
     z1, z2 = at_least_fp32(z1), at_least_fp32(z2)
     rank, world_size = world()
@@ -106,9 +113,32 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
     total = n * world_size
     candidates = torch.cat([all_gather_with_grad(z1), all_gather_with_grad(z2)], dim=0)  # 2N x dim
     anchors = torch.cat([z1, z2], dim=0)  # 2n x dim
+    if center:
+        mean = candidates.mean(0, keepdim=True)
+        candidates, anchors = F.normalize(candidates - mean, dim=-1), F.normalize(anchors - mean, dim=-1)
     logits = anchors @ candidates.T / temperature
     local = torch.arange(n, device=z1.device) + rank * n
     positive = torch.cat([local + total, local])
     excluded = positive_mask(ids, n, z1.device).repeat(2, 2)  # own sample (both views) and same identity
     excluded[torch.arange(2 * n, device=z1.device), positive] = False
     return F.cross_entropy(logits.masked_fill(excluded, float("-inf")), positive)
+
+
+def uniformity_loss(z: torch.Tensor, ids: Optional[torch.Tensor] = None, t: float = 2.0) -> torch.Tensor:
+    """Uniformity (Wang & Isola 2020): log of the mean of exp(-t ||z_i - z_j||^2) over the ordered pairs
+    i != j of the global batch, leaving out, with ``ids``, pairs of the same identity. ``z``: L2-normalised,
+    local x dim.
+
+    The log of a mean over all pairs is not a mean over ranks, so each rank returns the global value with a
+    gradient scaled to make the ranks' mean gradient exact: rank r's pair sum S_r enters as
+    W * S_r / S (S the global sum, detached), whose gradient averaged over the W ranks is grad S / S =
+    grad log S.
+    """
+    z = at_least_fp32(z)
+    _, world_size = world()
+    sq_dist = (2 - 2 * z @ all_gather_with_grad(z).T).clamp(min=0)  # unit vectors: |a - b|^2 = 2 - 2 a.b
+    excluded = positive_mask(ids, z.shape[0], z.device)
+    local = torch.exp(-t * sq_dist).masked_fill(excluded, 0.0).sum()
+    total, count = global_sum(local).clamp(min=1e-30), global_sum((~excluded).sum().to(z.dtype))
+    value = torch.where(count > 0, torch.log(total / count.clamp(min=1.0)), torch.zeros_like(total))
+    return value + world_size * (local - local.detach()) / total  # no pair at all (one identity): 0, no gradient

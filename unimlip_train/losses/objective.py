@@ -51,7 +51,13 @@ class AccumulationCache:
 class UniMlipObjective(nn.Module):
     """Builds every term whose ``cfg.loss.<term>.weight`` is non-zero; ``forward`` returns ``(loss, logs)``:
     the loss to back-propagate, and detached scalars ``{"loss": sum(weight * term), <term name>: unweighted
-    term value, <extra counters>}`` (the two losses differ only under accumulation, see above)."""
+    term value, <extra counters>}`` (the two losses differ only under accumulation, see above).
+
+    ``loss.aux_warmup_steps`` = N > 0: every weight but ITC's is multiplied by min(1, s / N) at optimizer
+    step s (0 at the first step, full from step N on; logged as ``aux_scale``), so the auxiliary terms join
+    once the image-text alignment has started (a ramp of the kind ALBEF uses for its distillation weight).
+    ``step`` is the trainer's micro-step counter (optimizer step x ``train.grad_accum`` + micro batch), so
+    the micro batches of one optimizer step share one scale."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -59,6 +65,13 @@ class UniMlipObjective(nn.Module):
         self.weights = {name: term_cfg.weight for name, term_cfg in enabled.items()}
         self.terms = nn.ModuleDict({name: TERMS[name](cfg) for name in enabled})
         self.positives = cfg.loss.positives
+        self.aux_warmup_steps, self.grad_accum = cfg.loss.aux_warmup_steps, cfg.train.grad_accum
+
+    def aux_scale(self, step: int) -> float:
+        """The auxiliary terms' weight multiplier at micro step ``step``."""
+        if self.aux_warmup_steps <= 0:
+            return 1.0
+        return min(1.0, (step // self.grad_accum) / self.aux_warmup_steps)
 
     @property
     def cached_keys(self) -> tuple:
@@ -82,21 +95,34 @@ class UniMlipObjective(nn.Module):
         acc_ids = None if ids is None else torch.cat([ids if j == k else e["ids"] for j, e in enumerate(entries)])
         return acc, acc_ids
 
+    def replay_error(self, outputs: dict, cache: AccumulationCache) -> torch.Tensor:
+        """Largest absolute difference between this recomputed micro batch's contrastive embeddings and the
+        cached ones (logged as ``accum_replay_max_abs``): 0 when the replay is exact, as the gradient's
+        exactness needs; non-zero flags a non-deterministic kernel or a random draw outside the replayed state."""
+        entry = cache.entries[cache.index]["emb"]
+        return torch.stack([(outputs[key].detach() - entry[key]).abs().max().float() for key in self.cached_keys]).max()
+
     def forward(self, batch: dict, outputs: dict, model: nn.Module, step: int,
                 cache: Optional[AccumulationCache] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = identity(batch, self.positives)
         acc, acc_ids, repeat = outputs, ids, 1
+        total, value, logs = 0.0, 0.0, {}
         if cache is not None:
             acc, acc_ids = self._accumulated(outputs, ids, cache)
             repeat = len(cache.entries)
-        total, value, logs = 0.0, 0.0, {}
+            if self.cached_keys:
+                logs["accum_replay_max_abs"] = self.replay_error(outputs, cache)
+        scale = self.aux_scale(step)
         for name, term in self.terms.items():
             if term.contrastive:
                 result, factor = term(batch, acc, model, step, acc_ids), repeat
             else:
                 result, factor = term(batch, outputs, model, step, ids), 1
             extra = result if isinstance(result, dict) else {name: result}
-            total = total + self.weights[name] * factor * extra[name]
-            value = value + self.weights[name] * extra[name].detach()
+            weight = self.weights[name] * (1.0 if name == "itc" else scale)
+            total = total + weight * factor * extra[name]
+            value = value + weight * extra[name].detach()
             logs.update({k: v.detach() for k, v in extra.items()})
+        if self.aux_warmup_steps > 0:
+            logs["aux_scale"] = torch.tensor(scale, device=value.device)
         return total, {"loss": value, **logs}

@@ -29,18 +29,32 @@ class FusionEncoder(nn.Module):
     """``forward(text_tokens B x L x Ht, text_mask B x L, image_tokens B x T x Hi) -> B x L x Ht``.
 
     Image tokens are projected to the text width; ``layers`` cross-attention layers of ``heads`` heads.
+    ``image_dim`` may list several widths (``model.fusion.image_stages``): ``image_tokens`` is then a tuple of
+    token groups (the final map first), each projected by its own Linear + LayerNorm, and the text attends to
+    all of them together.
     """
 
-    def __init__(self, text_dim: int, image_dim: int, layers: int, heads: int):
+    def __init__(self, text_dim: int, image_dim, layers: int, heads: int):
         super().__init__()
         if text_dim % heads:
             raise ValueError(f"model.fusion.heads={heads} must divide the text tower width {text_dim}")
-        self.image_proj = nn.Sequential(nn.Linear(image_dim, text_dim), nn.LayerNorm(text_dim))
+        dims = (image_dim,) if isinstance(image_dim, int) else tuple(image_dim)
+        self.image_proj = nn.Sequential(nn.Linear(dims[0], text_dim), nn.LayerNorm(text_dim))
+        if len(dims) > 1:
+            self.stage_proj = nn.ModuleList(nn.Sequential(nn.Linear(d, text_dim), nn.LayerNorm(text_dim))
+                                            for d in dims[1:])
         self.layers = nn.ModuleList(FusionLayer(text_dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(text_dim)
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        image = self.image_proj(image.to(text.dtype))
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image) -> torch.Tensor:
+        if isinstance(image, (tuple, list)):
+            projections = [self.image_proj, *getattr(self, "stage_proj", [])]
+            if len(image) != len(projections):
+                raise ValueError(f"{len(image)} groups of image tokens for a fusion encoder built for {len(projections)} "
+                                 "(model.fusion.image_stages)")
+            image = torch.cat([proj(t.to(text.dtype)) for proj, t in zip(projections, image)], dim=1)
+        else:
+            image = self.image_proj(image.to(text.dtype))
         pad = text_mask == 0
         for layer in self.layers:
             text = layer(text, pad, image)

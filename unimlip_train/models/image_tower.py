@@ -68,7 +68,10 @@ class ImageTower(LockableTower):
     """Wraps ``timm.create_model(cfg.model.image.name, num_classes=0, in_chans, img_size, **kwargs)``.
 
     ``forward(x) -> (pooled B x F, tokens B x T x F)``: the model's own pooling (CLS or average) and its
-    final feature map as tokens (ViT tokens as they are, CNN maps flattened) for the fusion encoder.
+    final feature map as tokens (ViT tokens as they are, CNN maps flattened) for the fusion encoder. With
+    ``model.fusion.image_stages`` = N > 1 (and a fused term on) ``tokens`` is a tuple: the final map's tokens,
+    then those of the N - 1 stages before it (timm's ``feature_info``), each at its own width (``token_dims``);
+    the fusion encoder projects each group itself, so the tower's parameters and pooled output are unchanged.
     ``model.image.pretrained`` loads weights (``unimlip_train.models.pretrained``; ``weights=False`` builds the
     architecture only); ``model.image.lock`` freezes the tower except its last ``lock_unlocked_groups`` timm layer
     groups (``group_matcher``, as open_clip).
@@ -92,6 +95,17 @@ class ImageTower(LockableTower):
         if cfg.model.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.perturbation = FeaturePerturbation(self.model, icfg.token_drop, icfg.spatial_drop)
+        self.token_dims, self._stage_maps = (self.num_features,), []
+        stages = cfg.model.fusion.image_stages if cfg.loss.mlm.weight or cfg.loss.itm.weight else 1
+        if stages > 1:
+            info = list(getattr(self.model, "feature_info", []))
+            if len(info) < stages:
+                raise ValueError(f"model.fusion.image_stages={stages}: timm model {icfg.name} lists "
+                                 f"{len(info)} feature stages")
+            modules = dict(self.model.named_modules())
+            for entry in reversed(info[-stages:-1]):
+                modules[entry["module"]].register_forward_hook(self._keep_stage_map)
+            self.token_dims += tuple(entry["num_chs"] for entry in reversed(info[-stages:-1]))
         # CNN towers on CUDA take NHWC inputs: cuDNN's tensor-core convolutions run channels_last natively.
         self.channels_last = torch.cuda.is_available() and self.perturbation.kind == "spatial dropout"
         if icfg.lock:
@@ -109,13 +123,23 @@ class ImageTower(LockableTower):
         ids = group_parameters(self.model, matcher, reverse=True)
         return {f"model.{name}": layer for name, layer in ids.items()}
 
+    def _keep_stage_map(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        self._stage_maps.append(output)
+
     def forward(self, x: torch.Tensor, perturb: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``perturb``: this pass with the feature-level perturbation on (see ``FeaturePerturbation``)."""
         x = x.to(next(self.model.parameters()).dtype)  # bf16/fp16 engines hold low-precision weights
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        self._stage_maps = []
         with self.perturbation.active(perturb):
             feats = self.model.forward_features(x)
         pooled = self.model.forward_head(feats, pre_logits=True)
-        tokens = feats.flatten(2).transpose(1, 2) if feats.dim() == 4 else feats
-        return pooled, tokens
+        tokens = [_as_tokens(m) for m in (feats, *reversed(self._stage_maps))]
+        self._stage_maps = []
+        return pooled, tokens[0] if len(tokens) == 1 else tuple(tokens)
+
+
+def _as_tokens(feats: torch.Tensor) -> torch.Tensor:
+    """B x C x H x W maps flattened to B x HW x C; token states (B x T x C) as they are."""
+    return feats.flatten(2).transpose(1, 2) if feats.dim() == 4 else feats
