@@ -549,7 +549,7 @@ each optimizer step: it holds at 1, and every step starts there.
     assert [every[s]["accum_replay_max_abs"] for s in (1, 2, 3)] == [0.0, 0.0, 0.0]
     from unimlip_train.engine.checkpoint import consolidated_state_dict, resolve_checkpoint
 
-    counters = {k: int(v) for k, v in _module_states(resolve_checkpoint(str(data["root"] / "acc_all"))).items()
+    counters = {k: int(v) for k, v in consolidated_state_dict(resolve_checkpoint(str(data["root"] / "acc_all"))).items()
                 if k.endswith("num_batches_tracked")}
     assert len(counters) > 10 and set(counters.values()) == {3 * 2}, counters  # 3 steps x 2 micro batches
 
