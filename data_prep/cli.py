@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM (a scheduler, ``kill``, ``timeout``) ends the run like Ctrl-C: the worker pool is terminated, the
-    shard being written is removed, the finished ones stay journalled."""
+    """SIGTERM (a scheduler, ``kill``, ``timeout``) ends the run like Ctrl-C: the workers finish the images in hand,
+    the shard being written is removed, the finished ones stay journalled."""
 
 
 def _interrupt(signum: int, _frame) -> None:

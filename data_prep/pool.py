@@ -9,18 +9,28 @@ depend on ``--workers``. ``encode_results`` is the writer's default encoder; a S
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from data_prep.images import ImageError, process_image
+from unimlip_train.data.worker_signals import die_with_parent
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _worker_signals() -> None:
-    """Ctrl-C is the parent's to handle (it shuts the pool down); SIGTERM keeps its default, so a scheduler's
-    signal to the whole process group ends a worker at once."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _worker_signals(parent: int) -> None:
+    """Ctrl-C and a scheduler's SIGTERM to the whole process group are the parent's to handle: it stops taking
+    results and shuts the pool down, and each worker finishes the image in hand. A worker killed while sending
+    its result, or while starting (a half-started worker breaks the pool), left the executor waiting forever
+    (seen as a hung `unimlip-shard` after SIGTERM). So workers are born with these signals blocked (the mask
+    survives fork and exec) and ignore them from here on; a worker still dies with its parent if that is killed."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    die_with_parent(parent)
 
 
 def _encode_task(task: tuple) -> tuple:
@@ -38,17 +48,24 @@ def encode_results(tasks: list[tuple], workers: int) -> Iterator[tuple]:
     """Encoded results in task order, from a process pool or inline for one worker.
 
     The default ``encoder`` of ``write_shards``; a SLURM array replays results its tasks computed instead.
-    A ``ProcessPoolExecutor`` rather than ``multiprocessing.Pool``: a worker killed mid-result (SIGTERM to the
-    process group) can leave a ``Pool``'s shared queue lock taken and its parent's shutdown waiting forever,
-    while the executor only reads that queue and shuts down whatever its workers' state.
+    A ``ProcessPoolExecutor`` rather than ``multiprocessing.Pool``: the executor notices a worker that died (out
+    of memory, killed on its own) and raises ``BrokenProcessPool``, where a ``Pool`` waits forever.
     """
     if workers <= 1 or len(tasks) <= 1:
         yield from map(_encode_task, tasks)
         return
     ctx = mp.get_context("spawn")  # no fork of a parent that may hold threads (tqdm, torch)
-    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=_worker_signals)
+    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=_worker_signals,
+                               initargs=(os.getpid(),))
     try:
-        yield from pool.map(_encode_task, tasks, chunksize=4)
+        # The workers start now (the executor submits every chunk at once): with the stop signals blocked, so
+        # that one arriving meanwhile waits for the parent, which handles it after the mask is restored.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            results = pool.map(_encode_task, tasks, chunksize=4)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        yield from results
     except BrokenProcessPool:
         raise RuntimeError("an image worker process died (killed, or out of memory); the finished shards are "
                            "kept: rerun the same command to finish") from None

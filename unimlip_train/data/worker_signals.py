@@ -28,7 +28,8 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 _hooked = False
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
+    """In a child process: be SIGKILLed when ``parent`` (the process that started it, from its main thread) dies."""
     if not sys.platform.startswith("linux") or os.getppid() != parent:  # forkserver/spawn: the parent is another
         return
     try:
@@ -42,7 +43,7 @@ def _die_with_parent(parent: int) -> None:
 def _init(parent: int, worker_id: int) -> None:  # noqa: ARG001 (the DataLoader's worker_init_fn signature)
     for signum in _STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-    _die_with_parent(parent)
+    die_with_parent(parent)
 
 
 def _kill_leftover_workers() -> None:
