@@ -1,18 +1,17 @@
 """The reference views of the medical augmentation: real images, several sizes and seeds, two views per seed.
 
-``python tests/augment_golden.py`` wrote ``tests/data/augment_golden.json`` at commit fc5fe67, the last commit
-whose augmentation was hand-written code (``TrainAugment`` with a fused OpenCV warp and its intensity steps,
-configured by ``data.augment.min_scale`` ... ``hflip_p``). ``test_augment_pipeline`` recomputes the same views
-with today's default ``data.augment`` list and compares digests: bit-identical views, and the same number of draws
-from the sample's generator (the draw after the views is part of the digest), so seeded streams, exact resume and
-the MLM draws that follow the views in the loader stay the same.
+``tests/data/augment_golden.json`` was written by running this module (``python tests/augment_golden.py``) at
+commit c1ac3e5, the last one whose augmentation was hand-written code (``TrainAugment`` in
+``unimlip_train/data/transforms.py``: a fused OpenCV warp and its intensity steps, configured by
+``data.augment.min_scale`` ... ``hflip_p``). ``test_augment_pipeline`` recomputes the views with today's default
+``data.augment`` list and compares digests: bit-identical views, and the same number of draws from the sample's
+generator (the draw after the views is part of the digest), so seeded streams, exact resume and the MLM draws
+that follow the views in the loader stay the same.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,9 @@ import pydicom
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_prep.dicom import read_dicom  # noqa: E402
-from unimlip_train.config.schema import Config  # noqa: E402
-from unimlip_train.data.transforms import TrainAugment, decode_image  # noqa: E402
+from data_prep.dicom import read_dicom
+from unimlip_train.config.schema import Config
+from unimlip_train.data.transforms import decode_image
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "augment_golden.json"
 PNEUMONIAMNIST_NPZ = Path(__file__).resolve().parent / "data" / "pneumoniamnist" / "pneumoniamnist_subset.npz"
@@ -38,7 +36,8 @@ def _encoded(arr: np.ndarray, fmt: str) -> bytes:
 
 def cases() -> dict:
     """name -> (image as the loader decodes it, in_chans, data.image_size): real images of every kind the
-    augmentation branches on (8-bit grey, 16-bit grey, RGB, a single-channel axis; small and large sources)."""
+    augmentation branches on (8-bit grey, 16-bit grey, RGB, a single-channel axis; small and large
+    sources; very wide and very tall ones, where the crop falls back to a centred one)."""
     mnist = np.load(PNEUMONIAMNIST_NPZ)["train_images"]
     radiograph = get_testdata_file("RG1_UNCR.dcm")  # a computed radiograph, 1955 x 1841, 16 bits
     ultrasound = pydicom.dcmread(get_testdata_file("US1_UNCR.dcm")).pixel_array  # RGB, 480 x 640
@@ -81,7 +80,3 @@ def views_digests(make_augment) -> dict:
         result[name] = per_seed
     return result
 
-
-if __name__ == "__main__":
-    GOLDEN.write_text(json.dumps({"commit": "fc5fe67", "views": views_digests(TrainAugment)}, indent=1) + "\n")
-    print(f"wrote {GOLDEN}")

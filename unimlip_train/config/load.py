@@ -7,10 +7,11 @@ offending key and the file it came from (``Origins``).
 
 What config cannot know without the model registry or weights on disk (is ``model.image.name`` a timm model?
 which normalisation and input size come with ``model.image.pretrained``?) is one step more, which config does
-not import: ``load_config(path, overrides, resolve=resolve_towers)`` with
-``unimlip_train.models.pretrained.resolve_towers``, as every entry point that starts a run does. It gets the
-same ``Origins``, so its errors name the key and the file too (and entry points exit 2 on them, as on any
-``ConfigError``). ``config_from_dict`` rebuilds an already resolved config (a run dir's ``config.yaml``).
+not import: ``load_config(path, overrides, resolve=(resolve_towers, check_augment))`` with
+``unimlip_train.models.pretrained.resolve_towers`` and ``unimlip_train.data.augment.check_augment`` (are the
+``data.augment`` names albumentations or project transforms, with arguments they take?), as every entry point
+that starts a run does. They get the same ``Origins``, so their errors name the key and the file too (and entry
+points exit 2 on them, as on any ``ConfigError``). ``config_from_dict`` rebuilds an already resolved config (a run dir's ``config.yaml``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import dataclasses
 import os
 import types
 import typing
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -31,9 +32,10 @@ Resolver = Callable[[Config, Origins], None]
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
-                resolve: Optional[Resolver] = None) -> Config:
-    """Load ``path`` (following ``extends``), apply ``key=value`` overrides, validate, then ``resolve``
-    (e.g. ``models.pretrained.resolve_towers``) with the keys' origins; return the Config."""
+                resolve: Union[Resolver, Sequence[Resolver], None] = None) -> Config:
+    """Load ``path`` (following ``extends``), apply ``key=value`` overrides, validate, then ``resolve`` (one
+    resolver or several in order, e.g. ``models.pretrained.resolve_towers`` and ``data.augment.check_augment``)
+    with the keys' origins; return the Config."""
     origins = Origins()
     data = _load_with_extends(path, origins) if path else {}
     for text in overrides or []:
@@ -42,8 +44,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
         _record_origins(value, key, origins, "command line")
     cfg = _build(Config, data, "", origins, path or "defaults")
     validate(cfg, origins)
-    if resolve is not None:
-        resolve(cfg, origins)
+    for step in ([resolve] if callable(resolve) else resolve or []):
+        step(cfg, origins)
     return cfg
 
 
