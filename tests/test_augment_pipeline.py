@@ -20,7 +20,7 @@ from unimlip_train.config.load import load_config
 from unimlip_train.config.origins import ConfigError
 from unimlip_train.config.schema import Config, default_augment
 from unimlip_train.data.augment import GeneratorRandom, TrainAugment, check_augment
-from unimlip_train.data.medical_transforms import MedicalCLAHE
+from unimlip_train.data.medical_transforms import MedicalCLAHE, _uniform
 
 
 def test_default_list_reproduces_the_hand_written_views_bit_for_bit():
@@ -92,10 +92,12 @@ def test_medical_clahe_is_albumentations_clahe_on_8_bit_images():
 
 
 def test_generator_random_draws_what_numpy_draws():
-    """albumentations' uniform draws (Python's formula over ``random()``) equal numpy's ``uniform``."""
-    ours, numpy = GeneratorRandom(np.random.default_rng(3)), np.random.default_rng(3)
-    for low, high in [(0.8, 1.2), (-0.2, 0.2), (1.0, 2.0), (0.01, 0.04)] * 200:
-        assert ours.uniform(low, high) == numpy.uniform(low, high)
+    """albumentations' uniform draws (Python's formula over ``random()``) and the crop's fast ``_uniform`` equal
+    numpy's ``uniform``, float for float."""
+    ours, numpy, fast = GeneratorRandom(np.random.default_rng(3)), np.random.default_rng(3), np.random.default_rng(3)
+    for low, high in [(0.8, 1.2), (-0.2, 0.2), (1.0, 2.0), (0.01, 0.04), (0, 97.3), (-10.0, 10.0)] * 200:
+        expected = numpy.uniform(low, high)
+        assert ours.uniform(low, high) == expected == _uniform(fast, low, high)
     ours.rng, again = np.random.default_rng(4), GeneratorRandom(np.random.default_rng(4))
     assert [ours.randint(0, 9) for _ in range(50)] == [again.randint(0, 9) for _ in range(50)]  # integers too
 
