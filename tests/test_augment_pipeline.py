@@ -114,6 +114,7 @@ def test_generator_random_draws_what_numpy_draws():
     ("[{name: __class__}]", r"data\.augment\[0\] .*unknown transform '__class__'"),
     ("[{p: 0.5}]", r"data\.augment\[0\] .*expected a mapping with a 'name'"),
     ("[{name: CLAHE}]", r"data\.augment made a uint8 view of shape \(74, 74\).*64 x 64"),
+    ("{min_scale: 0.3}", r"key 'data\.augment': expected list.*replaced the mapping of min_scale"),
 ])
 def test_a_bad_list_is_a_config_error_naming_the_entry(augment, names):
     with pytest.raises(ConfigError, match=r"^command line: " + names):

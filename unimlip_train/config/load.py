@@ -27,6 +27,10 @@ from unimlip_train.config.origins import ConfigError, Origins
 from unimlip_train.config.schema import Config
 from unimlip_train.config.validate import validate
 
+#: Keys whose form changed, and what to write now (named when a value of the former form is found).
+_FORMER = {"data.augment": " (data.augment is a list of albumentations transforms, {name: ..., arguments}, since "
+                           "it replaced the mapping of min_scale ... hflip_p; see docs/training.md#augmentation)"}
+
 #: A step after validation that checks or fills what needs more than the config (see the module doc).
 Resolver = Callable[[Config, Origins], None]
 
@@ -228,7 +232,7 @@ def _coerce(value: Any, typ: Any, key: str, origin: str, origins: Optional[Origi
     else:
         return value
     name = getattr(typ, "__name__", str(typ))
-    raise ConfigError(f"{where}: expected {name}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{where}: expected {name}, got {type(value).__name__} {value!r}{_FORMER.get(key, '')}")
 
 
 def _describe(typ: Any) -> str:
