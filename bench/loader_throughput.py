@@ -10,6 +10,9 @@ Repeats are interleaved: each repeat runs the three pipelines once, one after th
 from repeat to repeat), and its ratios compare rates measured moments apart, so a busy moment of the shared
 machine touches one repeat, not one pipeline. Each repeat prints its rates and ratios; the last line gives the
 median ratio over the repeats (the goal: >= 1.5x open_clip), with the lowest, the highest and all of them.
+Rates are per second of wall time and, since everything runs in this one thread, per second of this process's
+CPU time (``*_cpu``): the CPU ratio is what an otherwise idle core would give, and moves far less when other
+jobs share the machine.
 The augmentation is the config default ``data.augment`` (``--augment`` takes another list as YAML).
 Usage: python bench/loader_throughput.py [--n 600] [--repeats 7] [--augment YAML]
 """
@@ -67,11 +70,12 @@ def tokenizer_for_bench(folder: str):
     return load_tokenizer(folder)
 
 
-def timed(samples) -> float:
-    t0, n = time.perf_counter(), 0
+def timed(samples) -> tuple[float, float]:
+    """(samples per second of wall time, per second of this process's CPU time)."""
+    t0, c0, n = time.perf_counter(), time.process_time(), 0
     for k in samples:
         n += k
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
 def main() -> None:
@@ -107,18 +111,23 @@ def main() -> None:
             "open_clip_one_view": lambda: (1 for _ in wds_stage(lambda s: oc(s[0].convert("L")))),
             "unimlip_two_views_tokenized": lambda: (len(next(batches)["key"]) for _ in range(stream.steps_per_epoch)),
         }
-        ratios, names = [], list(pipelines)
+        ratios, cpu_ratios, names = [], [], list(pipelines)
         for repeat in range(args.repeats):
             order = names[repeat % len(names):] + names[:repeat % len(names)]
             rate = {name: timed(pipelines[name]()) for name in order}
-            decode, open_clip, ours = (rate[name] for name in names)
+            (decode, _), (open_clip, open_clip_cpu), (ours, ours_cpu) = (rate[name] for name in names)
             ratios.append(ours / open_clip)
-            print(json.dumps({"repeat": repeat + 1, **{f"{name}_per_s": round(rate[name], 1) for name in names},
+            cpu_ratios.append(ours_cpu / open_clip_cpu)
+            print(json.dumps({"repeat": repeat + 1, **{f"{name}_per_s": round(rate[name][0], 1) for name in names},
+                              **{f"{name}_per_cpu_s": round(rate[name][1], 1) for name in names},
                               "unimlip_vs_decode_only": round(ours / decode, 3),
-                              "unimlip_vs_open_clip_one_view": round(ours / open_clip, 3)}), flush=True)
+                              "unimlip_vs_open_clip_one_view": round(ratios[-1], 3),
+                              "unimlip_vs_open_clip_one_view_cpu": round(cpu_ratios[-1], 3)}), flush=True)
     print(json.dumps({"unimlip_vs_open_clip_one_view_median": round(statistics.median(ratios), 3),
                       "min": round(min(ratios), 3), "max": round(max(ratios), 3),
-                      "all": [round(r, 3) for r in ratios]}))
+                      "cpu_median": round(statistics.median(cpu_ratios), 3),
+                      "cpu_min": round(min(cpu_ratios), 3), "cpu_max": round(max(cpu_ratios), 3),
+                      "all": [round(r, 3) for r in ratios], "cpu_all": [round(r, 3) for r in cpu_ratios]}))
 
 
 if __name__ == "__main__":

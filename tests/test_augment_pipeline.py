@@ -154,7 +154,8 @@ def test_training_start_and_print_config_exit_2_naming_the_entry(tmp_path):
                                str(REPO / "configs" / "tiny_cpu.yaml"), bad, *extra],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2, proc.stderr
-        assert "config error" in proc.stderr and "data.augment[1]" in proc.stderr and "RandomGama" in proc.stderr
+        assert "config error" in proc.stderr and "data.augment[1]" in proc.stderr
+        assert "unknown transform 'RandomGama'" in proc.stderr and "did you mean RandomGamma" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 

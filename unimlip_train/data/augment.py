@@ -15,6 +15,7 @@ through ``GeneratorRandom``.
 """
 from __future__ import annotations
 
+import difflib
 import random
 import re
 from typing import Any
@@ -73,9 +74,12 @@ def _build_one(spec: Any, image_size: int, where: str):
     cls = PROJECT_TRANSFORMS.get(name) or (getattr(A, name, None) if not name.startswith("_") else None)
     if name in REFUSED:
         raise AugmentSpecError(f"{where} {spec!r}: {name} is not allowed here: {REFUSED[name]}")
-    if not (isinstance(cls, type) and issubclass(cls, (A.BasicTransform, BaseCompose))):
+    if not _is_transform(cls):
+        close = difflib.get_close_matches(name, [*PROJECT_TRANSFORMS, *(n for n in dir(A) if
+                                                                     _is_transform(getattr(A, n)))], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise AugmentSpecError(f"{where} {spec!r}: unknown transform {name!r} (not an albumentations "
-                               f"{A.__version__} transform, nor one of {', '.join(PROJECT_TRANSFORMS)})")
+                               f"{A.__version__} transform, nor one of {', '.join(PROJECT_TRANSFORMS)}){hint}")
     if issubclass(cls, BaseCompose):
         kwargs["transforms"] = build_transforms(kwargs.get("transforms"), image_size, f"{where}.transforms")
     elif name in PROJECT_TRANSFORMS and "size" in cls.InitSchema.model_fields:
@@ -86,6 +90,10 @@ def _build_one(spec: Any, image_size: int, where: str):
         return cls(**kwargs) if issubclass(cls, BaseCompose) else cls(**kwargs, strict=True)
     except (TypeError, ValueError) as e:
         raise AugmentSpecError(f"{where} {spec!r}: {_one_line(str(e))}") from None
+
+
+def _is_transform(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, (A.BasicTransform, BaseCompose))
 
 
 def _one_line(message: str) -> str:
