@@ -6,10 +6,15 @@ Writes 512-px grayscale JPEG shards (chest-X-ray-like) to a temp dir and measure
   open_clip     open_clip-style train preprocess, one view: RandomResizedCrop 224 bicubic + tensor + normalize;
   unimlip       our TrainStream at 224 px: two medical views, report cleaning + second text view, tokenization,
                 MLM masking, collation into batches.
-The pipelines run in alternating rounds and each keeps its best round, so a busy machine skews the
-ratios less; the whole comparison is repeated (``--repeats``, default 3) and each repeat prints its rates and
-ratios, then a last line gives the lowest ratio of all repeats (the goal: >= 1.5x open_clip in every one).
-Usage: python bench/loader_throughput.py [--n 600] [--rounds 2] [--repeats 3]
+Repeats are interleaved: each repeat runs the three pipelines once, one after the other (the order rotating
+from repeat to repeat), and its ratios compare rates measured moments apart, so a busy moment of the shared
+machine touches one repeat, not one pipeline. Each repeat prints its rates and ratios; the last line gives the
+median ratio over the repeats (the goal: >= 1.5x open_clip), with the lowest, the highest and all of them.
+Rates are per second of wall time and, since everything runs in this one thread, per second of this process's
+CPU time (``*_cpu``): the CPU ratio is what an otherwise idle core would give, and moves far less when other
+jobs share the machine.
+The augmentation is the config default ``data.augment`` (``--augment`` takes another list as YAML).
+Usage: python bench/loader_throughput.py [--n 600] [--repeats 7] [--augment YAML]
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import argparse
 import io
 import json
 import os
+import statistics
 import tempfile
 import time
 
@@ -27,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 import webdataset as wds  # noqa: E402
+import yaml  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from transformers import BertTokenizer  # noqa: E402
 
@@ -63,19 +70,21 @@ def tokenizer_for_bench(folder: str):
     return load_tokenizer(folder)
 
 
-def timed(samples) -> float:
-    t0, n = time.perf_counter(), 0
+def timed(samples) -> tuple[float, float]:
+    """(samples per second of wall time, per second of this process's CPU time)."""
+    t0, c0, n = time.perf_counter(), time.process_time(), 0
     for k in samples:
         n += k
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=600, help="samples to write and read per round (default 600)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per pipeline (default 2)")
+    parser.add_argument("--n", type=int, default=600, help="samples to write and read per pipeline run (default 600)")
     parser.add_argument("--batch", type=int, default=32, help="micro batch of our stream (default 32)")
-    parser.add_argument("--repeats", type=int, default=3, help="independent repeats of the comparison (default 3)")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats of the comparison (default 7)")
+    parser.add_argument("--augment", type=yaml.safe_load, default=None, metavar="YAML",
+                        help="data.augment list for our stream (default: the config default)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,6 +102,8 @@ def main() -> None:
         cfg = Config()
         cfg.data.train, cfg.data.num_workers, cfg.data.image_size = shard_dir, 0, 224
         cfg.train.micro_batch_size = args.batch
+        if args.augment is not None:
+            cfg.data.augment = args.augment
         stream = TrainStream(cfg, tokenizer, BatchNeeds(image_view2=True, text_view2=True, mlm=True), 0, 1)
         batches = iter(stream)
         pipelines = {
@@ -100,19 +111,23 @@ def main() -> None:
             "open_clip_one_view": lambda: (1 for _ in wds_stage(lambda s: oc(s[0].convert("L")))),
             "unimlip_two_views_tokenized": lambda: (len(next(batches)["key"]) for _ in range(stream.steps_per_epoch)),
         }
-        ratios = []
+        ratios, cpu_ratios, names = [], [], list(pipelines)
         for repeat in range(args.repeats):
-            best = dict.fromkeys(pipelines, 0.0)
-            for _ in range(args.rounds):
-                for name, make in pipelines.items():
-                    best[name] = max(best[name], timed(make()))
-            decode, open_clip, ours = best.values()
+            order = names[repeat % len(names):] + names[:repeat % len(names)]
+            rate = {name: timed(pipelines[name]()) for name in order}
+            (decode, _), (open_clip, open_clip_cpu), (ours, ours_cpu) = (rate[name] for name in names)
             ratios.append(ours / open_clip)
-            print(json.dumps({"repeat": repeat + 1, **{f"{name}_per_s": round(r, 1) for name, r in best.items()},
+            cpu_ratios.append(ours_cpu / open_clip_cpu)
+            print(json.dumps({"repeat": repeat + 1, **{f"{name}_per_s": round(rate[name][0], 1) for name in names},
+                              **{f"{name}_per_cpu_s": round(rate[name][1], 1) for name in names},
                               "unimlip_vs_decode_only": round(ours / decode, 3),
-                              "unimlip_vs_open_clip_one_view": round(ours / open_clip, 3)}), flush=True)
-    print(json.dumps({"unimlip_vs_open_clip_one_view_min": round(min(ratios), 3),
-                      "all": [round(r, 3) for r in ratios]}))
+                              "unimlip_vs_open_clip_one_view": round(ratios[-1], 3),
+                              "unimlip_vs_open_clip_one_view_cpu": round(cpu_ratios[-1], 3)}), flush=True)
+    print(json.dumps({"unimlip_vs_open_clip_one_view_median": round(statistics.median(ratios), 3),
+                      "min": round(min(ratios), 3), "max": round(max(ratios), 3),
+                      "cpu_median": round(statistics.median(cpu_ratios), 3),
+                      "cpu_min": round(min(cpu_ratios), 3), "cpu_max": round(max(cpu_ratios), 3),
+                      "all": [round(r, 3) for r in ratios], "cpu_all": [round(r, 3) for r in cpu_ratios]}))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from launch.sharding import encode_slice, merge_slices, parse_shard_argv
 from launch.slurm import LaunchError
 from unimlip_train.config.load import dump_yaml, load_config
 from unimlip_train.config.validate import derive_grad_accum, global_batch_error
+from unimlip_train.data.augment import check_augment
 from unimlip_train.models.pretrained import resolve_towers
 
 
@@ -57,7 +58,7 @@ def _wait_local(jobs: list) -> int:
 
 def submit_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``unimlip-submit train``: one (multi-node) training job that requeues itself on preemption."""
-    cfg = load_config(args.config, args.overrides, resolve=resolve_towers)
+    cfg = load_config(args.config, args.overrides, resolve=(resolve_towers, check_augment))
     run_dir = Path(args.run_dir or cfg.run_dir).resolve()
     cfg.run_dir = str(run_dir)
     tasks, gpus = ranks(args)

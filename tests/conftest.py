@@ -10,6 +10,7 @@ _ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations' version check on import (the project sets it too)
     "OMP_NUM_THREADS": "1",
     "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
 }

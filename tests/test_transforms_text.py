@@ -14,10 +14,11 @@ from transformers import BertTokenizer
 
 from conftest import IU_REPORTS_TGZ
 from unimlip_train.config.schema import Config
+from unimlip_train.data.augment import TrainAugment
 from unimlip_train.data.collate import mlm_mask
 from unimlip_train.data.text import augment_report, clean_text, model_text, sections_or_whole, split_sentences
 from unimlip_train.data.tokenizer import load_tokenizer
-from unimlip_train.data.transforms import MEAN, STD, EvalTransform, TrainAugment, _decode_jpeg, decode_image, to_tensor
+from unimlip_train.data.transforms import MEAN, STD, EvalTransform, _decode_jpeg, decode_image, to_tensor
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -34,6 +35,11 @@ def _jpeg(arr: np.ndarray) -> bytes:
 
 def _rngs(seed):
     return (np.random.default_rng(seed),)
+
+
+def _entry(cfg, name: str) -> dict:
+    """The ``data.augment`` entry of transform ``name`` (to change its arguments in place)."""
+    return next(e for e in cfg.augment if e["name"] == name)
 
 
 def _marker_image(size=96) -> np.ndarray:
@@ -55,7 +61,7 @@ def test_no_flip_by_default_keeps_left_on_the_left():
     xs = [_bright_centroid_x(aug(img, *_rngs(s))) for s in range(40)]
     seen = [x for x in xs if x is not None]
     assert len(seen) > 20 and all(x < 0.5 for x in seen)
-    cfg.augment.hflip_p = 1.0  # the check above would notice a flip
+    _entry(cfg, "MedicalCropAffine")["hflip_p"] = 1.0  # the check above would notice a flip
     flipped = [_bright_centroid_x(TrainAugment(cfg)(img, *_rngs(s))) for s in range(10)]
     assert all(x > 0.5 for x in flipped if x is not None)
 
@@ -102,10 +108,14 @@ def test_jpeg_decoded_at_reduced_scale_and_resized_once():
 def test_augment_keeps_colour_and_single_channel_axes():
     cfg = Config().data
     cfg.image_size = 32
-    cfg.augment.clahe_p = cfg.augment.noise_p = 1.0
+    crop, *steps = cfg.augment
+    for step in steps:  # every intensity step always on (OpenCV's blur and lookup drop a single channel axis)
+        step.update({"p": 1.0} if "p" in step else {"gamma_p": 1.0, "contrast_p": 1.0})
     rgb = np.stack([_marker_image(60)] * 3, axis=-1)
-    assert TrainAugment(cfg)(rgb, *_rngs(0)).shape == (32, 32, 3)
-    assert TrainAugment(cfg)(_marker_image(60)[..., None], *_rngs(0)).shape == (32, 32, 1)
+    for cfg.augment in [[crop, step] for step in steps] + [[crop, *steps]]:
+        assert TrainAugment(cfg)(rgb, *_rngs(0)).shape == (32, 32, 3)
+        assert TrainAugment(cfg)(_marker_image(60)[..., None], *_rngs(0)).shape == (32, 32, 1)
+        assert TrainAugment(cfg)(_marker_image(60), *_rngs(0)).shape == (32, 32)
 
 
 def test_crop_geometry_against_a_naive_crop_and_resize():
@@ -113,9 +123,9 @@ def test_crop_geometry_against_a_naive_crop_and_resize():
     of the source no smaller than the smallest crop allows, and every row is the same."""
     cfg = Config().data
     cfg.image_size = 40
-    aug = cfg.augment
-    aug.clahe_p = aug.gamma_p = aug.contrast_p = aug.blur_p = aug.noise_p = 0.0
-    aug.rotate_degrees = aug.shift_fraction = 0.0
+    cfg.augment = cfg.augment[:1]  # the crop and warp alone
+    crop = cfg.augment[0]
+    crop["rotate"] = crop["shift"] = 0.0
     image = np.tile((np.arange(120) * 2).astype(np.uint8), (100, 1))  # value = 2 * x
     for seed in range(6):
         out = TrainAugment(cfg)(image, *_rngs(seed)).astype(np.float64)[3:-3, 3:-3]  # scale 0.95 may leave a rim
@@ -123,7 +133,7 @@ def test_crop_geometry_against_a_naive_crop_and_resize():
         steps = np.diff(out[0])
         assert np.allclose(steps, steps.mean(), atol=1.01)  # linear resize of a linear ramp
         span = 40 * steps.mean() / 2  # source pixels across the output width
-        smallest = np.sqrt(120 * 100 * aug.min_scale * 3 / 4)  # the narrowest crop the scale and ratio allow
+        smallest = np.sqrt(120 * 100 * crop["scale"][0] * 3 / 4)  # the narrowest crop the scale and ratio allow
         assert smallest / 1.05 - 1 <= span <= 120 / 0.95 + 1
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 from unimlip_train.config.load import load_config
 from unimlip_train.config.origins import ConfigError
 from unimlip_train.config.schema import Config
+from unimlip_train.data.augment import check_augment
 from unimlip_train.export import read_state, resolve_checkpoint
 from unimlip_train.models.pretrained import resolve_towers
 
@@ -84,7 +85,7 @@ def plan_runs(configs: list[str], data: str, run_root: Path, steps: Optional[int
     for path in configs:
         for seed in seeds if seeds is not None else [None]:
             ovr = base + ([f"seed={seed}"] if seed is not None else []) + list(overrides)
-            cfg = load_config(path, ovr, resolve=resolve_towers)
+            cfg = load_config(path, ovr, resolve=(resolve_towers, check_augment))
             run_dir = run_root / Path(path).stem / f"seed{cfg.seed}"
             cfg.run_dir = str(run_dir)
             runs.append(AblationRun(Path(path).stem, str(path), cfg.seed, run_dir, ovr, cfg))

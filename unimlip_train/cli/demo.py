@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from unimlip_train.config.load import load_config
     from unimlip_train.config.origins import ConfigError
+    from unimlip_train.data.augment import check_augment
     from unimlip_train.models.pretrained import resolve_towers
 
     out = Path(args.out).resolve()
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"data.train={shards}/index.json", f"data.val={shards}/index.json", f"train.steps={args.steps}",
                  *args.overrides]
     try:
-        cfg = load_config(args.config, overrides, resolve=resolve_towers)
+        cfg = load_config(args.config, overrides, resolve=(resolve_towers, check_augment))
     except ConfigError as e:
         p.exit(2, f"unimlip-demo: config error: {e}\n")
     t0 = time.time()

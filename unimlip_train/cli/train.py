@@ -49,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_with_overrides(parser, argv)
-    from unimlip_train.models.pretrained import resolve_towers  # here, not on top: --help needs no timm/transformers
+    # here, not on top: --help needs no timm, transformers or albumentations
+    from unimlip_train.data.augment import check_augment
+    from unimlip_train.models.pretrained import resolve_towers
 
     try:
-        cfg = load_config(args.config, args.overrides, resolve=resolve_towers)
+        cfg = load_config(args.config, args.overrides, resolve=(resolve_towers, check_augment))
     except ConfigError as e:
         parser.exit(2, f"unimlip-train: config error: {e}\n")
     if args.run_dir:

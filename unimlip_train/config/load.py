@@ -7,55 +7,78 @@ offending key and the file it came from (``Origins``).
 
 What config cannot know without the model registry or weights on disk (is ``model.image.name`` a timm model?
 which normalisation and input size come with ``model.image.pretrained``?) is one step more, which config does
-not import: ``load_config(path, overrides, resolve=resolve_towers)`` with
-``unimlip_train.models.pretrained.resolve_towers``, as every entry point that starts a run does. It gets the
-same ``Origins``, so its errors name the key and the file too (and entry points exit 2 on them, as on any
-``ConfigError``). ``config_from_dict`` rebuilds an already resolved config (a run dir's ``config.yaml``).
+not import: ``load_config(path, overrides, resolve=(resolve_towers, check_augment))`` with
+``unimlip_train.models.pretrained.resolve_towers`` and ``unimlip_train.data.augment.check_augment`` (are the
+``data.augment`` names albumentations or project transforms, with arguments they take?), as every entry point
+that starts a run does. They get the same ``Origins``, so their errors name the key and the file too (and entry
+points exit 2 on them, as on any ``ConfigError``). ``config_from_dict`` rebuilds an already resolved config (a run dir's ``config.yaml``).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import yaml
 
 from unimlip_train.config.origins import ConfigError, Origins
-from unimlip_train.config.schema import FEATURE_PRESETS, Config
+from unimlip_train.config.schema import FEATURE_PRESETS, Config, augment_from_former
 from unimlip_train.config.validate import apply_global_batch, launch_world_size, validate
+
+log = logging.getLogger(__name__)
 
 #: A step after validation that checks or fills what needs more than the config (see the module doc).
 Resolver = Callable[[Config, Origins], None]
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
-                resolve: Optional[Resolver] = None) -> Config:
-    """Load ``path`` (following ``extends``), apply ``key=value`` overrides, validate, then ``resolve``
-    (e.g. ``models.pretrained.resolve_towers``) with the keys' origins; return the Config."""
+                resolve: Union[Resolver, Sequence[Resolver], None] = None) -> Config:
+    """Load ``path`` (following ``extends``), apply ``key=value`` overrides, validate, then ``resolve`` (one
+    resolver or several in order, e.g. ``models.pretrained.resolve_towers`` and ``data.augment.check_augment``)
+    with the keys' origins; return the Config."""
     origins = Origins()
     data = _load_with_extends(path, origins) if path else {}
     for text in overrides or []:
         key, value = _parse_override(text)
         _set_dotted(data, key, value)
         _record_origins(value, key, origins, "command line")
+    _read_former_augment(data, origins.set_within("data.augment") or path or "defaults")
     cfg = _build(Config, data, "", origins, path or "defaults")
     apply_feature_preset(cfg, origins.is_set)
     if cfg.train.global_batch_size > 0 and cfg.train.micro_batch_size > 0:  # before the checks that read grad_accum
         apply_global_batch(cfg, origins, launch_world_size())
     validate(cfg, origins)
-    if resolve is not None:
-        resolve(cfg, origins)
+    for step in ([resolve] if callable(resolve) else resolve or []):
+        step(cfg, origins)
     return cfg
 
 
 def config_from_dict(data: dict, source: str = "dict") -> Config:
     """Rebuild a Config from a resolved mapping (e.g. a run dir's config.yaml or a checkpoint)."""
+    _read_former_augment(data, source, quiet=True)
     cfg = _build(Config, data, "", None, source)
     apply_feature_preset(cfg, lambda key: key.split(".")[-1] in (data.get("loss") or {}))
     validate(cfg, Origins())
     return cfg
+
+
+def _read_former_augment(data: dict, where: str, quiet: bool = False) -> None:
+    """A ``data.augment`` mapping of the former form (``min_scale`` ... ``hflip_p``) becomes its list, in place,
+    with a note saying what to write (``quiet``: for run dirs and checkpoints, which were written that way)."""
+    augment = (data.get("data") or {}).get("augment")
+    if not isinstance(augment, dict):
+        return
+    try:
+        data["data"]["augment"] = augment_from_former(augment)
+    except KeyError as e:
+        raise ConfigError(f"{where}: key 'data.augment': unknown key(s) {e.args[0]} of its former mapping form; "
+                          "data.augment is a list of albumentations transforms (docs/training.md#augmentation)") from None
+    if not quiet:
+        log.warning("%s: data.augment is written in its former mapping form; it is read as the list %s "
+                    "(write that list instead: docs/training.md#augmentation)", where, data["data"]["augment"])
 
 
 def apply_feature_preset(cfg: Config, named: Callable[[str], bool]) -> None:

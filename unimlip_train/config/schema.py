@@ -73,20 +73,39 @@ class DataSource:
     split: str = "train"  # the split to read from an index.json
 
 
-@dataclass
-class AugmentConfig:
-    """Medical-tailored image augmentation (no colour jitter, mild crops, no flips by default)."""
+def default_augment() -> list:
+    """``data.augment``'s default: medical-tailored views (mild crops, small rotations and shifts, no flip:
+    laterality matters on radiographs; CLAHE, gamma / contrast, light blur and noise mimic acquisition, no colour
+    jitter). albumentations specs, ``{name: <class>, ...arguments}``; the ``Medical*`` names are the project's
+    own albumentations transforms (``data.medical_transforms``, docs/training.md "Augmentation")."""
+    return [
+        {"name": "MedicalCropAffine", "scale": [0.5, 1.0], "rotate": 10.0, "shift": 0.05, "affine_p": 0.8,
+         "hflip_p": 0.0},
+        {"name": "MedicalCLAHE", "clip_limit": [1.0, 2.0], "tile_grid_size": [8, 8], "p": 0.3},
+        {"name": "MedicalTone", "gamma": [0.8, 1.2], "gamma_p": 0.3, "contrast_limit": [-0.2, 0.2],
+         "brightness_limit": [-0.1, 0.1], "contrast_p": 0.3},
+        {"name": "MedicalGaussianBlur", "kernel_sizes": [3, 5], "sigma_limit": [0.1, 1.0], "p": 0.1},
+        {"name": "MedicalGaussNoise", "std_range": [0.01, 0.04], "p": 0.1},
+    ]
 
-    min_scale: float = 0.5  # random resized crop: smallest area fraction kept
-    max_scale: float = 1.0  # ... and the largest
-    rotate_degrees: float = 10.0  # rotation range, +-degrees
-    shift_fraction: float = 0.05  # translation range, fraction of the image side
-    clahe_p: float = 0.3  # probability of CLAHE (local contrast equalisation)
-    gamma_p: float = 0.3  # probability of a random gamma
-    contrast_p: float = 0.3  # probability of a random contrast change
-    blur_p: float = 0.1  # probability of a light Gaussian blur
-    noise_p: float = 0.1  # probability of light Gaussian noise
-    hflip_p: float = 0.0  # probability of a horizontal flip (0: laterality matters on radiographs)
+
+#: The former ``data.augment`` mapping (before it became a list) and its defaults.
+FORMER_AUGMENT = {"min_scale": 0.5, "max_scale": 1.0, "rotate_degrees": 10.0, "shift_fraction": 0.05, "clahe_p": 0.3,
+                  "gamma_p": 0.3, "contrast_p": 0.3, "blur_p": 0.1, "noise_p": 0.1, "hflip_p": 0.0}
+
+
+def augment_from_former(mapping: dict) -> list:
+    """The list that does what a former ``data.augment`` mapping did (its defaults give ``default_augment()``), so
+    configs, run dirs and checkpoints written before the list still load; ``KeyError`` names an unknown key."""
+    if unknown := sorted(set(mapping) - set(FORMER_AUGMENT)):
+        raise KeyError(", ".join(unknown))
+    old = {**FORMER_AUGMENT, **mapping}
+    crop, clahe, tone, blur, noise = default_augment()
+    crop.update(scale=[old["min_scale"], old["max_scale"]], rotate=old["rotate_degrees"], shift=old["shift_fraction"],
+                hflip_p=old["hflip_p"])
+    clahe["p"], blur["p"], noise["p"] = old["clahe_p"], old["blur_p"], old["noise_p"]
+    tone.update(gamma_p=old["gamma_p"], contrast_p=old["contrast_p"])
+    return [crop, clahe, tone, blur, noise]
 
 
 @dataclass
@@ -123,7 +142,8 @@ class DataConfig:
     # model.image.pretrained, the timm pretrained config of those weights (filled in when the config loads).
     mean: list = field(default_factory=list)
     std: list = field(default_factory=list)  # set together with mean
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # The training views' augmentation: albumentations transforms in order, {name: <class>, ...arguments}.
+    augment: list = field(default_factory=default_augment)
     text: TextConfig = field(default_factory=TextConfig)
 
 

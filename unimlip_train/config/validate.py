@@ -88,8 +88,6 @@ def validate(cfg: Config, origins: Origins) -> None:
         if _get_dotted(cfg, key) <= 0:
             origins.fail(key, "must be positive")
     _validate_sections(cfg.data, origins)
-    if not 0.0 < cfg.data.augment.min_scale <= cfg.data.augment.max_scale <= 1.0:
-        origins.fail("data.augment.min_scale", "need 0 < min_scale <= max_scale <= 1")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
         origins.fail("train.min_lr_ratio", "must be in [0, 1]")
     if not 0.0 <= cfg.data.mlm_probability < 1.0:

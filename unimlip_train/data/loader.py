@@ -6,6 +6,7 @@ A pipeline of small stages, one module each, in the order a sample passes them:
   remainder.py    the rest of an interrupted epoch recut for another number of units (ranks x workers)
   skips.py        corrupt samples skipped, logged and counted per shard, exactly across resumes
   decode.py       safe decoding (image, txt and json members only) and the choice of a study's views
+  augment.py      the views: data.augment's albumentations list (medical_transforms.py: the project's own)
   collate.py      samples to the batch dict: tokenization, MLM masking, identity ids
   loader.py       this module: the sources mixed, samples augmented and batched, the resumable state
   eval_loader.py  evaluation: every sample exactly once across ranks, unshuffled
@@ -33,6 +34,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from unimlip_train.config.schema import Config
+from unimlip_train.data.augment import TrainAugment
 from unimlip_train.data.collate import BatchNeeds, Collate, collated_batches
 from unimlip_train.data.decode import choose_views, decoded
 from unimlip_train.data.plan import source_quotas, stable_seed
@@ -41,7 +43,6 @@ from unimlip_train.data.remainder import PlanFacts, StreamView, UnitSpec, fresh_
 from unimlip_train.data.shards import resolve_sources
 from unimlip_train.data.skips import SkipCounter, SkipStats
 from unimlip_train.data.text import augment_report, model_text
-from unimlip_train.data.transforms import TrainAugment
 from unimlip_train.data.worker_signals import worker_init
 
 log = logging.getLogger(__name__)
