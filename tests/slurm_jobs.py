@@ -104,3 +104,11 @@ def steps_logged(run_dir: Path) -> int:
 def shard_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "data_prep.cli", *args], capture_output=True, text=True,
                           timeout=300, cwd=REPO)
+
+
+def synthetic_shards_in(out: Path) -> Path:
+    """96 synthetic pairs at 64 px sharded into ``out`` (the SLURM tests' training data)."""
+    done = shard_cli("synthetic", "--n", "96", "--image-size", "64", "--out", str(out), "--workers", "1",
+                     "--no-progress")
+    assert done.returncode == 0, done.stderr
+    return out

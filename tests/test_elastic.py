@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_overrides
 from unimlip_train.engine.checkpoint import read_for_reshard
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,16 +47,9 @@ def shards(tmp_path_factory):
 
 
 def _overrides(shards, steps, **extra) -> list:
-    base = {"data.train": shards["index"], "data.val": "", "model.tokenizer": shards["tok"], "data.image_size": 32,
-            "data.num_workers": 1, "data.shuffle_buffer": 32, "data.text.max_length": 32,
-            "model.image.name": "vit_tiny_patch16_224",
-            "model.image.kwargs": "{patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, mlp_ratio: 2.0}",
-            "model.text.config": "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
-                                 "intermediate_size: 64, max_position_embeddings: 64}",
-            "model.embed_dim": 32, "model.ssl_embed_dim": 32, "model.fusion": "{layers: 1, heads: 2}",
-            "train.micro_batch_size": MB, "train.steps": steps, "train.warmup_steps": 2, "train.log_every": 1,
-            "train.checkpoint_every": 2, "train.keep_checkpoints": 0, "train.lr": 2e-3}
-    return [f"{k}={v}" for k, v in {**base, **extra}.items()]
+    """The tests' tiny model without evaluation, a checkpoint every 2 steps, all kept."""
+    return tiny_overrides(shards["index"], shards["tok"], steps, MB, **{
+        "data.val": "", "train.checkpoint_every": 2, "train.keep_checkpoints": 0, **extra})
 
 
 def _job(shards, name, steps, resume="none", save_first=False, **extra) -> dict:

@@ -11,26 +11,20 @@ import logging
 import pytest
 import torch
 import webdataset as wds
-from test_loader import ALL, WORDS, keys, make_cfg, take, write_shards
-from transformers import BertTokenizer
+from test_loader import ALL, keys, make_cfg, take, word_tokenizer, write_shards
 
 from unimlip_train.data.collate import BatchNeeds
 from unimlip_train.data.loader import TrainStream
 from unimlip_train.data.plan import epoch_pieces
 from unimlip_train.data.remainder import PlanFacts, StreamView, consumed, fresh_spec
 from unimlip_train.data.shards import iter_raw_samples
-from unimlip_train.data.tokenizer import load_tokenizer
 
 SIZES = (50, 30, 60, 40, 36, 40)  # 256 samples in shards of uneven size
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ":", "sample", "cough", "indication"] + \
-        sorted(set(WORDS)) + [str(d) for d in range(10)]
-    BertTokenizer(vocab={w: k for k, w in enumerate(vocab)}).save_pretrained(str(folder))
-    return load_tokenizer(str(folder))
+    return word_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def _streams(path, tok, world, workers, mb=8, needs=BatchNeeds(), **data):

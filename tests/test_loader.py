@@ -66,13 +66,17 @@ def write_shards(out, sizes=SHARD_SIZES, split="train", extra=None, index=True):
     return [f"s{k:05d}" for k in range(i)]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
+def word_tokenizer(folder):
+    """A word-level BERT tokenizer over the synthetic reports' words, saved in ``folder`` and loaded back."""
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ":", "sample", "cough", "indication"] + \
         sorted(set(WORDS)) + [str(d) for d in range(10)]
     BertTokenizer(vocab={w: k for k, w in enumerate(vocab)}).save_pretrained(str(folder))
     return load_tokenizer(str(folder))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return word_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

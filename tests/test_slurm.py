@@ -30,6 +30,7 @@ from slurm_jobs import (
     shard_cli,
     steps_logged,
     submit,
+    synthetic_shards_in,
     wait_done,
     wait_for,
 )
@@ -48,11 +49,7 @@ def cluster() -> str:
 
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("syn") / "shards"
-    done = shard_cli("synthetic", "--n", "96", "--image-size", "64", "--out", str(out), "--workers", "1",
-                     "--no-progress")
-    assert done.returncode == 0, done.stderr
-    return out
+    return synthetic_shards_in(tmp_path_factory.mktemp("syn") / "shards")
 
 
 def train_args(run_dir: Path, shards: Path, partition: str, steps: int, *extra: str) -> list[str]:

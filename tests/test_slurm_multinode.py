@@ -25,9 +25,9 @@ from slurm_jobs import (
     job_id_of,
     metrics,
     sacct_state,
-    shard_cli,
     steps_logged,
     submit,
+    synthetic_shards_in,
     wait_done,
     wait_for,
 )
@@ -72,11 +72,7 @@ def kill_node(name: str) -> None:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("syn2") / "shards"
-    done = shard_cli("synthetic", "--n", "96", "--image-size", "64", "--out", str(out), "--workers", "1",
-                     "--no-progress")
-    assert done.returncode == 0, done.stderr
-    return out
+    return synthetic_shards_in(tmp_path_factory.mktemp("syn2") / "shards")
 
 
 def overrides(shards: Path, *extra: str) -> list[str]:
