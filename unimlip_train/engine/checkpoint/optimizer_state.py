@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -65,7 +66,15 @@ def deepspeed_globals() -> Iterator[None]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]):
+    def zero_stage_member(cls, name: str) -> ZeroStageEnum:
+        """Some Python versions (3.11.2 here, not 3.11.7) pickle an Enum member as ``getattr(ZeroStageEnum,
+        'optimizer_states')``: that call, allowed for this enum's members only (``builtins.getattr`` stays refused)."""
+        if cls is not ZeroStageEnum or name not in ZeroStageEnum.__members__:
+            raise pickle.UnpicklingError(f"refusing getattr({getattr(cls, '__name__', cls)!r}, {name!r})")
+        return ZeroStageEnum[name]
+
+    allowed = [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler, (zero_stage_member, "builtins.getattr")]
+    with torch.serialization.safe_globals(allowed):
         yield
 
 
