@@ -385,9 +385,10 @@ class Launch:
 
 @pytest.fixture(scope="module")
 def killed(data):
-    """Launch A: kill -9 of torchrun once step 5 is logged (the latest checkpoint is step 4)."""
+    """Launch A: kill -9 of torchrun once step 5 is logged (the latest checkpoint is step 4). One rank's loader is
+    slowed by 0.3 s a batch, so the kill lands well before step 8's checkpoint (idle, a step takes 0.1 s here)."""
     run_dir = data["root"] / "run"
-    launch = Launch(torchrun(run_dir, overrides(data, STEPS)), _env())
+    launch = Launch(torchrun(run_dir, overrides(data, STEPS)), _env(UNIMLIP_FAULT_SLOW_DATA="1:0.3"))
     launch.wait_for("step 5", lambda: latest(run_dir) and max((r["step"] for r in records(run_dir)
                                                                if r["split"] == "train"), default=0) >= 5)
     job = psutil.Process(launch.proc.pid)
