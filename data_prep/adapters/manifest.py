@@ -41,6 +41,10 @@ DEFAULT_MAX_REPORT_BYTES = 1 << 20
 CSV_FIELD_FACTOR = 16
 
 
+#: How a row whose image lies outside --images-root is skipped (also how studies count those rows).
+_OUTSIDE_ROOT = "resolves outside --images-root"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", required=True,
                         help="manifest file: .csv, .tsv or .jsonl (one JSON object a line)")
@@ -178,11 +182,12 @@ def _image_rows(args: argparse.Namespace, path: Path) -> Iterator[tuple[str, Row
         extra["orig_path"] = image
         resolved = root / image
         skip = ""
+        report_bytes = len(text.encode("utf-8"))
         if contained is not None and not _inside(resolved, contained):
-            skip = (f"image path {image!r} resolves outside --images-root {root} (pass --allow-outside-root for a "
-                    "trusted manifest)")
-        elif len(text.encode("utf-8")) > args.max_report_bytes:
-            skip = (f"{where}: report of {len(text.encode('utf-8'))} bytes is longer than --max-report-bytes "
+            skip = (f"image path {image!r} {_OUTSIDE_ROOT} {root} (pass --allow-outside-root for a trusted "
+                    "manifest)")
+        elif report_bytes > args.max_report_bytes:
+            skip = (f"{where}: report of {report_bytes} bytes is longer than --max-report-bytes "
                     f"{args.max_report_bytes}")
             text = ""  # not kept in memory
         split = _split(record["split"], where) if "split" in record else ""
@@ -206,7 +211,7 @@ def _studies(rows: Iterator[tuple[str, Row]], max_views: int) -> Iterator[Row]:
         if len(splits) > 1:
             raise InputError(f"study {study!r}: its rows give different splits {sorted(splits)}")
         usable = [r for r in members if not r.skip]
-        outside += sum("--images-root" in r.skip for r in members)
+        outside += sum(_OUTSIDE_ROOT in r.skip for r in members)
         texts = [r.text for r in usable if r.text.strip()]
         disagreeing += len({normalise_report(t) for t in texts}) > 1
         views = study_order([View(r.image, str(r.metadata.get("view", "") or ""), r.id) for r in usable])

@@ -79,7 +79,7 @@ def apply_global_batch(cfg: Config, origins: Origins, world: int) -> None:
     if t.global_batch_size > 0:
         if problem := global_batch_error(t.global_batch_size, t.micro_batch_size, world):
             origins.fail("train.global_batch_size", problem, "train.micro_batch_size")
-        t.grad_accum = t.global_batch_size // (t.micro_batch_size * world)
+        t.grad_accum = derive_grad_accum(t.global_batch_size, t.micro_batch_size, world)
 
 
 def validate(cfg: Config, origins: Origins) -> None:

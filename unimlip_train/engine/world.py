@@ -14,6 +14,7 @@ import time
 from typing import Optional
 
 import unimlip_train.distributed.process_group as du
+from unimlip_train.engine.checkpoint.save import atomic_write
 
 WORLD_FILE = "world.json"
 
@@ -51,10 +52,7 @@ def record_launch(run_dir: str) -> dict:
     if previous is not None:
         history = list(previous.pop("history", []) or []) + [previous]
     record = {"launch": len(history) + 1, **record, "history": history}
-    tmp = os.path.join(run_dir, f"{WORLD_FILE}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, os.path.join(run_dir, WORLD_FILE))
+    atomic_write(os.path.join(run_dir, WORLD_FILE), json.dumps(record, indent=1))
     return record
 
 

@@ -96,7 +96,7 @@ class ImageTower(LockableTower):
             self.model.set_grad_checkpointing(True)
         self.perturbation = FeaturePerturbation(self.model, icfg.token_drop, icfg.spatial_drop)
         self.token_dims, self._stage_maps = (self.num_features,), []
-        stages = cfg.model.fusion.image_stages if cfg.loss.mlm.weight or cfg.loss.itm.weight else 1
+        stages = cfg.model.fusion.image_stages if {"mlm", "itm"} & cfg.loss.enabled().keys() else 1
         if stages > 1:
             info = list(getattr(self.model, "feature_info", []))
             if len(info) < stages:

@@ -187,8 +187,9 @@ def reshard(checkpoint: str, world_size: int, out: str, zero_stage: Optional[int
     streams = [read_rank_state(path, r)["stream"] for r in range(state.world_size)]
     stream = ({"version": _STATE_VERSION, "view": StreamView.build(streams)}
               if all(s.get("version") == _STATE_VERSION for s in streams) else streams[0])
+    seed = _seed(path)
     for rank in range(world_size):
-        rng = rank_rng(path, state.world_size, rank, _seed(path), state.step)
+        rng = rank_rng(path, state.world_size, rank, seed, state.step)
         torch.save({"stream": stream, "rng": rng}, os.path.join(out, f"trainer_rank{rank:05d}.pt"))
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         shapes = json.load(f).get("param_shapes", {})

@@ -42,7 +42,8 @@ from unimlip_train.engine.checkpoint.state import (
 FAULT_ENV = "UNIMLIP_FAULT_KILL_DURING_SAVE"
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
+    """``text`` into ``path`` whole or not at all (a temporary file, fsynced, then renamed over it)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -108,11 +109,11 @@ class CheckpointManager:
         (the completion marker), then ``latest``, then pruning."""
         tok_dir = os.path.join(path, "tokenizer")
         writes.call(tok_dir, tokenizer.save_pretrained, tok_dir)
-        writes.call(path, _atomic_write, os.path.join(path, "config.yaml"), dump_yaml(cfg))
+        writes.call(path, atomic_write, os.path.join(path, "config.yaml"), dump_yaml(cfg))
         record = {**asdict(state), "files": file_records(path),
                   "param_shapes": parameter_shapes(engine.module, state.model_prefix)}
-        writes.call(path, _atomic_write, os.path.join(path, STATE_FILE), json.dumps(record, indent=1))
-        writes.call(self.dir, _atomic_write, os.path.join(self.dir, LATEST), os.path.basename(path) + "\n")
+        writes.call(path, atomic_write, os.path.join(path, STATE_FILE), json.dumps(record, indent=1))
+        writes.call(self.dir, atomic_write, os.path.join(self.dir, LATEST), os.path.basename(path) + "\n")
         if not writes.error:
             self._prune(state.step)
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Optional
 
 import unimlip_train.distributed.process_group as du
 import unimlip_train.engine.checkpoint as ck
+from unimlip_train.engine.checkpoint.save import atomic_write
 from unimlip_train.engine.checkpoint.state import TAG_RE
 from unimlip_train.engine.health.spike import Spike
 from unimlip_train.engine.optim import follow_config_schedule
@@ -66,10 +67,7 @@ def choose_target(checkpoints_dir: str, bound: int, world: int, zero_stage: int)
 
 def _forget_newer(checkpoints_dir: str, target: str) -> list[str]:
     """Rank 0: ``latest`` back to ``target`` (atomically, first), then the tags after it removed."""
-    tmp = os.path.join(checkpoints_dir, f"{ck.LATEST}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(os.path.basename(target) + "\n")
-    os.replace(tmp, os.path.join(checkpoints_dir, ck.LATEST))
+    atomic_write(os.path.join(checkpoints_dir, ck.LATEST), os.path.basename(target) + "\n")
     step = int(TAG_RE.match(os.path.basename(target)).group(1))
     removed = sorted(name for name in os.listdir(checkpoints_dir) if (m := TAG_RE.match(name)) and int(m.group(1)) > step)
     for name in removed:

@@ -217,6 +217,7 @@ class HangWatchdog:
 
 
 def _write_atomic(path: str, text: str) -> None:
+    """As ``checkpoint.save.atomic_write`` but without its fsync, which could block on the hung file system."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
