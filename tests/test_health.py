@@ -325,7 +325,15 @@ def data(tmp_path_factory):
 
 
 def overrides(data, steps: int, **extra) -> list:
-    return tiny_overrides(data["index"], data["tok"], steps, MB, **{"data.val": "", **extra})
+    """The launches' settings; a 60 s hang watchdog, so that a launch which hangs by mistake ends within minutes
+    with every rank's stacks (``hang_report``) instead of running into the test's timeout in silence."""
+    return tiny_overrides(data["index"], data["tok"], steps, MB,
+                          **{"data.val": "", "train.hang_timeout_s": 60, **extra})
+
+
+def hang_report(run_dir: Path) -> str:
+    """The watchdog's stack dumps of a launch that hung, for an assertion message."""
+    return "".join(f"\n==== {p}\n{p.read_text()}" for p in sorted((run_dir / "hang").glob("rank*.txt")))
 
 
 def _env(**extra) -> dict:
@@ -362,7 +370,8 @@ def _running(procs: list) -> list:
 class Launch:
     """A launch in its own session, its output collected by a thread; ``wait_for`` polls while it runs."""
 
-    def __init__(self, cmd: list, env: dict):
+    def __init__(self, cmd: list, env: dict, run_dir: Path):
+        self.run_dir = run_dir
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         self.lines: list = []
@@ -373,7 +382,8 @@ class Launch:
     def wait_for(self, what: str, predicate) -> None:
         deadline = time.time() + TIMEOUT
         while not predicate():
-            assert self.proc.poll() is None, f"the launch ended before {what}:\n" + "".join(self.lines[-60:])
+            assert self.proc.poll() is None, f"the launch ended before {what}:\n" + "".join(self.lines[-60:]) + \
+                hang_report(self.run_dir)
             assert time.time() < deadline, f"no {what} after {TIMEOUT} s"
             time.sleep(0.05)
 
@@ -388,7 +398,7 @@ def killed(data):
     """Launch A: kill -9 of torchrun once step 5 is logged (the latest checkpoint is step 4). One rank's loader is
     slowed by 0.3 s a batch, so the kill lands well before step 8's checkpoint (idle, a step takes 0.1 s here)."""
     run_dir = data["root"] / "run"
-    launch = Launch(torchrun(run_dir, overrides(data, STEPS)), _env(UNIMLIP_FAULT_SLOW_DATA="1:0.3"))
+    launch = Launch(torchrun(run_dir, overrides(data, STEPS)), _env(UNIMLIP_FAULT_SLOW_DATA="1:0.3"), run_dir)
     launch.wait_for("step 5", lambda: latest(run_dir) and max((r["step"] for r in records(run_dir)
                                                                if r["split"] == "train"), default=0) >= 5)
     job = psutil.Process(launch.proc.pid)
@@ -430,7 +440,7 @@ def test_kill9_of_the_launcher_leaves_no_rank_running(killed):
 def terminated(data, killed):
     """Launch B: resumes, one rank's loader slowed by 0.3 s a batch; SIGTERM to torchrun once step 6 is logged."""
     run_dir = killed["run_dir"]
-    launch = Launch(torchrun(run_dir, overrides(data, STEPS)), _env(UNIMLIP_FAULT_SLOW_DATA="1:0.3"))
+    launch = Launch(torchrun(run_dir, overrides(data, STEPS)), _env(UNIMLIP_FAULT_SLOW_DATA="1:0.3"), run_dir)
     launch.wait_for("step 6", lambda: any(line.startswith("step 6/") for line in launch.lines))
     os.kill(launch.proc.pid, signal.SIGTERM)  # torchrun forwards it to each rank's process group, workers too
     log = launch.finish()
@@ -483,7 +493,7 @@ def spiked(data, terminated):
 
 def test_the_rerun_resumes_where_sigterm_checkpointed(spiked):
     n, out = spiked["resumed_at"], spiked["out"]
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:] + hang_report(spiked["run_dir"])
     assert f"resumed from {spiked['run_dir']}/checkpoints/step_{n:07d} at step {n}" in out.stdout
 
 
@@ -550,13 +560,16 @@ def test_a_hang_ends_the_job_with_status_4_two_stack_dumps_and_the_hung_summary(
     stuck, waiting = (run_dir / "hang" / "rank1.txt").read_text(), (run_dir / "hang" / "rank0.txt").read_text()
     assert "rank 1 of 2" in stuck and "faults.py" in stuck and "time.sleep(3600)" in stuck
     assert "rank 0 of 2" in waiting and "Thread MainThread" in waiting and "forward_backward_step" in waiting
+    # each rank's loader worker printed its own stacks (faulthandler, on the watchdog's SIGUSR1) to stderr
+    assert out.stderr.count("(most recent call first)") >= 2 and "_utils/worker.py" in out.stderr, out.stderr[-3000:]
     hung = [r for r in records(run_dir) if r.get("status") == "hung"]
     assert len(hung) == 1 and records(run_dir)[-1] == hung[0]
     assert hung[0]["split"] == "summary" and hung[0]["step"] == 5 and hung[0]["ranks_dumped"] == [0, 1]
     assert hung[0]["last_collective"]["0"].startswith("forward: the embedding all-gathers")
     logs = out.stdout + out.stderr
     assert logs.count("no progress for") == 2 and "ending the job (status 4)" in logs
-    assert not [line for line in logs.splitlines() if 'File "' in line and "unimlip_train" in line]
+    # no traceback ('File "...", line N, in f'; the workers' faulthandler stacks have no comma before 'in')
+    assert not [line for line in logs.splitlines() if 'File "' in line and "unimlip_train" in line and ", in " in line]
 
 
 def test_a_spike_past_max_rollbacks_stops_the_run_with_status_5(data):

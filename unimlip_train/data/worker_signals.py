@@ -9,6 +9,8 @@ workers down in good order when its iterator closes (a done event, then a join),
 
 * a worker dies with its rank whatever way the rank ends: ``PR_SET_PDEATHSIG`` = SIGKILL, safe here because
   the worker was forked by the rank's main thread, which lives as long as the rank;
+* a worker prints every thread's Python stack to its stderr (the rank's) on ``STACK_SIGNAL`` (SIGUSR1), which the
+  hang watchdog sends it, so a hang inside the loader shows where;
 * a worker still alive when the rank exits after an error (its iterator kept alive by a traceback) is
   SIGKILLed by an atexit hook that runs before multiprocessing's own, which would send it the SIGTERM it now
   ignores and then wait for it forever.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import faulthandler
 import functools
 import multiprocessing
 import os
@@ -25,6 +28,8 @@ import sys
 
 _PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+#: Sent by the hang watchdog to a rank's loader workers: each prints its threads' stacks to stderr.
+STACK_SIGNAL = signal.SIGUSR1
 _hooked = False
 
 
@@ -43,6 +48,7 @@ def die_with_parent(parent: int) -> None:
 def _init(parent: int, worker_id: int) -> None:  # noqa: ARG001 (the DataLoader's worker_init_fn signature)
     for signum in _STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    faulthandler.register(STACK_SIGNAL, all_threads=True)
     die_with_parent(parent)
 
 

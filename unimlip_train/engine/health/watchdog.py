@@ -13,7 +13,7 @@ stuck one):
 
 1. ``RUN_DIR/hang/rank{R}.txt``: host, PID, step, how long since the last progress, the last collective this rank
    entered (``crumb``, a breadcrumb the trainer sets before its collectives), the PIDs of its loader workers, and
-   every thread's Python stack (``sys._current_frames``);
+   every thread's Python stack (``sys._current_frames``); each loader worker prints its own stacks to stderr;
 2. rank 0 waits up to ``GRACE_S`` for every rank's dump, then appends the one ``{"split": "summary", "status":
    "hung", ...}`` line to metrics.jsonl and runs ``on_hang`` (the SLURM job requeues itself there). Exactly once:
    the writer first creates a claim file with ``O_EXCL``; if rank 0 itself is wedged past Python's reach, a
@@ -41,6 +41,7 @@ import uuid
 from typing import Callable, Optional
 
 import unimlip_train.distributed.process_group as du
+from unimlip_train.data.worker_signals import STACK_SIGNAL
 
 #: The exit status of every rank of a hung job.
 HUNG = 4
@@ -204,12 +205,18 @@ class HangWatchdog:
     def _dump_text(self, mine: dict) -> str:
         names = {t.ident: t.name for t in threading.enumerate()}
         workers = [p.pid for p in multiprocessing.active_children()]
+        for pid in workers:  # each prints its own stacks to the job's stderr (worker_signals.STACK_SIGNAL)
+            try:
+                os.kill(pid, STACK_SIGNAL)
+            except OSError:
+                pass
         lines = [f"hang watchdog, {datetime.datetime.now().isoformat(timespec='seconds')}: rank {self.rank} of "
                  f"{self.world} on host {mine['host']}, PID {mine['pid']}",
                  f"no progress for {mine['stalled_s']} s (train.hang_timeout_s={self.timeout_s:g}); last completed "
                  f"step {self.step}",
                  f"last collective entered: {mine['last_collective']}",
-                 f"loader worker PIDs: {workers or 'none'} (their stacks: py-spy dump --pid PID)", ""]
+                 f"loader worker PIDs: {workers or 'none'} (each was just asked to print its "
+                 "threads' stacks to the job's stderr)", ""]
         for ident, frame in sys._current_frames().items():
             lines.append(f"Thread {names.get(ident, '?')} ({ident}), most recent call last:")
             lines.append("".join(traceback.format_stack(frame)))
