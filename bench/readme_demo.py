@@ -25,15 +25,32 @@ REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 TABLE_FILE = "demo_table.json"  # unimlip_train.cli.demo.TABLE_FILE
 BLOCK = re.compile(r"(<!-- demo-table -->\n)(.*?)(<!-- /demo-table -->)", re.S)
-ROWS = (("image → text", "i2t"), ("text → image", "t2i"))
+COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall")
+NAMES = {"default": "Uni-Mlip, every term (the default)", "clip_only": "CLIP only"}
 
 
 def render(table: dict) -> str:
     """The README's markdown table for a demo table (one decimal, as printed there)."""
-    lines = ["| | R@1 | R@5 | chance R@1 |", "|---|---|---|---|"]
-    lines += [f"| {name} | {table[f'{d}_R@1']:.1f} | {table[f'{d}_R@5']:.1f} | {table['chance_R@1']:.1f} |"
-              for name, d in ROWS]
-    return "\n".join(lines) + "\n"
+    head = " | ".join(c.replace("_", " ").replace("i2t", "i→t").replace("t2i", "t→i") for c in COLUMNS)
+    lines = [f"| | {head} |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines += [f"| {NAMES.get(name, name)} | " + " | ".join(f"{row[c]:.1f}" for c in COLUMNS) + " |"
+              for name, row in table["rows"].items()]
+    return "\n".join(lines) + f"\n\n{table['pairs']} held-out pairs, {table['steps']} steps each, chance R@1 " \
+                              f"{table['chance_R@1']:.1f}.\n"
+
+
+def parse(shown: str) -> dict:
+    """A demo table back from its rendering (to the README's one decimal)."""
+    lines = shown.splitlines()
+    names = {v: k for k, v in NAMES.items()}
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[names.get(cells[0], cells[0])] = dict(zip(COLUMNS, map(float, cells[1:])))
+    foot = re.search(r"(\d+) held-out pairs, (\d+) steps each, chance R@1 (\d+(?:\.\d+)?)", shown)
+    return {"pairs": int(foot[1]), "steps": int(foot[2]), "chance_R@1": float(foot[3]), "rows": rows}
 
 
 def readme_table(text: str) -> str:
@@ -46,7 +63,7 @@ def readme_table(text: str) -> str:
 def check(readme: str, table: dict) -> str:
     """'' when the README shows ``table``, else both tables."""
     shown, printed = readme_table(readme), render(table)
-    return "" if shown == printed else f"README.md shows:\n{shown}\nthe demo printed ({table['pairs']} pairs):\n{printed}"
+    return "" if shown == printed else f"README.md shows:\n{shown}\nthe demo printed:\n{printed}"
 
 
 def write(readme: str, table: dict) -> str:
