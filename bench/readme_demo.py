@@ -21,11 +21,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from unimlip_train.cli.demo import METRICS as COLUMNS
+from unimlip_train.cli.demo import TABLE_FILE
+
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
-TABLE_FILE = "demo_table.json"  # unimlip_train.cli.demo.TABLE_FILE
 BLOCK = re.compile(r"(<!-- demo-table -->\n)(.*?)(<!-- /demo-table -->)", re.S)
-COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall")
 NAMES = {"default": "Uni-Mlip, every term (the default)", "clip_only": "CLIP only"}
 
 

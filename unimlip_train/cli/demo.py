@@ -24,6 +24,7 @@ from unimlip_train.cli.args import parse_with_overrides
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
 BASELINE = CONFIG.parent / "ablations" / "clip_only.yaml"
+#: The demo table's columns (bench/readme_demo.py renders them).
 METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall")
 #: The table the demo prints, written into --out for bench/readme_demo.py.
 TABLE_FILE = "demo_table.json"
@@ -83,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
               "--image-size", str(cfg.data.image_size), "--max-size", str(cfg.data.image_size),
               "--val-fraction", str(args.val_fraction), "--shard-size", "250", "--out", str(shards), "--no-progress"],
              "synthesize + shard")
-    results, restarts = {}, 0
+    results, checkpoints, restarts = {}, {}, 0
     for name, (path, run_dir) in runs.items():
         restarts += _train(args, name, path, run_dir, overrides)
-        results[name] = _evaluate(run_dir, cfgs[name])
+        results[name], checkpoints[name] = _evaluate(run_dir, cfgs[name])
     metrics = results["default"]
     print(f"\nheld-out retrieval ({int(metrics['num_samples'])} pairs, split '{cfg.eval.split}', {args.steps} steps "
           f"each; chance R@1 {metrics['chance_R@1']:.2f}):")
@@ -97,12 +98,11 @@ def main(argv: list[str] | None = None) -> int:
              "chance_R@1": round(metrics["chance_R@1"], 4),
              "rows": {name: {k: round(m[k], 4) for k in METRICS} for name, m in results.items()}}
     (out / TABLE_FILE).write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
-    run_dir, checkpoint = runs["default"][1], metrics.pop("checkpoint")
+    run_dir, checkpoint = runs["default"][1], checkpoints["default"]
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     print(f"checkpoint:  {checkpoint}")
     print(f"metrics:     {run_dir / 'metrics.jsonl'}   ({time.time() - t0:.0f} s in total)")
-    others = {name: {k: round(v, 4) for k, v in m.items() if k != "checkpoint"}
-              for name, m in results.items() if name != "default"}
+    others = {name: {k: round(v, 4) for k, v in m.items()} for name, m in results.items() if name != "default"}
     print(json.dumps({**{k: round(v, 4) for k, v in metrics.items()}, "checkpoint": checkpoint,
                       "tensorboard": str(run_dir / "tb"), "steps": args.steps, "nproc": args.nproc,
                       "restarts": restarts, **others}))
@@ -125,14 +125,14 @@ def _train(args, name: str, config: str, run_dir: Path, overrides: list[str]) ->
     return restarts
 
 
-def _evaluate(run_dir: Path, cfg) -> dict:
-    """Held-out retrieval of the run's final checkpoint (one process), with the checkpoint's path."""
+def _evaluate(run_dir: Path, cfg) -> tuple[dict, str]:
+    """Held-out retrieval of the run's final checkpoint (one process), and the checkpoint's path."""
     from unimlip_train.eval.validate import validate
     from unimlip_train.export import load_for_eval, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(str(run_dir))
     model, _, tokenizer = load_for_eval(checkpoint)
-    return {**validate(model, cfg, tokenizer, rank=0, world_size=1), "checkpoint": checkpoint}
+    return validate(model, cfg, tokenizer, rank=0, world_size=1), checkpoint
 
 
 if __name__ == "__main__":
