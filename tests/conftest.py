@@ -21,6 +21,7 @@ for _k, _v in _ENV.items():
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 REPO = Path(__file__).resolve().parent.parent
+
 # Real test data kept in the repository (licences and sources: tests/data/README.md).
 TEST_DATA = REPO / "tests" / "data"
 IU_REPORTS_TGZ = TEST_DATA / "iu_xray_reports" / "NLMCXR_reports.tgz"  # IU X-ray reports, CC BY-NC-ND 4.0
@@ -71,8 +72,9 @@ def naive_recall_at_1(image, text, reports: list) -> tuple:
 
 def tiny_overrides(index: str, tokenizer: str, steps: int, micro_batch: int, **extra) -> list:
     """``key=value`` overrides of configs/tiny_cpu.yaml for the multi-process tests: a ViT and a BERT a few
-    thousand parameters big at 32 px over ``index`` with the tokenizer in ``tokenizer``, a metrics line every
-    step, a checkpoint every 4 (the last 2 kept); ``extra`` (dotted keys) overrides any of it."""
+    thousand parameters big at 32 px over ``index`` with the tokenizer in ``tokenizer``, every Uni-Mlip term on
+    (ITM too, which the tiny config leaves off), a metrics line every step, a checkpoint every 4 (the last 2
+    kept); ``extra`` (dotted keys) overrides any of it."""
     base = {
         "data.train": index, "data.val": index, "model.tokenizer": tokenizer,
         "data.image_size": 32, "data.num_workers": 1, "data.shuffle_buffer": 32, "data.text.max_length": 32,
@@ -82,7 +84,7 @@ def tiny_overrides(index: str, tokenizer: str, steps: int, micro_batch: int, **e
                              "intermediate_size: 64, max_position_embeddings: 64}",
         "model.embed_dim": 32, "model.ssl_embed_dim": 32, "model.fusion": "{layers: 1, heads: 2}",
         "train.micro_batch_size": micro_batch, "train.steps": steps, "train.warmup_steps": 2, "train.log_every": 1,
-        "train.checkpoint_every": 4, "train.keep_checkpoints": 2, "train.lr": 2e-3,
+        "train.checkpoint_every": 4, "train.keep_checkpoints": 2, "train.lr": 2e-3, "loss.itm.weight": 0.125,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -99,3 +101,4 @@ def tiny_shards(root) -> tuple:
     subprocess.run([sys.executable, "-m", "data_prep.cli", "tokenizer", "--data", str(shards), "--out", str(tok)],
                    **common)
     return str(shards / "index.json"), str(tok)
+

@@ -189,8 +189,9 @@ def test_registry_models_with_a_pretrained_tag_are_accepted():
 
 def test_shipped_configs_load_with_the_expected_terms():
     tiny = load_config(str(CONFIGS / "tiny_cpu.yaml"))
+    # ITM is off in the tiny config (issue 21: it stayed at its label prior there); all.yaml switches it on.
     assert set(tiny.loss.enabled()) == {"itc", "itc_feature", "image_ssl", "image_feature", "text_ssl",
-                                        "text_feature", "mlm", "itm"}
+                                        "text_feature", "mlm"}
     assert (tiny.deepspeed.zero_stage, tiny.deepspeed.precision, tiny.deepspeed.backend) == (1, "fp32", "gloo")
     prod = load_config(str(CONFIGS / "vitb16_biomedbert.yaml"))
     assert (prod.deepspeed.zero_stage, prod.deepspeed.precision, prod.model.image.name) == (
@@ -198,7 +199,7 @@ def test_shipped_configs_load_with_the_expected_terms():
     assert "BiomedBERT" in prod.model.text.name and prod.train.micro_batch_size == 256
     expected = {"clip_only": {"itc"}, "cross_feature": {"itc", "itc_feature"}, "image_ssl": {"itc", "image_ssl", "image_feature"},
                 "text_ssl": {"itc", "text_ssl", "text_feature"}, "fused": {"itc", "mlm", "itm"},
-                "all": set(tiny.loss.enabled()), "no_itm": set(tiny.loss.enabled()) - {"itm"}}
+                "all": set(tiny.loss.enabled()) | {"itm"}, "no_itm": set(tiny.loss.enabled())}
     assert {p.stem for p in (CONFIGS / "ablations").glob("*.yaml")} == set(expected)
     for name, terms in expected.items():
         assert set(load_config(str(CONFIGS / "ablations" / f"{name}.yaml")).loss.enabled()) == terms, name

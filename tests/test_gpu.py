@@ -86,7 +86,7 @@ def tiny_overrides(shards: str, run_dir, steps: int, **extra) -> list:
                              "intermediate_size: 64, max_position_embeddings: 64}",
         "model.embed_dim": 32, "model.ssl_embed_dim": 32, "model.fusion": "{layers: 1, heads: 2}",
         "train.micro_batch_size": 8, "train.steps": steps, "train.warmup_steps": 1, "train.log_every": 1,
-        "train.checkpoint_every": 2, "train.keep_checkpoints": 2, "train.lr": 2e-3,
+        "train.checkpoint_every": 2, "train.keep_checkpoints": 2, "train.lr": 2e-3, "loss.itm.weight": 0.125,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
