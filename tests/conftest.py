@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 _ENV = {
     "DS_ACCELERATOR": "cpu",
     "HF_HUB_OFFLINE": "1",
@@ -102,3 +104,20 @@ def tiny_shards(root) -> tuple:
                    **common)
     return str(shards / "index.json"), str(tok)
 
+
+# ``pytest -n 2`` (the README's command, pytest-xdist): the SLURM tests all run in one worker (they share the local
+# cluster, which some of them restart and which waits more than it computes), every other file's tests together in
+# one worker (a module fixture such as a reference training runs once), in the files' order: the SLURM group
+# starts with the first file and the other worker works through the rest beside it.
+def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and config.option.dist == "load":
+        config.option.dist = "loadgroup"
+        config.option.loadscopereorder = False
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    if config.pluginmanager.hasplugin("xdist"):
+        for item in items:
+            group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
