@@ -27,7 +27,7 @@ from unimlip_train.cli.demo import TABLE_FILE
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 BLOCK = re.compile(r"(<!-- demo-table -->\n)(.*?)(<!-- /demo-table -->)", re.S)
-NAMES = {"default": "Uni-Mlip, every term (the default)", "clip_only": "CLIP only"}
+NAMES = {"default": "Uni-Mlip, every term but ITM (the default)", "clip_only": "CLIP only"}
 
 
 def render(table: dict) -> str:
