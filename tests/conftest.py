@@ -105,19 +105,33 @@ def tiny_shards(root) -> tuple:
     return str(shards / "index.json"), str(tok)
 
 
-# ``pytest -n 2`` (the README's command, pytest-xdist): the SLURM tests all run in one worker (they share the local
-# cluster, which some of them restart and which waits more than it computes), every other file's tests together in
-# one worker (a module fixture such as a reference training runs once), in the files' order: the SLURM group
-# starts with the first file and the other worker works through the rest beside it.
-def pytest_configure(config):
-    if getattr(config.option, "numprocesses", None) and config.option.dist == "load":
-        config.option.dist = "loadgroup"
-        config.option.loadscopereorder = False
+
+# ``pytest -n 2`` (the README's command, pytest-xdist): each file's tests run together in one worker (a module
+# fixture such as a reference training runs once), and all SLURM tests together in one worker (they share the
+# local cluster, which some of them restart or take nodes from), in the files' order: the SLURM group starts with
+# the first file, and the other worker works through the rest beside it. (xdist's own ``--dist loadgroup`` does
+# not group under pytest 9, whose nodes keep their id elsewhere, so the grouping is this scheduler's.)
+def worker_group(nodeid: str) -> str:
+    """A test's group under ``pytest -n``: ``slurm`` for tests/test_slurm*.py and tests named ``*_on_slurm``."""
+    path, _, name = nodeid.partition("::")
+    return "slurm" if Path(path).name.startswith("test_slurm") or name.split("[")[0].endswith("_on_slurm") else path
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
-            item.add_marker(pytest.mark.xdist_group(group))
+    misplaced = [i.nodeid for i in items if i.get_closest_marker("slurm") and worker_group(i.nodeid) != "slurm"]
+    if misplaced:
+        raise pytest.UsageError(f"SLURM tests must live in tests/test_slurm*.py or end in _on_slurm: {misplaced}")
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist runs the tests one after another
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "load":
+        return None  # an explicit --dist keeps its meaning
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkerGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    config.option.loadscopereorder = False
+    return ByWorkerGroup(config, log)
