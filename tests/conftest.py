@@ -23,7 +23,6 @@ for _k, _v in _ENV.items():
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 REPO = Path(__file__).resolve().parent.parent
-
 # Real test data kept in the repository (licences and sources: tests/data/README.md).
 TEST_DATA = REPO / "tests" / "data"
 IU_REPORTS_TGZ = TEST_DATA / "iu_xray_reports" / "NLMCXR_reports.tgz"  # IU X-ray reports, CC BY-NC-ND 4.0
@@ -103,7 +102,6 @@ def tiny_shards(root) -> tuple:
     subprocess.run([sys.executable, "-m", "data_prep.cli", "tokenizer", "--data", str(shards), "--out", str(tok)],
                    **common)
     return str(shards / "index.json"), str(tok)
-
 
 
 # ``pytest -n 2`` (the README's command, pytest-xdist): each file's tests run together in one worker (a module
