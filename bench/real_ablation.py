@@ -112,8 +112,8 @@ def main() -> int:
     prompts = out / "prompts.yaml"
     prompts.write_text(PROMPTS, encoding="utf-8")
 
-    cmd = [bin_dir / "unimlip-ablate", "--configs", *configs, "--baseline", configs[0].stem, "--data", shards["train"],
-           "--eval-data", shards["val"], "--eval-split", "train", "--run-root", out / "ablation",
+    cmd = [bin_dir / "unimlip-ablate", "--configs", *configs, "--baseline", configs[0].stem,
+           "--data", shards["train"], "--eval-data", shards["val"], "--eval-split", "train", "--run-root", out / "ablation",
            "--steps", str(args.steps), "--seeds", args.seeds, "--nproc", str(args.nproc),
            "--classes", "normal,pneumonia", "--prompts", prompts, f"model.tokenizer={tokenizer}",
            *args.extra, *unknown]
