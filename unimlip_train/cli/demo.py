@@ -94,18 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     print("  " + f"{'':12s}" + "".join(f"{k.replace('_', ' '):>12s}" for k in METRICS))
     for name, m in results.items():
         print("  " + f"{name:12s}" + "".join(f"{m[k]:12.2f}" for k in METRICS))
+    rounded = {name: {k: round(v, 4) for k, v in m.items()} for name, m in results.items()}
     table = {"pairs": int(metrics["num_samples"]), "steps": args.steps, "nproc": args.nproc,
-             "chance_R@1": round(metrics["chance_R@1"], 4),
-             "rows": {name: {k: round(m[k], 4) for k in METRICS} for name, m in results.items()}}
+             "chance_R@1": rounded["default"]["chance_R@1"],
+             "rows": {name: {k: m[k] for k in METRICS} for name, m in rounded.items()}}
     (out / TABLE_FILE).write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     run_dir, checkpoint = runs["default"][1], checkpoints["default"]
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     print(f"checkpoint:  {checkpoint}")
     print(f"metrics:     {run_dir / 'metrics.jsonl'}   ({time.time() - t0:.0f} s in total)")
-    others = {name: {k: round(v, 4) for k, v in m.items()} for name, m in results.items() if name != "default"}
-    print(json.dumps({**{k: round(v, 4) for k, v in metrics.items()}, "checkpoint": checkpoint,
-                      "tensorboard": str(run_dir / "tb"), "steps": args.steps, "nproc": args.nproc,
-                      "restarts": restarts, **others}))
+    others = {name: m for name, m in rounded.items() if name != "default"}
+    print(json.dumps({**rounded["default"], "checkpoint": checkpoint, "tensorboard": str(run_dir / "tb"),
+                      "steps": args.steps, "nproc": args.nproc, "restarts": restarts, **others}))
     return 0
 
 

@@ -141,7 +141,7 @@ class HangWatchdog:
         mine = {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "step": self.step,
                 "stalled_s": round(stalled, 1),
                 "last_collective": f"{what} (step {crumb_step + 1}, entered {time.time() - since:.0f} s ago)"}
-        _write_atomic(dump, self._dump_text(mine))
+        _write_atomic(dump, self._dump_text(mine, _ask_workers_for_stacks()))
         _write_atomic(self._coord(f"rank{self.rank}.json"), json.dumps(mine))
         print(f"unimlip-train rank {self.rank}: no progress for {stalled:.0f} s (train.hang_timeout_s="
               f"{self.timeout_s:g}) after step {self.step}; last collective: {mine['last_collective']}; "
@@ -202,14 +202,8 @@ class HangWatchdog:
             time.sleep(0.1)
         return True
 
-    def _dump_text(self, mine: dict) -> str:
+    def _dump_text(self, mine: dict, workers: list[int]) -> str:
         names = {t.ident: t.name for t in threading.enumerate()}
-        workers = [p.pid for p in multiprocessing.active_children()]
-        for pid in workers:  # each prints its own stacks to the job's stderr (worker_signals.STACK_SIGNAL)
-            try:
-                os.kill(pid, STACK_SIGNAL)
-            except OSError:
-                pass
         lines = [f"hang watchdog, {datetime.datetime.now().isoformat(timespec='seconds')}: rank {self.rank} of "
                  f"{self.world} on host {mine['host']}, PID {mine['pid']}",
                  f"no progress for {mine['stalled_s']} s (train.hang_timeout_s={self.timeout_s:g}); last completed "
@@ -221,6 +215,18 @@ class HangWatchdog:
             lines.append(f"Thread {names.get(ident, '?')} ({ident}), most recent call last:")
             lines.append("".join(traceback.format_stack(frame)))
         return "\n".join(lines)
+
+
+def _ask_workers_for_stacks() -> list[int]:
+    """Send this rank's loader workers ``worker_signals.STACK_SIGNAL`` (each prints its threads' stacks to the
+    job's stderr); their PIDs."""
+    workers = [p.pid for p in multiprocessing.active_children()]
+    for pid in workers:
+        try:
+            os.kill(pid, STACK_SIGNAL)
+        except OSError:  # exited meanwhile
+            pass
+    return workers
 
 
 def _write_atomic(path: str, text: str) -> None:
