@@ -99,7 +99,8 @@ def test_rows_match_unimlip_eval(data, first):
         common = ["--checkpoint", row["checkpoint"], "--data", data["shards"], "--workers", "1"]
         base = [sys.executable, "-m", "unimlip_train.cli.eval"]
         cmds = {"": base + ["retrieval", *common],
-                "zeroshot/": base + ["zeroshot", *common, "--classes", ",".join(classes)],
+                "zeroshot/": base + ["zeroshot", *common, "--classes", ",".join(classes),
+                                     "--calibration-data", data["shards"], "--calibration-split", "train"],
                 "linear_probe/": base + ["linear-probe", *common, "--classes", ",".join(classes)]}
         procs = {p: subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, cwd=REPO) for p, cmd in cmds.items()}
@@ -108,6 +109,9 @@ def test_rows_match_unimlip_eval(data, first):
             assert proc.returncode == 0, err[-3000:]
             reference = last_json(out)
             card = reference.pop("card")
+            if prefix == "zeroshot/":  # calibrated on the probe's fitting images: the same keys in both
+                assert {"calibrated_accuracy", "calibrated_balanced_accuracy"} <= set(reference)
+                assert card["data"]["calibration"]["splits"] == {"calibration": "train"}
             for key, value in reference.items():
                 assert row[prefix + key] == pytest.approx(value, rel=1e-9, abs=1e-9), (row["config"], prefix + key)
             for key in ("checkpoint", "step", "config_hash"):

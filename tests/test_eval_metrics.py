@@ -219,9 +219,15 @@ def test_zeroshot_matches_naive_reference(tokenizer, tmp_path):
     with torch.no_grad():
         pos = [naive_class_embedding(prompts.positive(c)) for c in classes]
         neg = [naive_class_embedding(prompts.negative(c)) for c in classes]
-        m = zeroshot.zeroshot_evaluate(images, labels, enc, tokenizer, classes, prompts, max_length=16)
+        # Unlabelled images leaning towards 'normal': its offset grows, so some decisions flip to pneumonia.
+        calibration = torch.nn.functional.normalize(torch.randn(10, 8, generator=g) + 2 * pos[0], dim=1)
+        m = zeroshot.zeroshot_evaluate(images, labels, enc, tokenizer, classes, prompts, max_length=16,
+                                       calibration_emb=calibration)
         mm = zeroshot.zeroshot_evaluate(images, labels, enc, tokenizer, classes, prompts, max_length=16,
                                         multi_label=True)
+        with pytest.raises(ValueError, match="single-label only"):
+            zeroshot.zeroshot_evaluate(images, labels, enc, tokenizer, classes, prompts, max_length=16,
+                                       multi_label=True, calibration_emb=calibration)
 
     keep = [i for i in range(n) if i not in (5, 7)]
     y = [1 if labels[i] == ["Pneumonia"] else 0 for i in keep]
@@ -233,6 +239,13 @@ def test_zeroshot_matches_naive_reference(tokenizer, tmp_path):
     ref_auc = naive_auroc([s[1] - s[0] for s in sims], y)
     assert m["auroc/pneumonia"] == pytest.approx(100 * ref_auc, abs=1e-9)
     assert m["auroc"] == pytest.approx(100 * ref_auc, abs=1e-9)
+    # calibrated: each class's similarity minus its mean over the calibration images, then the argmax
+    offsets = [float(np.mean([float(c @ pos[k]) for c in calibration])) for k in range(2)]
+    cal_pred = [0 if s[0] - offsets[0] >= s[1] - offsets[1] else 1 for s in sims]
+    recalls = [np.mean([p == t for p, t in zip(cal_pred, y) if t == c]) for c in (0, 1)]
+    assert m["calibrated_accuracy"] == pytest.approx(100 * np.mean([p == t for p, t in zip(cal_pred, y)]))
+    assert m["calibrated_balanced_accuracy"] == pytest.approx(100 * np.mean(recalls))
+    assert cal_pred != pred  # the offsets moved some decision, so the check above has teeth
 
     # multi-label: class k positive iff sim(positive_k) > sim(negative_k); every sample kept
     y_ml = [[int("normal" in [x.lower() for x in lab]), int("pneumonia" in [x.lower() for x in lab])]
@@ -242,6 +255,34 @@ def test_zeroshot_matches_naive_reference(tokenizer, tmp_path):
     assert mm["accuracy"] == pytest.approx(100 * acc) and mm["skipped"] == 0
     ref = [naive_auroc([d[k] for d in diffs], [t[k] for t in y_ml]) for k in range(2)]
     assert mm["auroc"] == pytest.approx(100 * np.mean(ref), abs=1e-9)
+
+
+def test_calibration_undoes_a_prompt_bias_without_labels():
+    """Both classes' images lie nearer class 0's prompt (a biased prompt pair): the argmax calls every image
+    class 0, although the similarity difference separates the classes perfectly. Centring each class's logit on
+    its mean over unlabelled images of both kinds recovers the classes."""
+    def at(degrees):
+        rad = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+        return torch.stack([rad.cos(), rad.sin()], dim=-1)
+
+    classes = at([0.0, 36.87])  # class 1's prompt sits 36.87 degrees away
+    images = at([3.0, 5.0, 7.0, 14.0, 16.0, 18.0])  # the first three are class 0; all nearer class 0's prompt
+    targets = np.array([0, 0, 0, 1, 1, 1])
+    unlabelled = at([4.0, 6.0, 15.0, 17.0])
+    raw = metrics.single_label_metrics(zeroshot.zeroshot_scores(images, classes), targets, ["a", "b"])
+    calibrated = metrics.single_label_metrics(zeroshot.zeroshot_scores(images, classes, calibration_emb=unlabelled),
+                                              targets, ["a", "b"])
+    assert raw["balanced_accuracy"] == 50.0 and raw["auroc"] == 100.0
+    assert calibrated["balanced_accuracy"] == 100.0 and calibrated["auroc"] == 100.0
+
+
+def test_eval_cli_rejects_calibrated_multi_label():
+    from unimlip_train.cli.eval import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["zeroshot", "--checkpoint", "x", "--data", "y", "--classes", "a,b", "--multi-label",
+              "--calibration-data", "z"])
+    assert e.value.code == 2
 
 
 # ---------------------------------------------------------------------------------------------- linear probe

@@ -1,7 +1,8 @@
 """Score one checkpoint for the ablation table, with exactly the metrics ``unimlip-eval`` computes.
 
-Retrieval on the eval split; when its samples carry labels, zero-shot classification on the same split and a
-linear probe fitted on the training shards' split and scored on it. The eval split is embedded once and
+Retrieval on the eval split; when its samples carry labels, zero-shot classification on the same split (also
+calibrated on the training shards' images, single-label) and a linear probe fitted on the training shards'
+split and scored on it. The eval split is embedded once and
 shared by all three. The result is cached in the run dir (``ablation_eval.json``) with what it was computed
 from (the checkpoint's identity, the evaluation settings and code), so an unchanged checkpoint is never scored
 twice.
@@ -104,11 +105,14 @@ def evaluate_checkpoint(checkpoint: str, spec: EvalSpec) -> tuple[dict[str, floa
     classes = list(spec.classes) or single_label_classes(emb.labels)
     if len(classes) < 2 and not (spec.multi_label and classes):
         return out, card(None)  # no labels (or one class): retrieval only
+    fit = embed(spec.probe_data, spec.probe_split) if spec.probe_data else None
+    # Zero-shot is also calibrated on the fitting split's images (their labels unused), unimlip-eval zeroshot
+    # --calibration-data PROBE_DATA --calibration-split PROBE_SPLIT.
     zs = zeroshot_evaluate(emb.image, emb.labels, model.encode_text, tokenizer, classes, load_prompts(spec.prompts),
-                           cfg.data.text.max_length, multi_label=spec.multi_label, device=model_device(model))
+                           cfg.data.text.max_length, multi_label=spec.multi_label, device=model_device(model),
+                           calibration_emb=fit.image if fit is not None and not spec.multi_label else None)
     out.update({f"zeroshot/{k}": v for k, v in zs.items()})
-    if spec.probe_data and len(classes) >= 2:
-        fit = embed(spec.probe_data, spec.probe_split)
+    if fit is not None and len(classes) >= 2:
         parts, keeps = [], []
         for part in (fit, emb):
             y, keep = label_targets(part.labels, classes, multi_label=False)

@@ -122,7 +122,9 @@ def about(args, runs, spec, baseline) -> list[str]:
             f"Evaluated on `{spec.data}` [{spec.split}]: retrieval"
             + (f"; zero-shot ({', '.join(spec.classes) or 'classes from the labels'}; prompts "
                f"`{spec.prompts or 'packaged chest_xray.yaml'}`)" + (
-                   f" and linear probe fitted on `{spec.probe_data}` [{spec.probe_split}]" if spec.probe_data else "")
+                   f", calibrated (`calibrated_*`: each class's logit minus its mean) on the images of "
+                   f"`{spec.probe_data}` [{spec.probe_split}] without their labels, and linear probe fitted on them"
+                   if spec.probe_data else "")
                + " when the samples carry labels") + ".",
             "Overrides: " + (" ".join(f"`{o}`" for o in args.overrides) if args.overrides else "none") + ".",
             f"Baseline: `{baseline}`." if baseline else "No CLIP-only config among the rows: no differences shown."]

@@ -17,7 +17,8 @@ import unimlip_train.ablation.stats as stats
 
 # Columns of the markdown table, when present (ablation.json has every metric).
 HEADLINE = ("i2t_R@1", "t2i_R@1", "mean_recall", "zeroshot/accuracy", "zeroshot/balanced_accuracy",
-            "zeroshot/auroc", "linear_probe/balanced_accuracy", "linear_probe/auroc")
+            "zeroshot/calibrated_balanced_accuracy", "zeroshot/auroc", "linear_probe/balanced_accuracy",
+            "linear_probe/auroc")
 # Row fields that are not metrics.
 INFO = ("config", "seed", "status", "step", "target_steps", "terms", "weights", "seeds", "config_path",
         "run_dir", "checkpoint", "config_hash", "trained", "evaluated", "log", "card", "delta_to_baseline")

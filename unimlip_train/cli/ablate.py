@@ -33,7 +33,9 @@ EPILOG = """examples:
 Overrides (key.sub=value) may stand anywhere on the line and apply to every config, after the config file
 and after what --data/--steps/--seeds set. Runs go to RUN_ROOT/<config name>/seed<k> (training log:
 train.log there). --data is trained on (its 'train' split); --eval-data (default: --data) is evaluated on
-its --eval-split; the linear probe is fitted on --data's --probe-split. Metrics are percentages."""
+its --eval-split; the linear probe is fitted on --data's --probe-split, whose images (not labels) also
+calibrate single-label zero-shot (zeroshot/calibrated_*: each class's logit minus its mean over them). Metrics
+are percentages."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-data", default="", help="evaluation shards (default: --data)")
     e.add_argument("--eval-split", default="", help="split of --eval-data to evaluate (default: the config's eval.split)")
     e.add_argument("--probe-split", default="train", help="split of --data the linear probe is fitted on (default train)")
-    e.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    e.add_argument("--no-probe", action="store_true", help="skip the linear probe (and the zero-shot calibration)")
     e.add_argument("--classes", default="",
                    help="comma-separated zero-shot / probe classes (default: the config's eval.classes, else every "
                         "label some eval sample carries alone)")

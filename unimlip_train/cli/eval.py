@@ -14,6 +14,7 @@ EPILOG = """examples:
   unimlip-eval retrieval --checkpoint runs/x --data shards/index.json --split val
   unimlip-eval retrieval --checkpoint runs/x --data roco/ --split test --sample 2000 --seed 0
   unimlip-eval zeroshot --checkpoint runs/x --data shards/ --classes normal,pneumonia
+  unimlip-eval zeroshot --checkpoint runs/x --data shards/ --classes normal,pneumonia --calibration-data shards/
   unimlip-eval zeroshot --checkpoint export/ --data shards/ --classes cardiomegaly,edema --multi-label
   unimlip-eval linear-probe --checkpoint runs/x --data shards/ --train-split train --test-split val
   torchrun --nproc_per_node 4 -m unimlip_train.cli.eval retrieval --checkpoint runs/x --data shards/
@@ -43,6 +44,14 @@ def _add_labels(p: argparse.ArgumentParser) -> None:
                    help="metadata field holding the sample's labels (list of str or a str; default: labels)")
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Reject option combinations that cannot work, before any model is loaded."""
+    if args.command == "zeroshot" and args.calibration_data and args.multi_label:
+        parser.error("--calibration-data is single-label only: a class mean says nothing about a finding's "
+                     "prevalence under --multi-label")
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimlip-eval", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--prompts", default="", help="prompt YAML (default: the packaged unimlip_train/resources/prompts/chest_xray.yaml)")
     z.add_argument("--multi-label", action="store_true",
                    help="one binary decision per class (finding vs 'no finding' prompts), CheXpert-style")
+    z.add_argument("--calibration-data", default="",
+                   help="also report calibrated_accuracy / calibrated_balanced_accuracy: each class's logit minus "
+                        "its mean over these images, labels unused (e.g. the training shards; single-label only)")
+    z.add_argument("--calibration-split", default="train", help="split of --calibration-data (default: train)")
+    z.add_argument("--calibration-sample", type=int, default=0, metavar="N",
+                   help="calibrate on a seeded random subset of N images (seed --seed; 0: all)")
     _add_labels(z)
     lp = sub.add_parser("linear-probe", help="logistic regression on frozen image embeddings", epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = check_args(parser, parser.parse_args(argv))
     from unimlip_train.eval.run import run_eval  # torch and the towers load after parsing: --help stays quick
 
     return run_eval(args)

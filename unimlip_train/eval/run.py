@@ -47,7 +47,7 @@ def classification_table(m: dict, title: str) -> str:
     if per_class:
         lines.append(f"  {'class':24s}{'AUROC':>8s}")
         lines += [f"  {k[len('auroc/'):]:24s}{_fmt(m[k]):>8s}" for k in per_class]
-    for key in ("accuracy", "balanced_accuracy", "auroc", "l2", "val_balanced_accuracy", "num_samples",
+    for key in ("accuracy", "balanced_accuracy", "calibrated_accuracy", "calibrated_balanced_accuracy", "auroc", "l2", "val_balanced_accuracy", "num_samples",
                 "num_train", "num_test", "skipped"):
         if key in m:
             lines.append(f"  {key:24s}{m[key]:>8g}" if key == "l2" else f"  {key:24s}{_fmt(m[key]):>8s}")
@@ -90,12 +90,21 @@ def run_zeroshot(args, model, cfg, tokenizer, rank, world, progress) -> dict:
     prompts = load_prompts(args.prompts)
     emb = embed_split(model, cfg, tokenizer, args.data, args.split, rank, world, args.batch_size, progress=progress,
                       label_key=args.label_key, sample=args.sample, seed=args.seed)
+    calibration = (embed_split(model, cfg, tokenizer, args.calibration_data, args.calibration_split, rank, world,
+                               args.batch_size, progress=progress, sample=args.calibration_sample, seed=args.seed)
+                   if args.calibration_data else None)
     m = zeroshot_evaluate(emb.image, emb.labels, model.encode_text, tokenizer, classes, prompts,
-                          cfg.data.text.max_length, multi_label=args.multi_label, device=model_device(model))
+                          cfg.data.text.max_length, multi_label=args.multi_label, device=model_device(model),
+                          calibration_emb=calibration.image if calibration else None)
     mode = "multi-label" if args.multi_label else "single-label"
-    return {"metrics": m, "table": classification_table(m, f"zero-shot ({mode})  {args.data} [{args.split}]"),
-            "splits": {"test": args.split}, "samples": int(m["num_samples"]), "seed": args.seed,
-            "prompts": args.prompts}
+    result = {"metrics": m, "table": classification_table(m, f"zero-shot ({mode})  {args.data} [{args.split}]"),
+              "splits": {"test": args.split}, "samples": int(m["num_samples"]), "seed": args.seed,
+              "prompts": args.prompts}
+    if calibration:
+        result["more_data"] = {"calibration": {**data_identity(args.calibration_data,
+                                                               {"calibration": args.calibration_split}),
+                                               "samples": len(calibration.keys)}}
+    return result
 
 
 def run_linear_probe(args, model, cfg, tokenizer, rank, world, progress) -> dict:
@@ -147,9 +156,9 @@ def run_eval(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"unimlip-eval {args.command}: {e}") from None
         if rank == 0:
-            card = build_card(f"unimlip-eval {args.command}", args.checkpoint, cfg,
-                              data_identity(args.data, result["splits"]), result["samples"], result["seed"],
-                              prompts=result.get("prompts"))
+            data = {**data_identity(args.data, result["splits"]), **result.get("more_data", {})}
+            card = build_card(f"unimlip-eval {args.command}", args.checkpoint, cfg, data, result["samples"],
+                              result["seed"], prompts=result.get("prompts"))
             emit(result["metrics"], result["table"], args.out, card)
     finally:
         if dist.is_initialized():

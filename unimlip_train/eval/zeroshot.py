@@ -3,6 +3,12 @@
 A class embedding is the mean of its L2-normalised prompt embeddings, renormalised (prompt ensembling as in
 CLIP). Single-label mode picks the class with the highest cosine similarity; multi-label mode (CheXpert-style,
 one binary decision per class) compares each class's positive prompts with its negative ("no {}") prompts.
+
+Single-label mode can also report *calibrated* accuracies: before the argmax, each class's logit is shifted by
+its mean over unlabelled calibration images (e.g. the training split's), so that no class wins merely because
+its prompts sit closer to every image. This is the label-free class-prior correction of "Calibrate Before Use"
+(Zhao et al., ICML 2021) applied to images instead of a content-free input; it assumes the calibration images'
+class mix is not far from uniform. It never uses a label, and the AUROC (a ranking) is the uncalibrated one.
 """
 from __future__ import annotations
 
@@ -104,11 +110,20 @@ def class_embeddings(encode_text, tokenizer, class_names: Sequence[str], prompts
 
 
 def zeroshot_scores(image_emb: torch.Tensor, positive: torch.Tensor,
-                    negative: torch.Tensor | None = None) -> torch.Tensor:
-    """N x C scores: one-vs-rest log-odds (single-label) or positive-minus-negative logits (multi-label)."""
+                    negative: torch.Tensor | None = None, calibration_emb: torch.Tensor | None = None) -> torch.Tensor:
+    """N x C scores: one-vs-rest log-odds (single-label) or positive-minus-negative logits (multi-label).
+
+    ``calibration_emb`` (M x D unlabelled images, single-label only): subtract each class's mean logit over them
+    first (see the module docstring).
+    """
     logits = ZEROSHOT_SCALE * image_emb.double() @ positive.double().T
     if negative is None:
+        if calibration_emb is not None:
+            logits = logits - (ZEROSHOT_SCALE * calibration_emb.double() @ positive.double().T).mean(dim=0)
         return metrics.one_vs_rest_log_odds(logits)
+    if calibration_emb is not None:
+        raise ValueError("calibrated zero-shot is single-label only (a per-class mean says nothing about a "
+                         "finding's prevalence)")
     return logits - ZEROSHOT_SCALE * image_emb.double() @ negative.double().T
 
 
@@ -132,8 +147,13 @@ def label_targets(labels: Sequence[Sequence[str]], class_names: Sequence[str],
 
 def zeroshot_evaluate(image_emb: torch.Tensor, labels: Sequence[Sequence[str]], encode_text, tokenizer,
                       class_names: Sequence[str], prompts: PromptSet, max_length: int, multi_label: bool = False,
-                      device: torch.device | str = "cpu") -> dict[str, float]:
-    """Zero-shot metrics of images (N x D, normalised) against prompted classes; adds ``skipped`` samples."""
+                      device: torch.device | str = "cpu",
+                      calibration_emb: torch.Tensor | None = None) -> dict[str, float]:
+    """Zero-shot metrics of images (N x D, normalised) against prompted classes; adds ``skipped`` samples.
+
+    With ``calibration_emb`` (unlabelled images, single-label mode) also ``calibrated_accuracy`` and
+    ``calibrated_balanced_accuracy``: the same decisions after the class-prior correction.
+    """
     if len(class_names) < 2 and not multi_label:
         raise ValueError("single-label zero-shot needs at least two classes")
     positive = class_embeddings(encode_text, tokenizer, class_names, prompts, max_length, device=device)
@@ -145,5 +165,9 @@ def zeroshot_evaluate(image_emb: torch.Tensor, labels: Sequence[Sequence[str]], 
     scores = zeroshot_scores(image_emb[torch.from_numpy(keep)], positive, negative)
     fn = metrics.multi_label_metrics if multi_label else metrics.single_label_metrics
     out = fn(scores, targets[keep], class_names)
+    if calibration_emb is not None:
+        calibrated = fn(zeroshot_scores(image_emb[torch.from_numpy(keep)], positive, negative, calibration_emb),
+                        targets[keep], class_names)
+        out.update({f"calibrated_{k}": calibrated[k] for k in ("accuracy", "balanced_accuracy")})
     out["skipped"] = float((~keep).sum())
     return out
