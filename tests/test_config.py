@@ -199,7 +199,8 @@ def test_shipped_configs_load_with_the_expected_terms():
     assert "BiomedBERT" in prod.model.text.name and prod.train.micro_batch_size == 256
     expected = {"clip_only": {"itc"}, "cross_feature": {"itc", "itc_feature"}, "image_ssl": {"itc", "image_ssl", "image_feature"},
                 "text_ssl": {"itc", "text_ssl", "text_feature"}, "fused": {"itc", "mlm", "itm"},
-                "all": set(tiny.loss.enabled()) | {"itm"}, "no_itm": set(tiny.loss.enabled())}
+                "all": set(tiny.loss.enabled()) | {"itm"}, "no_itm": set(tiny.loss.enabled()),
+                "no_text": set(tiny.loss.enabled()) - {"text_ssl", "text_feature"}}
     assert {p.stem for p in (CONFIGS / "ablations").glob("*.yaml")} == set(expected)
     for name, terms in expected.items():
         assert set(load_config(str(CONFIGS / "ablations" / f"{name}.yaml")).loss.enabled()) == terms, name
