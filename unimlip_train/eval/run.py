@@ -47,8 +47,8 @@ def classification_table(m: dict, title: str) -> str:
     if per_class:
         lines.append(f"  {'class':24s}{'AUROC':>8s}")
         lines += [f"  {k[len('auroc/'):]:24s}{_fmt(m[k]):>8s}" for k in per_class]
-    for key in ("accuracy", "balanced_accuracy", "calibrated_accuracy", "calibrated_balanced_accuracy", "auroc", "l2", "val_balanced_accuracy", "num_samples",
-                "num_train", "num_test", "skipped"):
+    for key in ("accuracy", "balanced_accuracy", "calibrated_accuracy", "calibrated_balanced_accuracy", "auroc", "l2",
+                "val_balanced_accuracy", "num_samples", "num_train", "num_test", "skipped"):
         if key in m:
             lines.append(f"  {key:24s}{m[key]:>8g}" if key == "l2" else f"  {key:24s}{_fmt(m[key]):>8s}")
     return "\n".join(lines)
@@ -95,12 +95,12 @@ def run_zeroshot(args, model, cfg, tokenizer, rank, world, progress) -> dict:
                    if args.calibration_data else None)
     m = zeroshot_evaluate(emb.image, emb.labels, model.encode_text, tokenizer, classes, prompts,
                           cfg.data.text.max_length, multi_label=args.multi_label, device=model_device(model),
-                          calibration_emb=calibration.image if calibration else None)
+                          calibration_emb=calibration.image if calibration is not None else None)
     mode = "multi-label" if args.multi_label else "single-label"
     result = {"metrics": m, "table": classification_table(m, f"zero-shot ({mode})  {args.data} [{args.split}]"),
               "splits": {"test": args.split}, "samples": int(m["num_samples"]), "seed": args.seed,
               "prompts": args.prompts}
-    if calibration:
+    if calibration is not None:
         result["more_data"] = {"calibration": {**data_identity(args.calibration_data,
                                                                {"calibration": args.calibration_split}),
                                                "samples": len(calibration.keys)}}
