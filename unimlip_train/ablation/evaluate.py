@@ -2,9 +2,9 @@
 
 Retrieval on the eval split; when its samples carry labels, zero-shot classification on the same split (also
 calibrated on the training shards' images, single-label) and a linear probe fitted on the training shards'
-split and scored on it. The eval split is embedded once and shared by all three. The result is cached in the run dir (``ablation_eval.json``) with what it was computed
-from (the checkpoint's identity, the evaluation settings and code), so an unchanged checkpoint is never scored
-twice.
+split and scored on it. The eval split is embedded once and shared by all three. The result is cached in the
+run dir (``ablation_eval.json``) with what it was computed from (the checkpoint's identity, the evaluation
+settings and code), so an unchanged checkpoint is never scored twice.
 """
 from __future__ import annotations
 
