@@ -155,6 +155,11 @@ t0, statuses = time.time(), {}
 while running(pids[-1]) and time.time() - t0 < wait_s:
     time.sleep(0.05)
 seconds, stopped = time.time() - t0, not running(pids[-1])
+# A launcher left alive reaps the child and prints its status on its own: killing it now could land between
+# its wait() and its print and lose both (CI saw that once under load).
+deadline = time.time() + 10
+while stopped and any(running(pid) for pid in pids) and time.time() < deadline:
+    time.sleep(0.05)
 for pid in pids:
     if running(pid):
         os.kill(pid, signal.SIGKILL)
