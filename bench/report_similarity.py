@@ -6,10 +6,11 @@ sets reaches a threshold. This measures, on the class-paired training reports ``
 how well that rule finds same-class pairs: for each threshold, the share of sample pairs it selects, the share
 of those that are same-class (precision; half the pairs are same-class by construction), and the share of the
 normal-normal and pneumonia-pneumonia pairs it finds (recall); the same for a second rule, equal impression
-sections (what many normal IU reports share). Pairs with the same normalised report are left out: the losses already treat those as one identity (``loss.positives``). Words: the report body as the model
-reads it by default (impression, findings), lower-cased, IU's ``XXXX`` anonymisation left out.
+sections (what many normal IU reports share). Pairs with the same normalised report are left out: the losses
+already treat those as one identity (``loss.positives``). Words: the report body as the model reads it by
+default (impression, findings), lower-cased, IU's ``XXXX`` anonymisation left out.
 
-    python bench/real_ablation.py --seeds 0     # writes runs/real_ablation/pairs/manifest.csv (or use yours)
+    python bench/real_ablation.py --seeds 0     # its first step writes runs/real_ablation/pairs/manifest.csv
     python bench/report_similarity.py --pairs runs/real_ablation/pairs/manifest.csv
 """
 from __future__ import annotations
