@@ -51,6 +51,8 @@ def parse(shown: str) -> dict:
         cells = [c.strip() for c in line.strip("|").split("|")]
         rows[names.get(cells[0], cells[0])] = dict(zip(COLUMNS, map(float, cells[1:])))
     foot = re.search(r"(\d+) held-out pairs, (\d+) steps each, chance R@1 (\d+(?:\.\d+)?)", shown)
+    if not foot:
+        raise SystemExit("demo table without its footer line ('N held-out pairs, S steps each, chance R@1 C')")
     return {"pairs": int(foot[1]), "steps": int(foot[2]), "chance_R@1": float(foot[3]), "rows": rows}
 
 
