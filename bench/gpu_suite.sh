@@ -162,7 +162,7 @@ import json, sys
 lines = [json.loads(l) for l in open(sys.argv[1], encoding="utf-8") if l.strip()]
 goals = [l for l in lines if l.get("case") == "goals"]
 for name, g in (goals[-1]["goals"].items() if goals else []):
-    mark = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+    mark = {True: "met", False: "NOT met", None: "not judged (smoke sizes)" if goals[-1].get("smoke") else "not measured"}[g["met"]]
     print(f"  {name:36s} {str(g['value']):>8s}  goal {g['target']:8s} {mark}")
 EOF
 if [ "${#failed[@]}" -gt 0 ]; then
