@@ -510,10 +510,10 @@ def test_accumulated_negatives_equal_one_big_micro_batch_and_the_temperature_sta
 each optimizer step: it holds at 1, and every step starts there.
     With ``train.negatives=micro`` the terms see fewer negatives, so the loss differs.
 
-    The same launch trains the tiny default as it ships (``all``: every term on, the text encoder's dropout,
-    spatial dropout of the feature-level pass, a BatchNorm ResNet tower) with accumulated negatives: a literal
-    one-big-batch comparison is impossible there (BatchNorm normalises each micro batch with its own
-    statistics, dropout draws differ), so this run checks what the equality rests on: every recomputed micro
+    The same launch trains the tiny default with encoder-level feature noise (``all``: every term on, the text
+    encoder's dropout, spatial dropout of the feature-level pass, a BatchNorm ResNet tower) with accumulated
+    negatives: a literal one-big-batch comparison is impossible there (BatchNorm normalises each micro batch
+    with its own statistics, dropout draws differ), so this run checks what the equality rests on: every recomputed micro
     batch reproduces its cached embeddings bit for bit (``accum_replay_max_abs`` = 0; that the replay's
     gradient then equals one loss over the step, with all of this on, is tests/test_losses_distributed.py's
     replay check), and BatchNorm counted exactly one update per micro batch (no caching or perturbed pass)."""
@@ -527,8 +527,8 @@ each optimizer step: it holds at 1, and every step starts there.
                      "train.checkpoint_every": 3}}
     jobs = [[CONFIG, str(data["root"] / f"acc_{name}"), overrides(data, 3, **{**common, **extra})]
             for name, extra in runs.items()]
-    everything = {"model.image.name": "resnet10t", "model.image.kwargs": "{}", "train.micro_batch_size": 8,
-                  "train.grad_accum": 2, "train.checkpoint_every": 3}
+    everything = {"model.image.name": "resnet10t", "model.image.kwargs": "{}", "loss.feature_perturbation": "encoder",
+                  "train.micro_batch_size": 8, "train.grad_accum": 2, "train.checkpoint_every": 3}
     jobs.append([CONFIG, str(data["root"] / "acc_all"), overrides(data, 3, **everything)])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "engine_worker.py"), json.dumps(jobs)]
