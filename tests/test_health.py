@@ -281,7 +281,7 @@ _LOADER = """
 import os, signal, sys, time
 import torch
 from torch.utils.data import DataLoader, IterableDataset
-from unimlip_train.data.worker_signals import worker_init
+from unimlip_train.data.worker_start import worker_options
 
 class Slow(IterableDataset):
     def __iter__(self):
@@ -289,30 +289,36 @@ class Slow(IterableDataset):
             time.sleep(0.02)
             yield torch.tensor([i, os.getpid()])
 
-stopped = []
-signal.signal(signal.SIGTERM, lambda *_: stopped.append(time.time()))
-loader = iter(DataLoader(Slow(), batch_size=None, num_workers=2, worker_init_fn=worker_init()))
-workers = {int(next(loader)[1]) for _ in range(4)}
-print("workers", *sorted(workers), flush=True)
-while not stopped:
-    next(loader)
-after = [int(next(loader)[1]) for _ in range(20)]  # the workers go on after the group's SIGTERM
-print("batches after SIGTERM from", sorted(set(after)), flush=True)
+if __name__ == "__main__":  # a script: workers started by a fork server or spawn import it
+    stopped = []
+    signal.signal(signal.SIGTERM, lambda *_: stopped.append(time.time()))
+    loader = iter(DataLoader(Slow(), batch_size=None, num_workers=2, **worker_options(sys.argv[1])))
+    workers = {int(next(loader)[1]) for _ in range(4)}
+    print("workers", *sorted(workers), flush=True)
+    while not stopped:
+        next(loader)
+    after = [int(next(loader)[1]) for _ in range(20)]  # the workers go on after the group's SIGTERM
+    print("batches after SIGTERM from", sorted(set(after)), flush=True)
 """
 
 
-def test_loader_workers_outlive_a_process_group_sigterm_and_end_with_their_rank():
-    proc = subprocess.Popen([sys.executable, "-c", _LOADER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+@pytest.mark.parametrize("start", ["forkserver", "fork"])
+def test_loader_workers_outlive_a_process_group_sigterm_and_end_with_their_rank(tmp_path, start):
+    script = tmp_path / "rank.py"
+    script.write_text(_LOADER)
+    proc = subprocess.Popen([sys.executable, str(script), start], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     first = proc.stdout.readline().split()
     assert first[0] == "workers" and len(first) == 3, first + [proc.stderr.read()]
     workers = [int(pid) for pid in first[1:]]
+    helpers = psutil.Process(proc.pid).children(recursive=True)  # the workers, and the fork server if any
+    assert {p.pid for p in helpers} >= set(workers)
     os.killpg(proc.pid, signal.SIGTERM)  # as torchrun forwards its SIGTERM, or SLURM signals a step
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
     assert sorted(json.loads(out.split("from", 1)[1])) == sorted(workers)
-    for pid in workers:  # stopped by their rank when it ended
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    _, alive = psutil.wait_procs(helpers, timeout=30)  # each ends with its rank
+    assert not alive, alive
 
 
 # ----------------------------------------------------------------------------------------------------

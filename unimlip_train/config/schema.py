@@ -27,6 +27,7 @@ SectionOrder = Literal["impression_first", "findings_first"]
 #: ``data.view``: which image of a multi-view (study) sample (``pair``: the image SSL view is another image).
 View = Literal["random", "frontal", "pair"]
 InChans = Literal[1, 3]  # grayscale or RGB input to the image tower
+WorkerStart = Literal["forkserver", "spawn", "fork"]  # how loader workers start (data/worker_start.py says why)
 Pooling = Literal["cls", "mean"]  # text tower: the [CLS] state or the mean over tokens
 Projection = Literal["linear", "mlp"]  # tower features -> the shared embedding space
 LossKind = Literal["infonce", "sigmoid"]  # image-text contrast: CLIP's InfoNCE or SigLIP's sigmoid loss
@@ -130,6 +131,7 @@ class DataConfig:
     image_size: int = 224  # square input size; with model.image.pretrained, from the weights unless set
     in_chans: InChans = 1  # 1: grayscale radiographs, 3: RGB
     num_workers: int = 2  # data loader processes per rank
+    worker_start: WorkerStart = "forkserver"  # forked from a single-threaded server, never from the rank
     shuffle_buffer: int = 1000  # samples in the streaming shuffle buffer
     resampled: bool = False  # draw shards with replacement (unbounded streaming)
     samples_per_epoch: int = 0  # 0: from index.json (required when resampled)

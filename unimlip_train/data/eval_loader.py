@@ -21,7 +21,7 @@ from unimlip_train.data.shards import resolve_sources
 from unimlip_train.data.skips import SkipCounter
 from unimlip_train.data.text import model_text
 from unimlip_train.data.transforms import EvalTransform
-from unimlip_train.data.worker_signals import worker_init
+from unimlip_train.data.worker_start import worker_options
 
 
 class _EvalUnits(IterableDataset):
@@ -69,4 +69,5 @@ def build_eval_loader(cfg: Config, source: Any, tokenizer, batch_size: int, rank
     dataset = _EvalUnits(cfg, tokenizer, sources, rank, world_size, workers, batch_size, keys)
     if cfg.data.num_workers == 0:
         return dataset
-    return DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers, worker_init_fn=worker_init())
+    return DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers,
+                      **worker_options(cfg.data.worker_start))

@@ -43,7 +43,7 @@ from unimlip_train.data.remainder import PlanFacts, StreamView, UnitSpec, fresh_
 from unimlip_train.data.shards import resolve_sources
 from unimlip_train.data.skips import SkipCounter, SkipStats
 from unimlip_train.data.text import augment_report, model_text
-from unimlip_train.data.worker_signals import worker_init
+from unimlip_train.data.worker_start import worker_options
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class TrainStream:
         if self.num_workers > 0:
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                       pin_memory=torch.cuda.is_available(),  # async host-to-GPU copies
-                                      worker_init_fn=worker_init()))  # stop signals are the rank's to act on
+                                      **worker_options(self.cfg.data.worker_start)))
         else:
             batches = iter(dataset)
         for batch in batches:

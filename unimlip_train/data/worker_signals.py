@@ -7,8 +7,9 @@ checkpoint at the next step boundary, dies instead with "DataLoader worker (pid 
 Terminated". So each worker ignores SIGTERM, SIGINT and SIGUSR2 (``worker_init``); the rank shuts its
 workers down in good order when its iterator closes (a done event, then a join), and
 
-* a worker dies with its rank whatever way the rank ends: ``PR_SET_PDEATHSIG`` = SIGKILL, safe here because
-  the worker was forked by the rank's main thread, which lives as long as the rank;
+* a worker dies with its rank whatever way the rank ends: ``PR_SET_PDEATHSIG`` = SIGKILL against the process that
+  started it (the rank, or the rank's fork server, which exits with the rank: ``worker_start``), safe because that
+  process started it from its main thread, which lives as long as the process;
 * a worker prints every thread's Python stack to its stderr (the rank's) on ``STACK_SIGNAL`` (SIGUSR1), which the
   hang watchdog sends it, so a hang inside the loader shows where;
 * a worker still alive when the rank exits after an error (its iterator kept alive by a traceback) is
@@ -27,26 +28,27 @@ import signal
 import sys
 
 _PR_SET_PDEATHSIG = 1
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 #: Sent by the hang watchdog to a rank's loader workers: each prints its threads' stacks to stderr.
 STACK_SIGNAL = signal.SIGUSR1
 _hooked = False
 
 
 def die_with_parent(parent: int) -> None:
-    """In a child process: be SIGKILLed when ``parent`` (the process that started it, from its main thread) dies."""
-    if not sys.platform.startswith("linux") or os.getppid() != parent:  # forkserver/spawn: the parent is another
+    """In a child process: be SIGKILLed when ``parent`` (the process that started it, from its main thread) dies;
+    exit at once if it is already gone."""
+    if not sys.platform.startswith("linux"):
         return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent:  # the rank died before the prctl took effect
+    if os.getppid() != parent:  # the parent died before the prctl took effect: this process was adopted
         os._exit(1)
 
 
 def _init(parent: int, worker_id: int) -> None:  # noqa: ARG001 (the DataLoader's worker_init_fn signature)
-    for signum in _STOP_SIGNALS:
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     faulthandler.register(STACK_SIGNAL, all_threads=True)
     die_with_parent(parent)
@@ -61,10 +63,11 @@ def _kill_leftover_workers() -> None:
         child.join(timeout=5)
 
 
-def worker_init():
-    """The ``worker_init_fn`` for this process's DataLoaders (call it in the rank, where the loader is made)."""
+def worker_init(parent: int):
+    """The ``worker_init_fn`` for this process's DataLoaders (call it in the rank, where the loader is made), whose
+    workers are started by ``parent`` (the rank itself, or its fork server)."""
     global _hooked
     if not _hooked:
         atexit.register(_kill_leftover_workers)  # registered after multiprocessing's hook, so it runs first
         _hooked = True
-    return functools.partial(_init, os.getpid())
+    return functools.partial(_init, parent)
