@@ -8,8 +8,12 @@ that parent. The group-SIGTERM behaviour of the workers is ``test_health``'s.
 """
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 
+import psutil
 import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -57,3 +61,47 @@ def test_where_workers_come_from(start):
     else:  # spawn: a fresh interpreter started by the rank; fork: a copy of the rank, threads and all
         assert parents == {os.getpid()}
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+
+
+_RANK = """
+import sys, time
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from unimlip_train.data.worker_start import worker_options
+
+class Endless(IterableDataset):
+    def __iter__(self):
+        while True:
+            time.sleep(0.01)
+            yield torch.zeros(1)
+
+if __name__ == "__main__":
+    loader = iter(DataLoader(Endless(), batch_size=None, num_workers=2, **worker_options(sys.argv[1])))
+    next(loader)
+    print("running", flush=True)
+    while True:
+        next(loader)
+"""
+
+
+@pytest.mark.parametrize("start", ["forkserver", "fork"])
+def test_kill9_of_a_rank_takes_its_workers_and_fork_server_along(tmp_path, start):
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK)
+    rank = subprocess.Popen([sys.executable, str(script), start], stdout=subprocess.PIPE, text=True)
+    assert rank.stdout.readline().strip() == "running"
+    helpers = psutil.Process(rank.pid).children(recursive=True)
+    assert len([p for p in helpers if p.name() == "pt_data_worker"]) == 2, helpers
+    rank.kill()
+    rank.wait()
+    t0 = time.time()
+    while time.time() - t0 < 30 and any(_alive(p) for p in helpers):
+        time.sleep(0.1)
+    assert not [p for p in helpers if _alive(p)]
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE  # this sandbox's init reaps orphans late
+    except psutil.NoSuchProcess:
+        return False

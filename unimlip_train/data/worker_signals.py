@@ -8,8 +8,10 @@ Terminated". So each worker ignores SIGTERM, SIGINT and SIGUSR2 (``worker_init``
 workers down in good order when its iterator closes (a done event, then a join), and
 
 * a worker dies with its rank whatever way the rank ends: ``PR_SET_PDEATHSIG`` = SIGKILL against the process that
-  started it (the rank, or the rank's fork server, which exits with the rank: ``worker_start``), safe because that
-  process started it from its main thread, which lives as long as the process;
+  started it (the rank, or the rank's fork server: ``worker_start``), safe because that process started it from
+  its main thread, which lives as long as the process. A fork server exits once no process holds its keep-alive
+  pipe; Python hands a copy to every process it starts, and a worker that kept it outlived a killed rank for
+  ever (the server waited for the worker, the worker for the server), so each worker closes it;
 * a worker prints every thread's Python stack to its stderr (the rank's) on ``STACK_SIGNAL`` (SIGUSR1), which the
   hang watchdog sends it, so a hang inside the loader shows where;
 * a worker still alive when the rank exits after an error (its iterator kept alive by a traceback) is
@@ -26,6 +28,7 @@ import multiprocessing
 import os
 import signal
 import sys
+from multiprocessing import forkserver
 
 _PR_SET_PDEATHSIG = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
@@ -47,10 +50,19 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _release_fork_server() -> None:
+    """In a worker: close its copy of the fork server's keep-alive pipe, if it has one."""
+    server = forkserver._forkserver  # noqa: SLF001 (the pipe is known only there)
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+
+
 def _init(parent: int, worker_id: int) -> None:  # noqa: ARG001 (the DataLoader's worker_init_fn signature)
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     faulthandler.register(STACK_SIGNAL, all_threads=True)
+    _release_fork_server()
     die_with_parent(parent)
 
 
