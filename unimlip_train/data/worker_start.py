@@ -11,8 +11,8 @@ this deadlock on CPython 3.12, and on 3.11 releases with the gh-112275 fix) stay
 
 The fork server is in the rank's process group, so it starts with the stop signals blocked (the mask survives fork
 and exec; pending signals are not inherited): a SIGTERM to the whole group, which the rank turns into a
-checkpoint, leaves it and the workers forked from it running. It exits when its rank does (its pipe to the rank
-closes), and each worker dies with it (``worker_signals.die_with_parent``).
+checkpoint, leaves it and the workers forked from it running. It exits when its rank does (its keep-alive pipe
+closes: the workers drop their copies), and each worker dies with it (``worker_signals``).
 """
 from __future__ import annotations
 
