@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from data_prep.images import ImageError, process_image
-from unimlip_train.data.worker_signals import die_with_parent
+from unimlip_train.data.worker_signals import die_with_parent, signals_blocked
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -60,11 +60,8 @@ def encode_results(tasks: list[tuple], workers: int) -> Iterator[tuple]:
     try:
         # The workers start now (the executor submits every chunk at once): with the stop signals blocked, so
         # that one arriving meanwhile waits for the parent, which handles it after the mask is restored.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        try:
+        with signals_blocked(_STOP_SIGNALS):
             results = pool.map(_encode_task, tasks, chunksize=4)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         yield from results
     except BrokenProcessPool:
         raise RuntimeError("an image worker process died (killed, or out of memory); the finished shards are "

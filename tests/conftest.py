@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,23 @@ def tiny_shards(root) -> tuple:
 # local cluster, which some of them restart or take nodes from), in the files' order: the SLURM group starts with
 # the first file, and the other worker works through the rest beside it. (xdist's own ``--dist loadgroup`` does
 # not group under pytest 9, whose nodes keep their id elsewhere, so the grouping is this scheduler's.)
+def still_running(procs: list, timeout: float = 30.0) -> list:
+    """Those of ``procs`` (psutil processes) still running after up to ``timeout`` seconds of waiting for them to
+    end; a zombie counts as ended (this sandbox's init reaps orphans late)."""
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.time() + timeout
+    while any(running(p) for p in procs) and time.time() < deadline:
+        time.sleep(0.1)
+    return [p for p in procs if running(p)]
+
+
 def worker_group(nodeid: str) -> str:
     """A test's group under ``pytest -n``: ``slurm`` for tests/test_slurm*.py and tests named ``*_on_slurm``."""
     path, _, name = nodeid.partition("::")

@@ -516,7 +516,8 @@ each optimizer step: it holds at 1, and every step starts there.
     with its own statistics, dropout draws differ), so this run checks what the equality rests on: every
     recomputed micro batch reproduces its cached embeddings bit for bit (``accum_replay_max_abs`` = 0; that the
     replay's gradient then equals one loss over the step, with all of this on, is
-    tests/test_losses_distributed.py's replay check), and BatchNorm counted exactly one update per micro batch (no caching or perturbed pass)."""
+    tests/test_losses_distributed.py's replay check), and BatchNorm counted exactly one update per micro batch
+    (no caching or perturbed pass)."""
     common = {"loss.mlm.weight": 0, "loss.itm.weight": 0, "model.text.dropout": 0.0, "model.image.token_drop": 0.0,
               "loss.itc_feature.weight": 0, "loss.image_feature.weight": 0, "loss.text_feature.weight": 0,
               "train.lr_temperature": 0.5, "model.init_temperature": 0.9,

@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import tiny_overrides, tiny_shards
+from conftest import still_running, tiny_overrides, tiny_shards
 from unimlip_train.engine.health.faults import Faults
 from unimlip_train.engine.health.spike import MIN_HISTORY, SpikeDetector
 
@@ -317,7 +317,7 @@ def test_loader_workers_outlive_a_process_group_sigterm_and_end_with_their_rank(
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
     assert sorted(json.loads(out.split("from", 1)[1])) == sorted(workers)
-    _, alive = psutil.wait_procs(helpers, timeout=30)  # each ends with its rank
+    alive = still_running(helpers)  # each ends with its rank
     assert not alive, alive
 
 
@@ -367,17 +367,6 @@ def latest(run_dir: Path):
     return path.read_text().strip() if path.exists() else None
 
 
-def _running(procs: list) -> list:
-    alive = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:  # this sandbox's init reaps orphans late
-                alive.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
 class Launch:
     """A launch in its own session, its output collected by a thread; ``wait_for`` polls while it runs."""
 
@@ -419,9 +408,7 @@ def killed(data):
     holder = json.loads((run_dir / "run.lock").read_text())
     job.send_signal(signal.SIGKILL)
     t0 = time.time()
-    while _running(tree) and time.time() - t0 < 30:
-        time.sleep(0.1)
-    left = _running(tree)
+    left = still_running(tree)
     for p in left:
         p.kill()
     return {"run_dir": run_dir, "launcher": job.pid, "left": left, "seconds": time.time() - t0,

@@ -11,13 +11,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import psutil
 import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from conftest import still_running
 from unimlip_train.data.worker_signals import STOP_SIGNALS
 from unimlip_train.data.worker_start import worker_options
 
@@ -94,14 +94,4 @@ def test_kill9_of_a_rank_takes_its_workers_and_fork_server_along(tmp_path, start
     assert len([p for p in helpers if p.name() == "pt_data_worker"]) == 2, helpers
     rank.kill()
     rank.wait()
-    t0 = time.time()
-    while time.time() - t0 < 30 and any(_alive(p) for p in helpers):
-        time.sleep(0.1)
-    assert not [p for p in helpers if _alive(p)]
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE  # this sandbox's init reaps orphans late
-    except psutil.NoSuchProcess:
-        return False
+    assert not still_running(helpers)

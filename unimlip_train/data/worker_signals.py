@@ -21,6 +21,7 @@ workers down in good order when its iterator closes (a done event, then a join),
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import faulthandler
 import functools
@@ -35,6 +36,17 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 #: Sent by the hang watchdog to a rank's loader workers: each prints its threads' stacks to stderr.
 STACK_SIGNAL = signal.SIGUSR1
 _hooked = False
+
+
+@contextlib.contextmanager
+def signals_blocked(signals):
+    """Block ``signals`` in this thread meanwhile: a process started meanwhile inherits the mask (it survives fork
+    and exec), and a signal arriving meanwhile is not lost, it waits (or another thread takes it)."""
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def die_with_parent(parent: int) -> None:

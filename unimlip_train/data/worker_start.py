@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 from multiprocessing import forkserver, resource_tracker
 
-from unimlip_train.data.worker_signals import STOP_SIGNALS, worker_init
+from unimlip_train.data.worker_signals import STOP_SIGNALS, signals_blocked, worker_init
 
 #: Imported once in the fork server, so that a worker starts without importing torch and the decoders again.
 _PRELOAD = ["__main__", "unimlip_train.data.loader", "unimlip_train.data.eval_loader"]
@@ -31,11 +30,8 @@ def _fork_server() -> int:
     """Start this process's fork server if it is not running (stop signals blocked); its pid."""
     forkserver.set_forkserver_preload(_PRELOAD)  # read only when the server (re)starts
     resource_tracker.ensure_running()  # the server needs it, and starting it unblocks SIGINT and SIGTERM
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a signal meanwhile waits for this thread
-    try:
+    with signals_blocked(STOP_SIGNALS):
         forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return forkserver._forkserver._forkserver_pid  # noqa: SLF001 (Python keeps the pid only there)
 
 
