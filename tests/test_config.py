@@ -201,7 +201,8 @@ def test_shipped_configs_load_with_the_expected_terms():
                 "text_ssl": {"itc", "text_ssl", "text_feature"}, "fused": {"itc", "mlm", "itm"},
                 "all": set(tiny.loss.enabled()) | {"itm"}, "no_itm": set(tiny.loss.enabled()),
                 "no_text": set(tiny.loss.enabled()) - {"text_ssl", "text_feature"},
-                "encoder_noise": set(tiny.loss.enabled()), "uniformity": set(tiny.loss.enabled()) | {"uniformity"}}
+                "encoder_noise": set(tiny.loss.enabled()), "uniformity": set(tiny.loss.enabled()) | {"uniformity"},
+                "text_labels": set(tiny.loss.enabled())}
     assert {p.stem for p in (CONFIGS / "ablations").glob("*.yaml")} == set(expected)
     for name, terms in expected.items():
         assert set(load_config(str(CONFIGS / "ablations" / f"{name}.yaml")).loss.enabled()) == terms, name

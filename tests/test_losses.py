@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from unimlip_tiny import random_batch, tiny_config, tiny_tokenizer
+from unimlip_train.data.collate import label_id
 from unimlip_train.losses.contrastive import contrastive_loss, nt_xent, sigmoid_loss, uniformity_loss
 from unimlip_train.losses.hard_negatives import gumbel_noise, sample_hard_negatives
 from unimlip_train.losses.objective import UniMlipObjective
@@ -54,15 +55,20 @@ def naive_sigmoid(a: torch.Tensor, b: torch.Tensor, scale: float, bias: float, i
     return total / len(a)
 
 
+def alike(a, b) -> bool:
+    """Same identity: equal ids, or for tuples of ids any position equal."""
+    return any(x == y for x, y in zip(a, b)) if isinstance(a, tuple) else a == b
+
+
 def naive_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, ids: list | None = None) -> float:
-    """Anchors are all 2n views; another sample with the anchor's id is neither positive nor negative."""
+    """Anchors are all 2n views; another sample alike the anchor is neither positive nor negative."""
     z = list(z1) + list(z2)
     n = len(z1)
     ids = list(range(n)) if ids is None else ids
     total = 0.0
     for i in range(2 * n):
         positive = (i + n) % (2 * n)
-        candidates = [k for k in range(2 * n) if k == positive or ids[k % n] != ids[i % n]]
+        candidates = [k for k in range(2 * n) if k == positive or not alike(ids[k % n], ids[i % n])]
         denom = sum(math.exp(dot(z[i], z[k]) / temperature) for k in candidates)
         total += -dot(z[i], z[positive]) / temperature + math.log(denom)
     return total / (2 * n)
@@ -234,6 +240,35 @@ def test_objective_terms_and_weighted_total():
     assert plain["itc"].item() == pytest.approx(naive_infonce(out["image_emb"], out["text_emb"], 3.0), rel=1e-5)
     assert plain["text_ssl"].item() == pytest.approx(
         naive_nt_xent(*naive_center(out["text_ssl_1"], out["text_ssl_2"]), t["text_ssl"]), rel=1e-5)
+
+
+def test_label_positives_spare_same_label_reports_in_the_text_pair_only():
+    """``loss.text_positives=labels``: text_ssl and text_feature keep reports of the same label set (any order)
+    out of their negatives, besides equal reports; an unlabelled report is alike only to itself; ITC and the
+    image terms keep plain report identity."""
+    g = torch.Generator().manual_seed(4)
+    cfg = tiny_config(mlm=0.0, itm=0.0)
+    cfg.loss.text_positives = "labels"
+    out = fake_outputs(9, g)
+    reports = [0, 1, 0, 2, 3, 4, 5, 6, 7]
+    labels = [["pneumonia"], ["normal"], ["pneumonia"], ["effusion", "pneumonia"], ["pneumonia", "effusion"],
+              ["pneumonia"], ["normal"], [], []]
+    samples = [{"key": f"s{i}", "meta": {"labels": lab}} for i, lab in enumerate(labels)]
+    batch = {"report_id": torch.tensor(reports), "label_id": torch.tensor([label_id(s) for s in samples])}
+    _, logs = UniMlipObjective(cfg)(batch, out, None, step=0)
+    label_sets = [tuple(sorted(lab)) or f"alone{i}" for i, lab in enumerate(labels)]
+    both = list(zip(reports, label_sets))
+    t = cfg.loss.text_ssl.temperature
+    for name in ("text_ssl", "text_feature"):
+        centred = naive_center(out[f"{name}_1"], out[f"{name}_2"])
+        assert logs[name].item() == pytest.approx(naive_nt_xent(*centred, t, both), rel=1e-5), name
+        assert logs[name].item() != pytest.approx(naive_nt_xent(*centred, t, reports), rel=1e-3), name
+    assert logs["itc"].item() == pytest.approx(naive_multi_positive(out["image_emb"], out["text_emb"], 3.0, reports),
+                                               rel=1e-5)
+    assert logs["image_ssl"].item() == pytest.approx(
+        naive_nt_xent(out["image_ssl_1"], out["image_ssl_2"], cfg.loss.image_ssl.temperature, reports), rel=1e-5)
+    with pytest.raises(KeyError, match="label_id"):
+        UniMlipObjective(cfg)({"report_id": torch.tensor(reports)}, out, None, step=0)
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["final_tokens", "two_stages"])

@@ -59,7 +59,7 @@ def case(tmp_path_factory):
         "step": 41,
         "vocab_dir": str(folder),
         "batch": {k: v.double() if v.is_floating_point() else v
-                  for k, v in random_batch(TRAIN_GLOBAL, 9, g, reports=3, groups=4).items()},
+                  for k, v in random_batch(TRAIN_GLOBAL, 9, g, reports=3, groups=4, label_sets=2).items()},
         "rows": torch.randn(GLOBAL, 3, 2, generator=g, dtype=torch.float64),
         "wanted": torch.randint(0, GLOBAL, (GLOBAL,), generator=g),
         "row_weights": torch.randn(GLOBAL, 3, 2, generator=g, dtype=torch.float64),
@@ -99,9 +99,11 @@ def case(tmp_path_factory):
     cfg.loss.positives = "report+group"
     inp["cfg"], inp["state_dict"], ref["train_step"] = reference_step(cfg, folder, inp)
     # the issue-21 options that must not depend on the split either (ITM's sampled pairs, one negative per
-    # pair, MLM on the augmented report, centred text NT-Xent, the uniformity term, two image-token groups)
+    # pair, MLM on the augmented report, centred text NT-Xent, the uniformity term, two image-token groups,
+    # label positives in the text pair)
     cfg = tiny_config(dropout=0.0, uniformity=0.3)
     cfg.loss.positives, cfg.loss.itm_negatives, cfg.loss.itm_fraction = "report+group", "one_per_pair", 0.5
+    cfg.loss.text_positives = "labels"
     cfg.loss.mlm_view, cfg.loss.itm_hardness = "augmented", 0.5
     cfg.model.fusion.image_stages = 2  # image tokens as two groups: both move between ranks for ITM
     cfg.loss.text_ssl.center = cfg.loss.text_feature.center = True
@@ -119,10 +121,11 @@ def case(tmp_path_factory):
         inp[key] = {"cfg": cfg.to_dict(), "state_dict": {k: v.clone() for k, v in replay_model.state_dict().items()}}
     # accumulation references: one batch of everything, contrastive terms only (infonce; sigmoid ITC)
     off = {"mlm": 0.0, "itm": 0.0}
-    for key, cfg in (("acc_infonce", tiny_config(dropout=0.0, **off)),
+    for key, cfg in (("acc_infonce", tiny_config(dropout=0.0, **off)),  # with label positives in the text pair
                      ("acc_sigmoid", tiny_config(dropout=0.0, **off, image_ssl=0.0, image_feature=0.0, text_ssl=0.0,
                                                  text_feature=0.0))):
         cfg.loss.itc.kind = "sigmoid" if key == "acc_sigmoid" else "infonce"
+        cfg.loss.text_positives = "labels" if key == "acc_infonce" else "identity"
         cfg_dict, state, ref[key] = reference_step(cfg, folder, inp)
         inp[key] = {"cfg": cfg_dict, "state_dict": state}
     torch.save(inp, folder / "in.pt")

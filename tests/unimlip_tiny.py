@@ -43,9 +43,11 @@ def tiny_config(dropout: float = 0.0, **weights: float) -> Config:
     return cfg
 
 
-def random_batch(n: int, length: int, generator: torch.Generator, reports: int = 0, groups: int = 0) -> dict:
+def random_batch(n: int, length: int, generator: torch.Generator, reports: int = 0, groups: int = 0,
+                 label_sets: int = 0) -> dict:
     """A full training batch (every key any term needs) of random images and token ids. Identities: every
-    sample its own report and group, or ``reports`` / ``groups`` distinct ids drawn at random (duplicates)."""
+    sample its own report, group and label set, or ``reports`` / ``groups`` / ``label_sets`` distinct ids drawn at
+    random (duplicates)."""
     ids = torch.randint(len(SPECIAL), len(SPECIAL) + NUM_WORDS, (n, length), generator=generator)
     ids[:, 0], ids[:, -1] = 2, 3
     mask = torch.ones(n, length, dtype=torch.long)
@@ -68,4 +70,5 @@ def random_batch(n: int, length: int, generator: torch.Generator, reports: int =
         "mlm_labels": labels,
         "report_id": torch.randint(reports, (n,), generator=generator) if reports else torch.arange(n),
         "group_id": torch.randint(groups, (n,), generator=generator) if groups else torch.arange(n) + 1000,
+        "label_id": torch.randint(label_sets, (n,), generator=generator) if label_sets else torch.arange(n) + 2000,
     }

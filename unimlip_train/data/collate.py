@@ -4,6 +4,7 @@ Which optional entries a batch carries follows the enabled loss terms (``BatchNe
 here, once per batch; masked language modelling masks them with each sample's own seeded draws, so a resumed
 stream masks exactly as the uninterrupted one. ``report_id`` and ``group_id`` give each sample's identity (same
 report after normalisation, same patient / study): the contrastive terms treat equal ids as positives.
+``label_id`` names the report's label set, for ``loss.text_positives=labels``.
 """
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ def group_id(sample: dict) -> int:
     """A 63-bit id of the sample's group (patient / study, the shard json's ``group``; its key without one)."""
     group = str(sample["meta"].get("group") or sample["key"])
     return stable_seed("group", group) >> 1
+
+
+def label_id(sample: dict) -> int:
+    """A 63-bit id of the sample's label set (the shard json's ``labels``, order ignored); a sample without
+    labels gets an id of its own, so unlabelled reports never count as alike."""
+    labels = sorted(set(map(str, sample["meta"].get("labels") or [])))
+    if not labels:
+        return stable_seed("unlabelled", sample["key"]) >> 1
+    return stable_seed("labels", *labels) >> 1
 
 
 def _tokenize(tokenizer, texts: list, max_length: int) -> dict:
@@ -84,7 +94,8 @@ class Collate:
         batch = {"image": to_tensor([s["view1"] for s in samples], chans, self.mean, self.std),
                  "key": [s["key"] for s in samples],
                  "report_id": torch.tensor([report_id(s["text"]) for s in samples], dtype=torch.long),
-                 "group_id": torch.tensor([group_id(s) for s in samples], dtype=torch.long)}
+                 "group_id": torch.tensor([group_id(s) for s in samples], dtype=torch.long),
+                 "label_id": torch.tensor([label_id(s) for s in samples], dtype=torch.long)}
         if self.needs.image_view2:
             batch["image_view2"] = to_tensor([s["view2"] for s in samples], chans, self.mean, self.std)
         tok = _tokenize(self.tokenizer, [s["text"] for s in samples], self.max_length)

@@ -2,6 +2,9 @@
 
 Identity: ``loss.positives`` says which other samples of a batch count as the same pair (``report``: equal
 normalised report, ``report+group``: or the same patient/study, ``none``: only the sample itself).
+``loss.text_positives=labels`` adds, for the text SSL pair only, reports with the same label set: kept out of
+``text_ssl`` / ``text_feature``'s negatives (false-negative elimination, Huynh et al. 2022, with the labels
+MedCLIP matches on, Wang et al. 2022), while ITC keeps plain identity (labels there would be supervision).
 
 Negatives across gradient accumulation (``train.negatives=accumulated``, open_clip's ``--accum-freq``,
 GradCache): a first, gradient-free forward of the step's K micro batches caches the contrastive embeddings
@@ -39,6 +42,16 @@ def identity(batch: dict, positives: str) -> Optional[torch.Tensor]:
     return torch.stack([batch["report_id"], batch["group_id"]], dim=1)
 
 
+def label_identity(batch: dict, ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """``ids`` with the report's label set (``batch['label_id']``) as one more identity column."""
+    if "label_id" not in batch:
+        raise KeyError("loss.text_positives=labels needs batch['label_id'] (the loader adds it)")
+    labels = batch["label_id"]
+    if ids is None:
+        return labels
+    return torch.cat([ids.reshape(len(labels), -1), labels[:, None]], dim=1)
+
+
 @dataclass
 class AccumulationCache:
     """The no-grad contrastive embeddings and ids of one optimizer step's micro batches, and which one is
@@ -65,6 +78,7 @@ class UniMlipObjective(nn.Module):
         self.weights = {name: term_cfg.weight for name, term_cfg in enabled.items()}
         self.terms = nn.ModuleDict({name: TERMS[name](cfg) for name in enabled})
         self.positives = cfg.loss.positives
+        self.label_terms = {"text_ssl", "text_feature"} if cfg.loss.text_positives == "labels" else set()
         self.aux_warmup_steps, self.grad_accum = cfg.loss.aux_warmup_steps, cfg.train.grad_accum
 
     def aux_scale(self, step: int) -> float:
@@ -78,11 +92,16 @@ class UniMlipObjective(nn.Module):
         """Model outputs the contrastive terms read: what an accumulation cache holds."""
         return tuple(dict.fromkeys(k for t in self.terms.values() if t.contrastive for k in t.inputs))
 
+    def identities(self, batch: dict) -> dict:
+        """The ids each contrastive term compares, by kind: ``ids`` for all, ``label_ids`` for ``label_terms``."""
+        ids = identity(batch, self.positives)
+        return {"ids": ids, "label_ids": label_identity(batch, ids) if self.label_terms else None}
+
     def cache_entry(self, batch: dict, outputs: dict) -> dict:
         """One micro batch's contribution to an ``AccumulationCache`` (detached)."""
-        return {"emb": {k: outputs[k].detach() for k in self.cached_keys}, "ids": identity(batch, self.positives)}
+        return {"emb": {k: outputs[k].detach() for k in self.cached_keys}, **self.identities(batch)}
 
-    def _accumulated(self, outputs: dict, ids: Optional[torch.Tensor], cache: AccumulationCache) -> tuple:
+    def _accumulated(self, outputs: dict, ids: dict, cache: AccumulationCache) -> tuple:
         """Outputs and ids of the whole step: micro batch ``cache.index`` live, the others cached."""
         k, entries = cache.index, cache.entries
         acc = dict(outputs)
@@ -92,7 +111,8 @@ class UniMlipObjective(nn.Module):
             if key in outputs:
                 v = outputs[key]
                 acc[key] = v.detach() + (v - v.detach()) / len(entries)
-        acc_ids = None if ids is None else torch.cat([ids if j == k else e["ids"] for j, e in enumerate(entries)])
+        acc_ids = {kind: None if live is None else torch.cat([live if j == k else e[kind] for j, e in enumerate(entries)])
+                   for kind, live in ids.items()}
         return acc, acc_ids
 
     def replay_error(self, outputs: dict, cache: AccumulationCache) -> torch.Tensor:
@@ -104,7 +124,7 @@ class UniMlipObjective(nn.Module):
 
     def forward(self, batch: dict, outputs: dict, model: nn.Module, step: int,
                 cache: Optional[AccumulationCache] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ids = identity(batch, self.positives)
+        ids = self.identities(batch)
         acc, acc_ids, repeat = outputs, ids, 1
         total, value, logs = 0.0, 0.0, {}
         if cache is not None:
@@ -114,10 +134,11 @@ class UniMlipObjective(nn.Module):
                 logs["accum_replay_max_abs"] = self.replay_error(outputs, cache)
         scale = self.aux_scale(step)
         for name, term in self.terms.items():
+            kind = "label_ids" if name in self.label_terms else "ids"
             if term.contrastive:
-                result, factor = term(batch, acc, model, step, acc_ids), repeat
+                result, factor = term(batch, acc, model, step, acc_ids[kind]), repeat
             else:
-                result, factor = term(batch, outputs, model, step, ids), 1
+                result, factor = term(batch, outputs, model, step, ids[kind]), 1
             extra = result if isinstance(result, dict) else {name: result}
             weight = self.weights[name] * (1.0 if name == "itc" else scale)
             total = total + weight * factor * extra[name]
