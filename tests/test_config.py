@@ -202,7 +202,9 @@ def test_shipped_configs_load_with_the_expected_terms():
                 "all": set(tiny.loss.enabled()) | {"itm"}, "no_itm": set(tiny.loss.enabled()),
                 "no_text": set(tiny.loss.enabled()) - {"text_ssl", "text_feature"},
                 "encoder_noise": set(tiny.loss.enabled()), "uniformity": set(tiny.loss.enabled()) | {"uniformity"},
-                "text_labels": set(tiny.loss.enabled())}
+                "text_labels": set(tiny.loss.enabled()),
+                "no_image": set(tiny.loss.enabled()) - {"image_ssl", "image_feature"},
+                "no_fused": set(tiny.loss.enabled()) - {"mlm"}}
     assert {p.stem for p in (CONFIGS / "ablations").glob("*.yaml")} == set(expected)
     for name, terms in expected.items():
         assert set(load_config(str(CONFIGS / "ablations" / f"{name}.yaml")).loss.enabled()) == terms, name
