@@ -105,11 +105,6 @@ def tiny_shards(root) -> tuple:
     return str(shards / "index.json"), str(tok)
 
 
-# ``pytest -n 2`` (the README's command, pytest-xdist): each file's tests run together in one worker (a module
-# fixture such as a reference training runs once), and all SLURM tests together in one worker (they share the
-# local cluster, which some of them restart or take nodes from), in the files' order: the SLURM group starts with
-# the first file, and the other worker works through the rest beside it. (xdist's own ``--dist loadgroup`` does
-# not group under pytest 9, whose nodes keep their id elsewhere, so the grouping is this scheduler's.)
 def still_running(procs: list, timeout: float = 30.0) -> list:
     """Those of ``procs`` (psutil processes) still running after up to ``timeout`` seconds of waiting for them to
     end; a zombie counts as ended (this sandbox's init reaps orphans late)."""
@@ -127,6 +122,11 @@ def still_running(procs: list, timeout: float = 30.0) -> list:
     return [p for p in procs if running(p)]
 
 
+# ``pytest -n 2`` (the README's command, pytest-xdist): each file's tests run together in one worker (a module
+# fixture such as a reference training runs once), and all SLURM tests together in one worker (they share the
+# local cluster, which some of them restart or take nodes from), in the files' order: the SLURM group starts with
+# the first file, and the other worker works through the rest beside it. (xdist's own ``--dist loadgroup`` does
+# not group under pytest 9, whose nodes keep their id elsewhere, so the grouping is this scheduler's.)
 def worker_group(nodeid: str) -> str:
     """A test's group under ``pytest -n``: ``slurm`` for tests/test_slurm*.py and tests named ``*_on_slurm``."""
     path, _, name = nodeid.partition("::")
