@@ -204,10 +204,18 @@ def test_shipped_configs_load_with_the_expected_terms():
                 "encoder_noise": set(tiny.loss.enabled()), "uniformity": set(tiny.loss.enabled()) | {"uniformity"},
                 "text_labels": set(tiny.loss.enabled()),
                 "no_image": set(tiny.loss.enabled()) - {"image_ssl", "image_feature"},
-                "no_fused": set(tiny.loss.enabled()) - {"mlm"}}
+                "no_fused": set(tiny.loss.enabled()) - {"mlm"}, "aux_warmup": set(tiny.loss.enabled()),
+                "aux_double": set(tiny.loss.enabled()), "aux_half": set(tiny.loss.enabled())}
     assert {p.stem for p in (CONFIGS / "ablations").glob("*.yaml")} == set(expected)
     for name, terms in expected.items():
         assert set(load_config(str(CONFIGS / "ablations" / f"{name}.yaml")).loss.enabled()) == terms, name
+    # The weight bracket scales every auxiliary weight of the default, nothing else; ITC keeps 1.
+    for name, factor in (("aux_double", 2.0), ("aux_half", 0.5)):
+        loss = load_config(str(CONFIGS / "ablations" / f"{name}.yaml")).loss
+        assert {t: c.weight for t, c in loss.enabled().items()} == {
+            t: c.weight * (1.0 if t == "itc" else factor) for t, c in tiny.loss.enabled().items()}, name
+        assert dataclasses.replace(loss, **{t: getattr(tiny.loss, t) for t in loss.enabled()}) == tiny.loss, name
+    assert load_config(str(CONFIGS / "ablations" / "aux_warmup.yaml")).loss.aux_warmup_steps == 60
     # The tiny default's feature noise is the pooled preset (issue 21's protocol); encoder_noise.yaml overrides
     # the preset it inherits, and the production config keeps the schema's encoder-level default.
     encoder = load_config(str(CONFIGS / "ablations" / "encoder_noise.yaml")).loss
