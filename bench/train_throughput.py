@@ -59,7 +59,8 @@ def synthetic_batch(cfg, tokenizer, needs, device) -> dict:
     ids[:, 0] = tokenizer.cls_token_id or 0
     mask = torch.ones(b, length, dtype=torch.long)
     batch = {"image": torch.randn(b, cfg.data.in_chans, size, size), "input_ids": ids, "attention_mask": mask,
-             "key": [str(i) for i in range(b)], "report_id": torch.arange(b), "group_id": torch.arange(b)}
+             "key": [str(i) for i in range(b)], "report_id": torch.arange(b), "group_id": torch.arange(b),
+             "label_id": torch.arange(b)}
     if needs.image_view2:
         batch["image_view2"] = torch.randn_like(batch["image"])
     if needs.text_view2:
