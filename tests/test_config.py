@@ -202,7 +202,7 @@ def test_shipped_configs_load_with_the_expected_terms():
                 "all": set(tiny.loss.enabled()) | {"itm"}, "no_itm": set(tiny.loss.enabled()),
                 "no_text": set(tiny.loss.enabled()) - {"text_ssl", "text_feature"},
                 "encoder_noise": set(tiny.loss.enabled()), "uniformity": set(tiny.loss.enabled()) | {"uniformity"},
-                "text_labels": set(tiny.loss.enabled()),
+                "text_labels": set(tiny.loss.enabled()), "text_labels_ssl": set(tiny.loss.enabled()),
                 "no_image": set(tiny.loss.enabled()) - {"image_ssl", "image_feature"},
                 "no_fused": set(tiny.loss.enabled()) - {"mlm"}, "aux_warmup": set(tiny.loss.enabled()),
                 "aux_double": set(tiny.loss.enabled()), "aux_half": set(tiny.loss.enabled())}

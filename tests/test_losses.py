@@ -242,13 +242,14 @@ def test_objective_terms_and_weighted_total():
         naive_nt_xent(*naive_center(out["text_ssl_1"], out["text_ssl_2"]), t["text_ssl"]), rel=1e-5)
 
 
-def test_label_positives_spare_same_label_reports_in_the_text_pair_only():
+@pytest.mark.parametrize("mode,label_terms", [("labels", ("text_ssl", "text_feature")), ("labels_ssl", ("text_ssl",))])
+def test_label_positives_spare_same_label_reports_in_the_text_pair_only(mode, label_terms):
     """``loss.text_positives=labels``: text_ssl and text_feature keep reports of the same label set (any order)
-    out of their negatives, besides equal reports; an unlabelled report is alike only to itself; ITC and the
-    image terms keep plain report identity."""
+    out of their negatives, besides equal reports; ``labels_ssl``: text_ssl only. An unlabelled report is alike
+    only to itself; ITC and the image terms keep plain report identity; ``label_alike`` counts the pairs added."""
     g = torch.Generator().manual_seed(4)
     cfg = tiny_config(mlm=0.0, itm=0.0)
-    cfg.loss.text_positives = "labels"
+    cfg.loss.text_positives = mode
     out = fake_outputs(9, g)
     reports = [0, 1, 0, 2, 3, 4, 5, 6, 7]
     labels = [["pneumonia"], ["normal"], ["pneumonia"], ["effusion", "pneumonia"], ["pneumonia", "effusion"],
@@ -261,12 +262,16 @@ def test_label_positives_spare_same_label_reports_in_the_text_pair_only():
     t = cfg.loss.text_ssl.temperature
     for name in ("text_ssl", "text_feature"):
         centred = naive_center(out[f"{name}_1"], out[f"{name}_2"])
-        assert logs[name].item() == pytest.approx(naive_nt_xent(*centred, t, both), rel=1e-5), name
-        assert logs[name].item() != pytest.approx(naive_nt_xent(*centred, t, reports), rel=1e-3), name
+        with_labels = naive_nt_xent(*centred, t, both)
+        without = naive_nt_xent(*centred, t, reports)
+        assert logs[name].item() == pytest.approx(with_labels if name in label_terms else without, rel=1e-5), name
+        assert with_labels != pytest.approx(without, rel=1e-3), name
     assert logs["itc"].item() == pytest.approx(naive_multi_positive(out["image_emb"], out["text_emb"], 3.0, reports),
                                                rel=1e-5)
     assert logs["image_ssl"].item() == pytest.approx(
         naive_nt_xent(out["image_ssl_1"], out["image_ssl_2"], cfg.loss.image_ssl.temperature, reports), rel=1e-5)
+    added = [sum(label_sets[i] == label_sets[j] and reports[i] != reports[j] for j in range(9)) for i in range(9)]
+    assert logs["label_alike"].item() == pytest.approx(sum(added) / 9) and sum(added) == 8
     with pytest.raises(KeyError, match="label_id"):
         UniMlipObjective(cfg)({"report_id": torch.tensor(reports)}, out, None, step=0)
 

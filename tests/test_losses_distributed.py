@@ -177,8 +177,10 @@ def test_gathered_equals_single_process(case, world_size):
         assert rel_err(got["loss"], want["loss"]) < RTOL
         assert set(got["logs"]) == set(want["logs"]) == {
             "loss", "itc", "itc_feature", "image_ssl", "image_feature", "text_ssl", "text_feature", "mlm", "itm",
-            "itm_dropped_rows", "itm_acc", "temperature", "logit_scale", *(("uniformity",) if "opts" in key else ()),
+            "itm_dropped_rows", "itm_acc", "temperature", "logit_scale",
+            *(("uniformity", "label_alike") if "opts" in key else ()),
         }
+        assert "opts" not in key or want["logs"]["label_alike"] > 0  # the label sets do add positives
         for log in want["logs"]:
             assert rel_err(got["logs"][log], want["logs"][log]) < RTOL or got["logs"][log] == want["logs"][log], log
         assert set(got["grads"]) == set(want["grads"])

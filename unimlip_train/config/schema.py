@@ -40,7 +40,7 @@ TextFeatureSpace = Literal["ssl_head", "shared"]  # where text_feature contrasts
 MlmView = Literal["augmented", "report"]  # which report MLM masks (augmented: reads text_ssl's pass)
 ItmNegatives = Literal["one_per_pair", "image_and_text"]  # ITM negatives per pair: one, or two (ALBEF)
 TextSslSpace = Literal["ssl_head", "shared"]  # where text_ssl contrasts a report and its augmented copy
-TextPositives = Literal["identity", "labels"]  # which reports the text SSL pair keeps out of its negatives
+TextPositives = Literal["identity", "labels", "labels_ssl"]  # which reports the text SSL pair keeps out of its negatives
 Negatives = Literal["accumulated", "micro"]  # contrastive negatives: all K micro batches of a step, or one
 Optimizer = Literal["adamw", "fused_adam", "cpu_adam"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -237,7 +237,7 @@ class LossConfig:
     positives: Positives = "report"  # which other samples count as the same pair
     feature_perturbation: FeaturePerturbation = ""  # preset of feature_noise / image_feature_pair / text_feature_space
     text_ssl_space: TextSslSpace = "ssl_head"  # where text_ssl contrasts report and augmented report
-    text_positives: TextPositives = "identity"  # labels: text_ssl / text_feature also spare same-label reports
+    text_positives: TextPositives = "identity"  # labels: text_ssl / text_feature also spare same-label reports; labels_ssl: text_ssl only
     feature_noise: FeatureNoise = "encoder"  # inside the encoders, or dropout on pooled features
     image_feature_pair: ImageFeaturePair = "clean_noised"  # clean view vs. its noised pass, or two noised passes
     text_feature_space: TextFeatureSpace = "ssl_head"  # the text SSL head's space or the shared embedding space

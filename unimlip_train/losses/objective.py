@@ -4,7 +4,9 @@ Identity: ``loss.positives`` says which other samples of a batch count as the sa
 normalised report, ``report+group``: or the same patient/study, ``none``: only the sample itself).
 ``loss.text_positives=labels`` adds, for the text SSL pair only, reports with the same label set: kept out of
 ``text_ssl`` / ``text_feature``'s negatives (false-negative elimination, Huynh et al. 2022, with the labels
-MedCLIP matches on, Wang et al. 2022), while ITC keeps plain identity (labels there would be supervision).
+MedCLIP matches on, Wang et al. 2022), while ITC keeps plain identity (labels there would be supervision);
+``labels_ssl`` does so in ``text_ssl`` alone, whose head space nothing else reads, so ``text_feature`` (in the
+shared space under the pooled preset) keeps pushing same-label reports apart. Either logs ``label_alike``.
 
 Negatives across gradient accumulation (``train.negatives=accumulated``, open_clip's ``--accum-freq``,
 GradCache): a first, gradient-free forward of the step's K micro batches caches the contrastive embeddings
@@ -24,9 +26,11 @@ import torch
 from torch import nn
 
 from unimlip_train.config.schema import Config
+from unimlip_train.losses.contrastive import positive_mask
 from unimlip_train.losses.terms import TERMS
 
 _SHARED_SCALARS = ("logit_scale", "logit_bias")
+_LABEL_TERMS = {"identity": set(), "labels": {"text_ssl", "text_feature"}, "labels_ssl": {"text_ssl"}}
 
 
 def identity(batch: dict, positives: str) -> Optional[torch.Tensor]:
@@ -45,11 +49,18 @@ def identity(batch: dict, positives: str) -> Optional[torch.Tensor]:
 def label_identity(batch: dict, ids: Optional[torch.Tensor]) -> torch.Tensor:
     """``ids`` with the report's label set (``batch['label_id']``) as one more identity column."""
     if "label_id" not in batch:
-        raise KeyError("loss.text_positives=labels needs batch['label_id'] (the loader adds it)")
+        raise KeyError("loss.text_positives' label positives need batch['label_id'] (the loader adds it)")
     labels = batch["label_id"]
     if ids is None:
         return labels
     return torch.cat([ids.reshape(len(labels), -1), labels[:, None]], dim=1)
+
+
+def label_alike(ids: Optional[torch.Tensor], label_ids: torch.Tensor) -> torch.Tensor:
+    """Reports per local report that label positives add across the global batch (same label set, other
+    identity); averaged over ranks, the single-process count. 0 shows the option changes nothing (no labels)."""
+    n, device = len(label_ids), label_ids.device
+    return (positive_mask(label_ids, n, device) & ~positive_mask(ids, n, device)).sum(1).float().mean()
 
 
 @dataclass
@@ -78,7 +89,7 @@ class UniMlipObjective(nn.Module):
         self.weights = {name: term_cfg.weight for name, term_cfg in enabled.items()}
         self.terms = nn.ModuleDict({name: TERMS[name](cfg) for name in enabled})
         self.positives = cfg.loss.positives
-        self.label_terms = {"text_ssl", "text_feature"} if cfg.loss.text_positives == "labels" else set()
+        self.label_terms = _LABEL_TERMS[cfg.loss.text_positives]
         self.aux_warmup_steps, self.grad_accum = cfg.loss.aux_warmup_steps, cfg.train.grad_accum
 
     def aux_scale(self, step: int) -> float:
@@ -144,6 +155,8 @@ class UniMlipObjective(nn.Module):
             total = total + weight * factor * extra[name]
             value = value + weight * extra[name].detach()
             logs.update({k: v.detach() for k, v in extra.items()})
+        if self.label_terms:
+            logs["label_alike"] = label_alike(ids["ids"], ids["label_ids"])
         if self.aux_warmup_steps > 0:
             logs["aux_scale"] = torch.tensor(scale, device=value.device)
         return total, {"loss": value, **logs}
