@@ -205,7 +205,8 @@ def test_shipped_configs_load_with_the_expected_terms():
                 "text_labels": set(tiny.loss.enabled()), "text_labels_ssl": set(tiny.loss.enabled()),
                 "no_image": set(tiny.loss.enabled()) - {"image_ssl", "image_feature"},
                 "no_fused": set(tiny.loss.enabled()) - {"mlm"}, "aux_warmup": set(tiny.loss.enabled()),
-                "aux_double": set(tiny.loss.enabled()), "aux_half": set(tiny.loss.enabled())}
+                "aux_double": set(tiny.loss.enabled()), "aux_half": set(tiny.loss.enabled()),
+                "mlm_report": set(tiny.loss.enabled()), "itm_two_negatives": set(tiny.loss.enabled()) | {"itm"}}
     assert {p.stem for p in (CONFIGS / "ablations").glob("*.yaml")} == set(expected)
     for name, terms in expected.items():
         assert set(load_config(str(CONFIGS / "ablations" / f"{name}.yaml")).loss.enabled()) == terms, name
@@ -216,6 +217,12 @@ def test_shipped_configs_load_with_the_expected_terms():
             t: c.weight * (1.0 if t == "itc" else factor) for t, c in tiny.loss.enabled().items()}, name
         assert dataclasses.replace(loss, **{t: getattr(tiny.loss, t) for t in loss.enabled()}) == tiny.loss, name
     assert load_config(str(CONFIGS / "ablations" / "aux_warmup.yaml")).loss.aux_warmup_steps == 60
+    # The FLOP savings' rows change one key each against the row they are paired with.
+    for name, base, key, value in (("mlm_report", tiny.loss, "mlm_view", "report"),
+                                   ("itm_two_negatives", load_config(str(CONFIGS / "ablations" / "all.yaml")).loss,
+                                    "itm_negatives", "image_and_text")):
+        loss = load_config(str(CONFIGS / "ablations" / f"{name}.yaml")).loss
+        assert getattr(base, key) != value and loss == dataclasses.replace(base, **{key: value}), name
     # The tiny default's feature noise is the pooled preset (issue 21's protocol); encoder_noise.yaml overrides
     # the preset it inherits, and the production config keeps the schema's encoder-level default.
     encoder = load_config(str(CONFIGS / "ablations" / "encoder_noise.yaml")).loss
